@@ -1,0 +1,104 @@
+"""Ingest through a real LocalCluster (2 worker processes) into one store of two slides."""
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from conftest import TEST_DATA, shared_data_path
+from wsicell.config import IngestConfig, WsicellConfig
+from wsicell.ingest import cell_blocks, ingest
+from wsicell.segment import segment_image
+from wsicell.slide import ReferenceGrid, open_slide, read_reference_region
+from wsicell.stain import StainParameters
+from wsicell.store import complete_slides, open_store, slide_cells, slide_crops, validate_store
+
+CONFIG = WsicellConfig(ingest=IngestConfig(tile_size=512, crops_per_chunk=128,
+                                           cells_per_chunk=512, stain_sample_tiles=6))
+PYRAMID = TEST_DATA / "bm_graz_pyramid.tif"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    aperio = shared_data_path("slides", "CMU-1-Small-Region.svs")
+    path = tmp_path_factory.mktemp("ingest") / "cells.zarr"
+    ids = ingest([aperio, PYRAMID], path, CONFIG, workers=2, progress=False)
+    assert ids == ["CMU-1-Small-Region", "bm_graz_pyramid"]
+    return path
+
+
+def test_store_is_complete_and_valid(store):
+    assert validate_store(store) == []
+    root = open_store(store)
+    assert complete_slides(root) == ["CMU-1-Small-Region", "bm_graz_pyramid"]
+    attrs = root["slides/CMU-1-Small-Region"].attrs
+    assert attrs["mpp"] == pytest.approx(0.499) and attrs["mpp_source"] == "metadata"
+    assert (attrs["width"], attrs["height"], attrs["backend"]) == (2220, 2967, "openslide")
+    assert attrs["config"] == CONFIG.to_json()
+    assert not store.with_name("cells.zarr.staging").exists()
+
+
+def test_cells_lie_on_the_slide_and_in_their_tiles(store):
+    root = open_store(store)
+    cells = slide_cells(root, "CMU-1-Small-Region")
+    assert len(cells) > 300
+    np.testing.assert_array_equal(cells.cell_id, np.arange(len(cells)))
+    assert cells.x.between(0, 2220).all() and cells.y.between(0, 2967).all()
+    assert (cells.bbox_x0 <= cells.x).all() and (cells.x <= cells.bbox_x1).all()
+    tiles = root["slides/CMU-1-Small-Region/tiles"]
+    manifest = {int(t): (x0, y0, x1, y1) for t, x0, y0, x1, y1 in zip(
+        *(tiles[c][:] for c in ("tile_id", "x0", "y0", "x1", "y1")))}
+    x0, y0, x1, y1 = np.array([manifest[t] for t in cells.tile_id]).T
+    # owner = tile holding the centroid (tile edges are rounded to level-0 pixels)
+    assert ((cells.x >= x0 - 1) & (cells.x < x1 + 1) & (cells.y >= y0 - 1) & (cells.y < y1 + 1)).all()
+    assert np.all(np.diff(cells.tile_id) >= 0)
+    crops = slide_crops(root, "CMU-1-Small-Region")
+    assert crops.shape == (len(cells), 32, 32, 3) and crops.chunks[0] == 128
+    sample = crops[:50]
+    assert (sample[:, 16, 16] < 250).any(axis=-1).mean() > 0.9  # the nucleus is in the centre
+    assert root["slides/CMU-1-Small-Region/tiles/n_cells"][:].sum() == len(cells)
+    assert root["slides/CMU-1-Small-Region/tissue_mask"][:].any()
+
+
+@pytest.mark.parametrize("slide_id, path", [
+    ("bm_graz_pyramid", PYRAMID),
+    pytest.param("CMU-1-Small-Region", None, marks=pytest.mark.xfail(
+        reason="segment.fill_holes is unbounded: on the whole CMU image a ring of stain "
+        "encloses ~960k px that become one 'nucleus'; a tile cannot see that ring, so the "
+        "tiles find the real nuclei inside instead (needs a maximum hole size)")),
+])
+def test_tiled_ingest_equals_whole_image_segmentation(store, slide_id, path):
+    path = path or shared_data_path("slides", "CMU-1-Small-Region.svs")
+    root = open_store(store)
+    attrs = root[f"slides/{slide_id}"].attrs
+    slide = open_slide(path)
+    grid = ReferenceGrid.of(slide, attrs["mpp"], CONFIG.segmentation.reference_mpp)
+    whole = read_reference_region(slide, grid, 0, 0, grid.width, grid.height)
+    nuclei, _ = segment_image(whole, CONFIG, stain=StainParameters.from_json(attrs["stain"]))
+    cells = slide_cells(root, slide_id)
+    # the whole image has nuclei on glass tiles too: keep those whose centroid is in a
+    # processed tile (tile_id = row * grid_cols + col on the reference grid)
+    size = CONFIG.ingest.tile_size
+    tile_of = (nuclei.y // size).astype(int) * attrs["grid_cols"] + (nuclei.x // size).astype(int)
+    inside = np.isin(tile_of, root[f"slides/{slide_id}/tiles/tile_id"][:])
+    expected = np.stack([grid.to_level0(nuclei.x), grid.to_level0(nuclei.y)], axis=1)[inside]
+    found = cells[["x", "y"]].to_numpy()
+    assert len(found) == len(expected) > 100
+    distance, _ = cKDTree(expected).query(found)
+    assert distance.max() <= 1.0
+    np.testing.assert_allclose(np.sort(cells.area), np.sort(
+        nuclei.area[inside] * CONFIG.segmentation.reference_mpp ** 2), rtol=1e-5)
+
+
+def test_rerun_skips_complete_slides(store):
+    before = open_store(store)["slides/bm_graz_pyramid/cells/x"][:]
+    assert ingest([PYRAMID], store, CONFIG, progress=False) == ["bm_graz_pyramid"]
+    np.testing.assert_array_equal(open_store(store)["slides/bm_graz_pyramid/cells/x"][:], before)
+
+
+def test_cell_blocks_cover_every_cell_once_in_chunk_aligned_blocks():
+    counts, tile_ids = np.array([3, 0, 7, 2, 9]), np.array([4, 5, 9, 10, 11])
+    blocks = list(cell_blocks(counts, tile_ids, block=4))
+    assert [start for start, _ in blocks] == [0, 4, 8, 12, 16, 20]
+    rows = [(t, r) for _, pieces in blocks for t, a, b in pieces for r in range(a, b)]
+    assert rows == [(t, r) for t, n in zip(tile_ids, counts) for r in range(n)]
+    assert all(sum(b - a for _, a, b in pieces) == 4 for _, pieces in blocks[:-1])

@@ -1,0 +1,81 @@
+"""``wsicell ingest`` on bad input: one line, exit code 2, no slide visible as complete."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from conftest import TEST_DATA, shared_data_path
+from wsicell.store import open_store, store_lock
+
+
+def run_ingest(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "wsicell.cli.main", "ingest", *map(str, args), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("wsicell: error: ") and "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1]
+
+
+def assert_nothing_complete(store):
+    if store.exists():
+        root = open_store(store)
+        assert all(root["slides"][s].attrs.get("status") != "complete"
+                   for s in root["slides"].group_keys())
+
+
+def _pyramid_without_mpp(path):
+    image = np.asarray(Image.open(TEST_DATA / "bm_graz_pyramid.tif"))  # level 0 via Pillow
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, tile=(256, 256), photometric="rgb", compression="jpeg")
+        tif.write(image[::2, ::2], tile=(256, 256), photometric="rgb", compression="jpeg",
+                  subfiletype=1)
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "text", "no_tissue", "no_mpp"])
+def test_bad_slides(tmp_path, case):
+    store = tmp_path / "cells.zarr"
+    if case == "missing":
+        slide, expect = tmp_path / "absent.svs", ["absent.svs", "no such file"]
+    elif case == "truncated":
+        data = shared_data_path("slides", "CMU-1-Small-Region.svs").read_bytes()
+        slide, expect = tmp_path / "cut.svs", ["cut.svs", "not a readable slide"]
+        slide.write_bytes(data[: len(data) // 2])
+    elif case == "text":
+        slide, expect = tmp_path / "notes.svs", ["notes.svs", "not a readable slide"]
+        slide.write_text("patient list\n")
+    elif case == "no_tissue":
+        slide, expect = tmp_path / "glass.png", ["glass.png", "no tissue found"]
+        Image.fromarray(np.full((900, 700, 3), 243, np.uint8)).save(slide)
+    else:
+        slide, expect = tmp_path / "nompp.tif", ["nompp.tif", "without microns-per-pixel", "--mpp"]
+        _pyramid_without_mpp(slide)
+    assert_one_line_error(run_ingest(slide, "--store", store), *expect)
+    assert_nothing_complete(store)
+
+
+def test_store_path_that_is_a_file(tmp_path):
+    store = tmp_path / "cells.zarr"
+    store.write_text("not a store")
+    assert_one_line_error(run_ingest(TEST_DATA / "bm_graz_pyramid.tif", "--store", store),
+                          "cells.zarr", "is a file")
+    assert store.read_text() == "not a store"
+
+
+def test_a_second_ingest_into_a_locked_store_is_refused(tmp_path):
+    store = tmp_path / "cells.zarr"
+    open_store(store, mode="a")
+    with store_lock(store):
+        result = run_ingest(TEST_DATA / "bm_graz_pyramid.tif", "--store", store)
+    assert_one_line_error(result, "another ingest is writing to this store")
+    assert_nothing_complete(store)

@@ -1,0 +1,89 @@
+"""The networks of method section 2: shapes, tanh, initialisation, features, Q."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsicell.model import InfoWGAN, build_model, generator_grid, init_weights, weights_id
+
+K, NOISE, WIDTH = 5, 32, 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(K, NOISE, WIDTH, seed=0)
+
+
+def images(n=4, seed=0):
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_shapes(model):
+    z, _, onehot = model.sample_inputs(6, torch.Generator().manual_seed(1), "cpu")
+    assert model.generator(z, onehot).shape == (6, 3, 32, 32)
+    x = images(6)
+    assert model.critic(x).shape == (6,)
+    assert model.q_logits(x).shape == (6, K)
+    assert onehot.sum(dim=1).eq(1).all()
+
+
+def test_generator_ends_with_tanh():
+    net = build_model(K, NOISE, WIDTH, seed=0)
+    with torch.no_grad():
+        net.generator.to_rgb.bias.fill_(100.0)  # a pre-activation of ~100 saturates tanh at 1
+    z, _, onehot = net.sample_inputs(4, torch.Generator().manual_seed(0), "cpu")
+    out = net.generator(z, onehot)
+    assert out.max() <= 1.0 and out.min() > 0.999
+
+
+def test_init_changes_every_layer_and_has_xavier_statistics():
+    torch.manual_seed(0)
+    net = InfoWGAN(K, NOISE, WIDTH)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+    assert init_weights(net, torch.Generator().manual_seed(0)) == len(layers)
+    for module in net.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            weight = module.weight
+            fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
+            bound = (6 / (fan_in + fan_out)) ** 0.5
+            assert weight.abs().max() <= bound
+            if weight.numel() > 200:
+                assert weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.15)
+            assert module.bias.eq(0).all()
+    changed = [k for k, v in net.state_dict().items()
+               if k.endswith("weight") and not torch.equal(v, before[k])]
+    convs = [k for k in before if k.endswith("weight") and before[k].dim() > 1]
+    assert set(convs) <= set(changed)
+
+
+def test_build_is_deterministic():
+    a, b = build_model(K, NOISE, WIDTH, seed=3), build_model(K, NOISE, WIDTH, seed=3)
+    assert weights_id(a.state_dict()) == weights_id(b.state_dict())
+    assert weights_id(a.state_dict()) != weights_id(build_model(K, NOISE, WIDTH, 4).state_dict())
+
+
+def test_discriminator_features_are_pooled_block_activations(model):
+    x = images(3)
+    features = model.discriminator_features(x)
+    assert features.shape == (3, 4 * WIDTH * 16)
+    blocks = model.trunk.block_outputs(x)
+    assert [tuple(b.shape[2:]) for b in blocks] == [(16, 16), (8, 8), (8, 8), (8, 8)]
+    first = F.max_pool2d(blocks[0], 4).flatten(1)
+    assert torch.allclose(features[:, :WIDTH * 16], first)
+
+
+def test_q_log_probabilities_sum_to_one(model):
+    log_p = F.log_softmax(model.q_logits(images(5)), dim=1)
+    assert torch.allclose(log_p.exp().sum(dim=1), torch.ones(5), atol=1e-6)
+
+
+def test_generator_grid_rows_share_noise_columns_share_category(model):
+    grid = generator_grid(model, 3, seed=7)
+    assert grid.shape == (3, K, 32, 32, 3) and grid.dtype == np.uint8
+    assert np.array_equal(grid, generator_grid(model, 3, seed=7))
+    assert not np.array_equal(grid[0, 0], grid[0, 1])  # categories differ
+    assert not np.array_equal(grid[0, 0], grid[1, 0])  # noise differs
+    assert model.generator.training  # the grid leaves the training mode alone

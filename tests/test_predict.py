@@ -1,0 +1,268 @@
+"""End-to-end prediction: real ingest (Dask), a really (briefly) trained model, labels back in
+the store, proportions, slide classes and the report."""
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import TEST_DATA, shared_data_path
+from wsicell.cli.main import main
+from wsicell.config import PredictConfig, SegmentationConfig, TrainConfig, WsicellConfig
+from wsicell.errors import WsicellError
+from wsicell.ingest import ingest
+from wsicell.predict import labelled_models, labels_complete, read_labels, run_prediction
+from wsicell.report import image_is_blank
+from wsicell.slide_classes import SlideClassifier
+from wsicell.store import complete_slides, open_store, validate_store
+from wsicell.train import load_trained_model, train
+
+DASK = {"workers": 2, "threads_per_worker": 1, "memory_limit": "2GB", "progress": False}
+
+
+def _quadrant_slides(directory):
+    """Eight 600x600 slides: the quadrants of the two vendored bone-marrow images."""
+    directory.mkdir()
+    for image in sorted((TEST_DATA / "bm_graz" / "images").glob("*.png")):
+        rgb = np.asarray(Image.open(image).convert("RGB"))
+        for q, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+            Image.fromarray(rgb[r * 600:(r + 1) * 600, c * 600:(c + 1) * 600]).save(
+                directory / f"{image.stem}_q{q}.png")
+    return directory
+
+
+def _train(store, out, categories, seed=0):
+    config = WsicellConfig(train=TrainConfig(categories=categories, width=16, batch_size=32,
+                                             critic_steps=1, seed=seed))
+    train(store, out, config, device="cpu", max_iters=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Slides ingested, two trained models (k=5, k=3) and one prediction run."""
+    base = tmp_path_factory.mktemp("predict")
+    slides = _quadrant_slides(base / "slides")
+    store = base / "cells.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # plain PNGs carry no mpp
+        ingest([slides], store, WsicellConfig(), **DASK)
+    model = _train(store, base / "model", 5)
+    other = _train(store, base / "model3", 3, seed=1)
+    labels = base / "labels.csv"
+    pd.DataFrame({"slide_id": [p.stem for p in sorted(slides.glob("*.png"))],
+                  "label": ["a"] * 4 + ["b"] * 4}).to_csv(labels, index=False)
+    report = run_prediction(slides, model, store, base / "out", labels=labels,
+                            device="cpu", **DASK)
+    return {"base": base, "slides": slides, "store": store, "model": model, "other": other,
+            "labels": labels, "out": base / "out", "report": report}
+
+
+def _label_files(store):
+    """Modification time of every file under the labels groups."""
+    return {str(p): p.stat().st_mtime_ns for p in store.rglob("*") if "labels" in p.parts
+            and p.is_file()}
+
+
+def test_every_complete_slide_is_labelled(world):
+    root = open_store(world["store"])
+    model = load_trained_model(world["model"])
+    slides = complete_slides(root)
+    assert len(slides) == 8
+    for slide_id in slides:
+        assert labels_complete(root, slide_id, model.model_id)
+        cluster, proba = read_labels(root, slide_id, model.model_id)
+        assert len(cluster) == root[f"slides/{slide_id}"].attrs["n_cells"] > 0
+        assert proba.shape == (len(cluster), 5)
+        np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-5)
+        np.testing.assert_array_equal(cluster, proba.argmax(axis=1))
+    assert validate_store(world["store"]) == []
+
+
+def test_proportions_sum_to_one_and_grid_covers_tissue(world):
+    out = world["out"]
+    slides = pd.read_parquet(out / "slide_proportions.parquet")
+    p = slides[[f"p_{i}" for i in range(5)]].to_numpy()
+    np.testing.assert_allclose(p.sum(axis=1), 1.0)
+    assert pd.read_csv(out / "slide_proportions.csv").shape == slides.shape
+    grid = pd.read_parquet(out / "grid_proportions.parquet")
+    np.testing.assert_allclose(grid[[f"p_{i}" for i in range(5)]].sum(axis=1), 1.0)
+    # every cell of a slide falls into some region of its grid
+    assert (grid.groupby("slide_id").n_cells.sum() == slides.set_index("slide_id").n_cells).all()
+    root = open_store(world["store"])
+    model_id = load_trained_model(world["model"]).model_id
+    for slide_id in slides.slide_id:
+        slide = root[f"slides/{slide_id}"]
+        array = slide[f"labels/{model_id}/region_proportions"]
+        rows, cols, k = array.shape
+        region_px = array.attrs["region_px"]
+        assert k == 5 and array.attrs["region_size_um"] == 500
+        assert rows * region_px >= slide.attrs["height"] and cols * region_px >= slide.attrs["width"]
+        values = array[:]
+        filled = ~np.isnan(values).any(axis=-1)
+        np.testing.assert_allclose(values[filled].sum(axis=-1), 1, rtol=1e-5)
+
+
+def test_slide_predictions_and_classifier(world):
+    out = world["out"]
+    predictions = pd.read_csv(out / "slide_predictions.csv")
+    assert {"kmeans_cluster", "kmeans_distance", "label", "cv_predicted", "svm_class",
+            "svm_score"} <= set(predictions.columns)
+    assert set(predictions.kmeans_cluster) <= {0, 1}
+    summary = json.loads((out / "prediction.json").read_text())
+    cv = summary["slide_prediction"]["cross_validation"]
+    assert cv["folds"] == 4 and 0 <= cv["fscore"] <= 1
+    assert summary["config"]["predict"]["region_size_um"] == 500
+    assert summary["wsicell_version"]
+    clf = SlideClassifier.load(out / "slide_classifier.json")
+    assert clf.n_features == 5 and set(clf.classes) == {"a", "b"}
+
+
+def test_report_and_pictures_are_not_blank(world):
+    report = world["report"]
+    assert report == world["out"] / "report.html" and report.stat().st_size > 10_000
+    pictures = sorted((world["out"] / "report").glob("*.png"))
+    names = {p.name for p in pictures}
+    assert {"generator.png", "slides_pca.png", "proportions.png"} <= names
+    assert sum(n.startswith("gallery_cluster_") for n in names) == 5
+    assert sum(n.startswith("slide_") for n in names) == 8
+    for picture in pictures:
+        assert not image_is_blank(picture), picture
+        assert picture.name in report.read_text()
+
+
+def test_rerun_is_a_no_op_and_another_model_writes_beside(world):
+    before = _label_files(world["store"])
+    run_prediction(world["slides"], world["model"], world["store"], world["out"],
+                   device="cpu", **DASK)
+    assert _label_files(world["store"]) == before
+    run_prediction(world["slides"], world["other"], world["store"], world["base"] / "out3",
+                   device="cpu", **DASK)
+    after = _label_files(world["store"])
+    assert {k: v for k, v in after.items() if k in before} == before
+    root = open_store(world["store"])
+    first, second = (load_trained_model(m).model_id for m in (world["model"], world["other"]))
+    slide_id = complete_slides(root)[0]
+    assert labelled_models(root, slide_id) == sorted([first, second])
+    assert read_labels(root, slide_id, second)[1].shape[1] == 3
+
+
+def test_saved_classifier_is_reused_and_k_must_match(world):
+    out = world["base"] / "reuse"
+    run_prediction(world["slides"], world["model"], world["store"], out,
+                   classifier=world["out"] / "slide_classifier.json", device="cpu", **DASK)
+    predictions = pd.read_csv(out / "slide_predictions.csv")
+    assert set(predictions.svm_class) <= {"a", "b"}
+    with pytest.raises(WsicellError, match="trained on 5 cell types"):
+        run_prediction(world["slides"], world["other"], world["store"], out,
+                       classifier=world["out"] / "slide_classifier.json", device="cpu", **DASK)
+
+
+def test_annotated_regions(world, tmp_path):
+    slide_id = sorted(p.stem for p in world["slides"].glob("*.png"))[0]
+    ring = [[0, 0], [300, 0], [300, 300], [0, 300], [0, 0]]
+    (tmp_path / f"{slide_id}.geojson").write_text(json.dumps({
+        "type": "FeatureCollection", "features": [{
+            "type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"objectType": "annotation", "name": "corner"}}]}))
+    out = tmp_path / "out"
+    run_prediction(world["slides"], world["model"], world["store"], out,
+                   regions=tmp_path / f"{slide_id}.geojson", device="cpu", **DASK)
+    table = pd.read_csv(out / "annotation_proportions.csv")
+    assert table.slide_id.tolist() == [slide_id] and table.region.tolist() == ["corner"]
+    assert 0 < table.n_cells[0] < pd.read_csv(out / "slide_proportions.csv").n_cells[0]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("slide_id,label\nnot_a_slide,a\nBM_GRAZ_HE_0001_01_q0,b\n", "unknown slide"),
+    ("slide_id,label\nBM_GRAZ_HE_0001_01_q0,a\nBM_GRAZ_HE_0001_01_q1,a\n", "two distinct labels"),
+])
+def test_bad_labels_leave_the_store_untouched(world, tmp_path, content, message):
+    labels = tmp_path / "labels.csv"
+    labels.write_text(content)
+    fresh = _train(world["store"], tmp_path / "fresh", 4, seed=2)
+    before = _label_files(world["store"])
+    with pytest.raises(WsicellError, match=message):
+        run_prediction(world["slides"], fresh, world["store"], tmp_path / "out", labels=labels,
+                       device="cpu", **DASK)
+    assert _label_files(world["store"]) == before
+
+
+def test_point_geojson_is_refused_before_labelling(world, tmp_path):
+    bad = tmp_path / "points.geojson"
+    bad.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]},
+        "properties": {}}]}))
+    fresh = _train(world["store"], tmp_path / "fresh", 4, seed=3)
+    before = _label_files(world["store"])
+    with pytest.raises(WsicellError, match="Point geometry"):
+        run_prediction(world["slides"], fresh, world["store"], tmp_path / "out", regions=bad,
+                       device="cpu", **DASK)
+    assert _label_files(world["store"]) == before
+
+
+def test_crop_size_mismatch_is_refused(world, tmp_path):
+    slides = tmp_path / "small"
+    slides.mkdir()
+    source = sorted(world["slides"].glob("*.png"))[0]
+    (slides / source.name).write_bytes(source.read_bytes())
+    store = tmp_path / "crops24.zarr"
+    config = WsicellConfig(segmentation=SegmentationConfig(crop_size=24))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ingest([slides], store, config, **DASK)
+    with pytest.raises(WsicellError, match="crops of shape"):
+        run_prediction(slides, world["model"], store, tmp_path / "out", config=config,
+                       device="cpu", **DASK)
+    root = open_store(store)
+    assert "labels" not in root[f"slides/{source.stem}"]
+
+
+def test_empty_slides_dir_and_cli_errors(world, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(WsicellError, match="no slide"):
+        run_prediction(empty, world["model"], world["store"], tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--slides", str(empty), "--model", str(world["model"]),
+              "--store", str(world["store"]), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "wsicell: error:" in capsys.readouterr().err
+
+
+def test_cli_predict_rerun(world, tmp_path, capsys):
+    main(["predict", "--slides", str(world["slides"]), "--model", str(world["model"]),
+          "--store", str(world["store"]), "--out", str(tmp_path / "cli"), "--region-size", "100",
+          "--slide-clusters", "3", "--no-progress", "--workers", "1"])
+    assert "report:" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "cli" / "prediction.json").read_text())
+    assert summary["config"]["predict"]["region_size_um"] == 100
+    assert summary["slide_prediction"]["kmeans"]["clusters"] == 3
+
+
+@pytest.mark.slow
+def test_predict_on_cmu1_slide(world, tmp_path):
+    slides = tmp_path / "cmu"
+    slides.mkdir()
+    (slides / "CMU-1-Small-Region.svs").symlink_to(
+        shared_data_path("slides", "CMU-1-Small-Region.svs"))
+    store = tmp_path / "cmu.zarr"
+    config = WsicellConfig(predict=PredictConfig(region_size_um=250))
+    report = run_prediction(slides, world["model"], store, tmp_path / "out", config=config,
+                            device="cpu", **DASK)
+    root = open_store(store)
+    model_id = load_trained_model(world["model"]).model_id
+    slide = root["slides/CMU-1-Small-Region"]
+    assert labels_complete(root, "CMU-1-Small-Region", model_id)
+    grid = slide[f"labels/{model_id}/region_proportions"]
+    assert grid.shape[0] * grid.attrs["region_px"] >= slide.attrs["height"]
+    assert grid.shape[1] * grid.attrs["region_px"] >= slide.attrs["width"]
+    # the tissue is covered: every region that holds tissue in the mask has cells counted
+    table = pd.read_csv(tmp_path / "out" / "grid_proportions.csv")
+    assert table.n_cells.sum() == slide.attrs["n_cells"] > 100
+    for picture in (tmp_path / "out" / "report").glob("*.png"):
+        assert not image_is_blank(picture), picture
+    assert report.exists()

@@ -1,0 +1,137 @@
+"""Segmentation kernels, cell images, presets; parity with the HistomicsTK-composed recipe."""
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.ndimage
+import skimage.measure
+
+from conftest import TEST_DATA, bm_graz_images, htk_reference
+from wsicell import segment
+from wsicell.config import SegmentationConfig, WsicellConfig, segmentation_preset
+from wsicell.metrics import detection_score
+from wsicell.slide import read_rgb_image
+from wsicell.stain import fit_stain_parameters
+
+
+def disc(shape, centre, radius):
+    rows, cols = np.indices(shape)
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+
+
+def test_fill_holes_matches_scipy():
+    mask = np.random.default_rng(1).random((200, 300)) > 0.55
+    np.testing.assert_array_equal(segment.fill_holes(mask), scipy.ndimage.binary_fill_holes(mask))
+
+
+def test_remove_small_objects_keeps_large_only():
+    mask = disc((100, 100), (30, 30), 10) | disc((100, 100), (80, 80), 3)
+    kept = segment.remove_small_objects(mask, 100)
+    np.testing.assert_array_equal(kept, disc((100, 100), (30, 30), 10))
+
+
+def test_opening_separates_two_discs_joined_by_a_thin_bridge():
+    mask = disc((80, 120), (40, 35), 15) | disc((80, 120), (40, 85), 15)
+    mask[39:42, 35:85] = True  # 3 px wide bridge
+    hematoxylin = np.where(mask, 50, 220).astype(np.uint8)
+    labels = segment.segment_hematoxylin(hematoxylin, SegmentationConfig())
+    assert labels.max() == 2
+
+
+def test_measure_nuclei_matches_regionprops():
+    rgb = read_rgb_image(TEST_DATA / "BM_GRAZ_HE_0001_01.png")[:400, :400]
+    params = fit_stain_parameters(rgb)
+    normalised = params.normalise(rgb)
+    hematoxylin = params.hematoxylin(normalised)
+    config = SegmentationConfig()
+    labels = segment.segment_hematoxylin(hematoxylin, config)
+    nuclei = segment.measure_nuclei(labels, hematoxylin, normalised, config)
+    props = skimage.measure.regionprops(labels, intensity_image=hematoxylin)
+    assert len(nuclei) == len(props) > 10
+    np.testing.assert_allclose(nuclei.x, [p.centroid[1] for p in props])
+    np.testing.assert_allclose(nuclei.y, [p.centroid[0] for p in props])
+    np.testing.assert_array_equal(nuclei.area, [p.area for p in props])
+    np.testing.assert_allclose(nuclei.mean_hematoxylin, [p.intensity_mean for p in props], rtol=1e-5)
+    np.testing.assert_array_equal(nuclei.bbox, [[p.bbox[1], p.bbox[0], p.bbox[3], p.bbox[2]] for p in props])
+    assert nuclei.crops.shape == (len(props), 32, 32, 3) and nuclei.crops.dtype == np.uint8
+
+
+def test_cell_crop_is_centred_on_white():
+    region = np.full((10, 6, 3), 80, np.uint8)
+    inside = np.ones((10, 6), bool)
+    inside[0, 0] = False
+    crop = segment.cell_crop(region, inside, 32)
+    nucleus = (crop != 255).any(axis=2)
+    rows, cols = np.nonzero(nucleus)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (11, 20, 13, 18)
+    assert crop[11, 13].tolist() == [255, 255, 255]  # outside the mask: white
+    assert crop[15, 15].tolist() == [80, 80, 80]
+
+
+def test_cell_crop_shrinks_large_nuclei_keeping_aspect():
+    region = np.full((64, 40, 3), 60, np.uint8)
+    crop = segment.cell_crop(region, np.ones((64, 40), bool), 32)
+    rows, cols = np.nonzero((crop != 255).any(axis=2))
+    assert rows.max() - rows.min() + 1 == 32
+    assert cols.max() - cols.min() + 1 == 20
+
+
+def test_split_touching_separates_overlapping_discs():
+    mask = disc((80, 120), (40, 45), 18) | disc((80, 120), (40, 75), 18)
+    labels = segment.split_touching(mask, min_depth=1.5)
+    assert labels.max() == 2
+    assert (labels > 0).sum() == mask.sum()
+
+
+def test_nuclei_select_and_concatenate():
+    rgb = read_rgb_image(TEST_DATA / "BM_GRAZ_HE_0001_01.png")[:300, :300]
+    nuclei, _ = segment.segment_image(rgb)
+    first, rest = nuclei.select(slice(0, 3)), nuclei.select(np.arange(3, len(nuclei)))
+    joined = segment.Nuclei.concatenate([first, rest])
+    np.testing.assert_array_equal(joined.crops, nuclei.crops)
+    np.testing.assert_array_equal(joined.x, nuclei.x)
+
+
+def test_sensitive_preset_beats_paper_on_vendored_annotations():
+    scores = {}
+    for name in ("paper", "sensitive"):
+        config = WsicellConfig(segmentation=segmentation_preset(name))
+        total = None
+        for image in sorted((TEST_DATA / "bm_graz" / "images").glob("*.png")):
+            points = pd.read_csv(TEST_DATA / "bm_graz" / "dots" / f"{image.stem}.csv")
+            nuclei, _ = segment.segment_image(read_rgb_image(image), config)
+            score = detection_score(np.c_[nuclei.x, nuclei.y], points[["x", "y"]].to_numpy(), 12)
+            total = score if total is None else total + score
+        scores[name] = total.f1
+    assert scores["paper"] > 0.75
+    assert scores["sensitive"] > max(0.80, scores["paper"])
+
+
+def test_foreground_mask_matches_histomicstk_on_bm_graz():
+    ref = htk_reference()
+    config = WsicellConfig()
+    inter = union = 0
+    for path in bm_graz_images():
+        rgb = read_rgb_image(path)
+        _, foreground_ref, labels_ref, _ = ref.htk_recipe(rgb)
+        params = fit_stain_parameters(rgb, config.stain)
+        foreground = params.hematoxylin(params.normalise(rgb)) < config.segmentation.hematoxylin_threshold
+        inter += (foreground & foreground_ref).sum()
+        union += (foreground | foreground_ref).sum()
+        _, labels = segment.segment_image(rgb, config)
+        nuclei_iou = ((labels > 0) & (labels_ref > 0)).sum() / ((labels > 0) | (labels_ref > 0)).sum()
+        assert nuclei_iou >= 0.98, path.name
+    assert inter / union >= 0.99
+
+
+def test_morphology_is_single_threaded_safe():
+    """Kernels give the same labels whatever OpenCV's thread count (workers pin it to 1)."""
+    hematoxylin = np.where(disc((300, 300), (150, 150), 40), 40, 230).astype(np.uint8)
+    previous = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(1)
+        one = segment.segment_hematoxylin(hematoxylin, SegmentationConfig())
+    finally:
+        cv2.setNumThreads(previous)
+    np.testing.assert_array_equal(one, segment.segment_hematoxylin(hematoxylin, SegmentationConfig()))

@@ -1,0 +1,501 @@
+"""Whole-slide ingest: slides -> tissue tiles -> nuclei -> the Zarr cell store, on Dask.
+
+Per slide, the client (this process) only reads metadata and a thumbnail; everything that
+touches tile pixels runs inside Dask workers:
+
+1. **Plan.** Tissue is detected on a thumbnail; the slide's reference grid (the slide at
+   ``segmentation.reference_mpp``) is cut into tiles of ``ingest.tile_size``; tiles with
+   enough tissue are kept.  The slide group is created with ``status="ingesting"``.
+2. **Pass 1.** A seeded sample of tissue tiles gives a pixel sample from which the slide's
+   :class:`~wsicell.stain.StainParameters` are fitted once and recorded.
+3. **Pass 2.** Each task segments a few tiles, each read with a halo so that a nucleus on a
+   border is found whole; a nucleus belongs to the tile holding its centroid.  A finished
+   tile is written atomically to the staging directory, so a killed run loses at most the
+   tiles in flight and a rerun skips what is staged.
+4. **Consolidation.** Cells are numbered in tile order; each task writes one block of
+   whole chunks of the final arrays (no two tasks write the same chunk).  ``status`` is set
+   to ``"complete"`` last, then the staging files are removed.
+
+The result depends only on the slide and the configuration, so a run that was killed and
+restarted produces the same store as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import re
+import sys
+import uuid
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from wsicell import __version__
+from wsicell.config import WsicellConfig
+from wsicell.errors import WsicellError
+from wsicell.slide import (
+    ReferenceGrid, find_slide_files, open_slide, read_reference_region, resolve_mpp,
+)
+from wsicell.stain import StainLookup, StainParameters, fit_stain_parameters
+from wsicell.store import (
+    CELL_COLUMNS, STATUS_COMPLETE, begin_slide, create_cell_arrays, file_fingerprint,
+    finish_slide, open_store, read_staged_tile, remove_staging, slide_status, staged_tiles,
+    staging_dir, store_lock, write_staged_tile,
+)
+from wsicell.tissue import detect_tissue, tile_tissue_fractions
+
+STAIN_PIXELS_PER_TILE = 1 << 16
+_STAGED_COLUMNS = [c for c in CELL_COLUMNS if c not in ("cell_id", "tile_id")]
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """Everything a worker needs to process a slide's tiles (small and picklable).
+
+    Coordinates of tiles are reference-grid pixels; ``tile_id = row * grid_cols + col``.
+    """
+
+    slide_id: str
+    path: str
+    store: str
+    mpp: float
+    reference_mpp: float
+    grid: ReferenceGrid
+    tile_size: int
+    halo: int
+    grid_cols: int
+    grid_rows: int
+
+    def core(self, tile_id: int) -> tuple[int, int, int, int]:
+        """``[x0, y0, x1, y1)`` of the tile itself (reference px)."""
+        row, col = divmod(int(tile_id), self.grid_cols)
+        x0, y0 = col * self.tile_size, row * self.tile_size
+        return x0, y0, min(x0 + self.tile_size, self.grid.width), min(y0 + self.tile_size,
+                                                                      self.grid.height)
+
+    def window(self, tile_id: int) -> tuple[int, int, int, int]:
+        """The tile grown by the halo, clipped to the slide (reference px)."""
+        x0, y0, x1, y1 = self.core(tile_id)
+        return (max(x0 - self.halo, 0), max(y0 - self.halo, 0),
+                min(x1 + self.halo, self.grid.width), min(y1 + self.halo, self.grid.height))
+
+    @property
+    def staging(self) -> Path:
+        return staging_dir(self.store, self.slide_id)
+
+
+def slide_id_for(path: Path) -> str:
+    """Store id of a slide: its file name without suffix, reduced to ``[A-Za-z0-9._-]``."""
+    name = path.name[: -len(".ome.tif")] if path.name.lower().endswith(".ome.tif") else path.stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "slide"
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+@functools.lru_cache(maxsize=1)
+def _limit_threads() -> None:
+    """One thread per task for OpenCV and BLAS (parallelism comes from Dask)."""
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    cv2.setNumThreads(1)
+    threadpool_limits(1)
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_slide(path: str):
+    return open_slide(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_lookup(stain_json: str) -> StainLookup:
+    return StainLookup.build(StainParameters.from_json(json.loads(stain_json)))
+
+
+def read_tile(plan: SlidePlan, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Pixels of a reference-grid box ``[x0, y0, x1, y1)``: (h, w, 3) uint8."""
+    x0, y0, x1, y1 = box
+    return read_reference_region(_worker_slide(plan.path), plan.grid, x0, y0, x1 - x0, y1 - y0)
+
+
+def sample_stain_pixels(plan: SlidePlan, tile_id: int) -> np.ndarray:
+    """A regular subsample (at most ``STAIN_PIXELS_PER_TILE``) of a tile's pixels, (n, 3) uint8."""
+    _limit_threads()
+    rgb = read_tile(plan, plan.core(tile_id))
+    stride = max(1, math.ceil(math.sqrt(rgb.shape[0] * rgb.shape[1] / STAIN_PIXELS_PER_TILE)))
+    return rgb[::stride, ::stride].reshape(-1, 3)
+
+
+def segment_tile(plan: SlidePlan, lookup: StainLookup, config: WsicellConfig,
+                 tile_id: int) -> dict[str, np.ndarray]:
+    """The nuclei owned by one tile, in level-0 pixels, as staged columns plus ``crops``."""
+    from wsicell.segment import measure_nuclei, segment_hematoxylin
+
+    wx0, wy0, wx1, wy1 = window = plan.window(tile_id)
+    normalised, hematoxylin = lookup.apply(read_tile(plan, window))
+    labels = segment_hematoxylin(hematoxylin, config.segmentation)
+    nuclei = measure_nuclei(labels, hematoxylin, normalised, config.segmentation)
+    x, y = nuclei.x + wx0, nuclei.y + wy0
+    x0, y0, x1, y1 = plan.core(tile_id)
+    owned = nuclei.select((x >= x0) & (x < x1) & (y >= y0) & (y < y1))
+    scale = plan.grid.scale
+    bbox = owned.bbox.astype(np.float64) + [wx0, wy0, wx0, wy0]
+    return {
+        "x": plan.grid.to_level0(owned.x + wx0),
+        "y": plan.grid.to_level0(owned.y + wy0),
+        "bbox_x0": np.floor(bbox[:, 0] * scale).astype(np.int32),
+        "bbox_y0": np.floor(bbox[:, 1] * scale).astype(np.int32),
+        "bbox_x1": np.ceil(bbox[:, 2] * scale).astype(np.int32),
+        "bbox_y1": np.ceil(bbox[:, 3] * scale).astype(np.int32),
+        "area": (owned.area * plan.reference_mpp ** 2).astype(np.float32),
+        "mean_hematoxylin": owned.mean_hematoxylin.astype(np.float32),
+        "crops": owned.crops,
+    }
+
+
+def segment_tiles(plan: SlidePlan, stain: dict, config: WsicellConfig,
+                  tile_ids: list[int]) -> int:
+    """Dask task: segment tiles and stage each one atomically; returns the tile count."""
+    _limit_threads()
+    lookup = _worker_lookup(json.dumps(stain, sort_keys=True))
+    plan.staging.mkdir(parents=True, exist_ok=True)
+    for tile_id in tile_ids:
+        write_staged_tile(plan.staging, tile_id, segment_tile(plan, lookup, config, tile_id))
+    return len(tile_ids)
+
+
+def write_cell_block(plan: SlidePlan, start: int, pieces: list[tuple[int, int, int]],
+                     crops_per_chunk: int) -> int:
+    """Dask task: write cells ``start..start+sum(counts)`` from staged tiles.
+
+    ``pieces`` are ``(tile_id, first, stop)``: rows ``first:stop`` of that tile's staged
+    cells, in order.  ``start`` is a multiple of every chunk size of the arrays, and the
+    block ends at a chunk boundary or at the end, so the block owns its chunks.
+    """
+    import zarr
+
+    _limit_threads()
+    group = zarr.open_group(Path(plan.store) / "slides" / plan.slide_id, mode="r+")
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in _STAGED_COLUMNS + ["tile_id"]}
+    for tile_id, first, stop in pieces:
+        staged = read_staged_tile(plan.staging, tile_id, _STAGED_COLUMNS)
+        for name in _STAGED_COLUMNS:
+            columns[name].append(staged[name][first:stop])
+        columns["tile_id"].append(np.full(stop - first, tile_id, dtype=np.int32))
+    stop_row = start + sum(stop - first for _, first, stop in pieces)
+    group["cells/cell_id"][start:stop_row] = np.arange(start, stop_row, dtype=np.int64)
+    for name, parts in columns.items():
+        group[f"cells/{name}"][start:stop_row] = np.concatenate(parts)
+
+    crops, buffer, row = group["crops"], [], start
+    for tile_id, first, stop in pieces:
+        tile_crops = read_staged_tile(plan.staging, tile_id, ["crops"])["crops"][first:stop]
+        while len(tile_crops):
+            take = min(len(tile_crops), crops_per_chunk - sum(len(b) for b in buffer))
+            buffer.append(tile_crops[:take])
+            tile_crops = tile_crops[take:]
+            if sum(len(b) for b in buffer) == crops_per_chunk:
+                crops[row:row + crops_per_chunk] = np.concatenate(buffer)
+                row, buffer = row + crops_per_chunk, []
+    if buffer:
+        crops[row:stop_row] = np.concatenate(buffer)
+    return stop_row - start
+
+
+def cell_blocks(counts: np.ndarray, tile_ids: np.ndarray, block: int):
+    """Split the cells of the tiles (in order) into blocks of ``block`` rows.
+
+    Yields ``(start, pieces)`` with pieces ``(tile_id, first, stop)`` as
+    :func:`write_cell_block` takes them.
+    """
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    total = int(offsets[-1])
+    for start in range(0, total, block):
+        stop = min(start + block, total)
+        first_tile = int(np.searchsorted(offsets, start, side="right")) - 1
+        pieces = []
+        for t in range(first_tile, len(counts)):
+            if offsets[t] >= stop:
+                break
+            lo, hi = max(start, offsets[t]) - offsets[t], min(stop, offsets[t + 1]) - offsets[t]
+            if hi > lo:
+                pieces.append((int(tile_ids[t]), int(lo), int(hi)))
+        yield start, pieces
+
+
+# --------------------------------------------------------------------------- client side
+
+
+@contextmanager
+def dask_client(workers: int, threads_per_worker: int, memory_limit: str,
+                scheduler: str | None, progress: bool):
+    """A client of an existing scheduler, or of a LocalCluster of worker processes."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except (OSError, TimeoutError) as err:
+            raise WsicellError(f"{scheduler}: cannot connect to the Dask scheduler ({err})") from None
+        cluster = None
+    else:
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=threads_per_worker,
+            memory_limit=memory_limit, processes=True, dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        )
+        client = Client(cluster)
+    if progress:
+        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _run_tasks(client, submissions, total: int, desc: str, progress: bool, initial: int = 0):
+    """Submit ``(key, weight, fn, args)`` tasks, wait for all with a progress bar.
+
+    A task's exception (e.g. a :class:`WsicellError` from an unreadable region) cancels
+    the rest and is raised here.
+    """
+    from distributed import as_completed
+
+    token = uuid.uuid4().hex[:8]
+    futures = {client.submit(fn, *args, key=f"wsicell-{key}-{token}", pure=False): weight
+               for key, weight, fn, args in submissions}
+    results = []
+    with tqdm(total=total, initial=initial, desc=desc, unit="tile", disable=not progress,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        try:
+            for future in as_completed(futures):
+                results.append(future.result())
+                bar.update(futures[future])
+        except BaseException:
+            client.cancel(list(futures))
+            raise
+    return results
+
+
+def _thumbnail_and_tissue(slide, mpp: float, config: WsicellConfig):
+    tissue_mpp = config.ingest.tissue_mpp
+    thumb = slide.thumbnail(round(slide.width * mpp / tissue_mpp),
+                            round(slide.height * mpp / tissue_mpp))
+    return thumb, detect_tissue(thumb), slide.width * mpp / thumb.shape[1]
+
+
+def plan_slide(path: Path, store: Path, config: WsicellConfig, mpp: float | None):
+    """Open a slide on the client: its plan, attributes, thumbnail, tissue and tiles.
+
+    Raises
+    ------
+    WsicellError
+        Unreadable slide, a pyramid without mpp, or no tissue.
+    """
+    slide = open_slide(path)
+    try:
+        slide_mpp = resolve_mpp(slide, mpp, config.segmentation.reference_mpp)
+        mpp_source = "override" if mpp is not None else (
+            "metadata" if slide.mpp is not None else "assumed")
+        grid = ReferenceGrid.of(slide, slide_mpp, config.segmentation.reference_mpp)
+        thumb, tissue, thumb_mpp = _thumbnail_and_tissue(slide, slide_mpp, config)
+    finally:
+        slide.close()
+    size = config.ingest.tile_size
+    plan = SlidePlan(
+        slide_id=slide_id_for(path), path=str(path), store=str(store), mpp=slide_mpp,
+        reference_mpp=config.segmentation.reference_mpp, grid=grid, tile_size=size,
+        halo=config.ingest.halo, grid_cols=math.ceil(grid.width / size),
+        grid_rows=math.ceil(grid.height / size),
+    )
+    all_ids = np.arange(plan.grid_cols * plan.grid_rows)
+    cores = np.array([plan.core(t) for t in all_ids])
+    fractions = tile_tissue_fractions(tissue, cores, config.segmentation.reference_mpp / thumb_mpp)
+    keep = (fractions >= config.ingest.min_tissue_fraction) & (fractions > 0)
+    if not keep.any():
+        raise WsicellError(f"{path}: no tissue found (tissue detection on a "
+                           f"{thumb.shape[1]}x{thumb.shape[0]} thumbnail)")
+    level0 = np.round(cores[keep] * grid.scale).astype(np.int32)
+    tiles = {"tile_id": all_ids[keep], "x0": level0[:, 0], "y0": level0[:, 1],
+             "x1": level0[:, 2], "y1": level0[:, 3], "tissue_fraction": fractions[keep],
+             "n_cells": np.zeros(keep.sum()), "cell_offset": np.zeros(keep.sum())}
+    attrs = {
+        "source_path": str(path), "fingerprint": file_fingerprint(path),
+        "width": slide.width, "height": slide.height, "mpp": slide_mpp,
+        "mpp_source": mpp_source, "backend": slide.backend,
+        "reference_mpp": config.segmentation.reference_mpp, "thumbnail_mpp": thumb_mpp,
+        "tile_size": size, "halo": plan.halo, "grid_cols": plan.grid_cols,
+        "grid_rows": plan.grid_rows, "config": config.to_json(), "wsicell_version": __version__,
+    }
+    return plan, attrs, thumb, tissue, tiles
+
+
+def _resumable(root, plan: SlidePlan, attrs: dict) -> bool:
+    """Whether the store holds an unfinished run of this very slide and configuration."""
+    if slide_status(root, plan.slide_id) is None:
+        return False
+    try:
+        old = dict(root["slides"][plan.slide_id].attrs)
+    except Exception:  # a group whose metadata a crash left unreadable is redone
+        return False
+    return all(old.get(k) == v for k, v in attrs.items())
+
+
+def _stain_parameters(client, plan: SlidePlan, tiles: dict, config: WsicellConfig,
+                      progress: bool) -> dict:
+    """Pass 1: fit the slide's stain parameters on a seeded sample of tissue tiles."""
+    ids, fractions = tiles["tile_id"], tiles["tissue_fraction"]
+    candidates = ids[fractions >= 0.5] if (fractions >= 0.5).any() else ids
+    rng = np.random.default_rng(config.ingest.seed)
+    sample = np.sort(rng.choice(candidates, min(len(candidates), config.ingest.stain_sample_tiles),
+                                replace=False))
+    submissions = [(f"stain-{plan.slide_id}-{t}", 1, sample_stain_pixels, (plan, int(t)))
+                   for t in sample]
+    futures_in_order = _run_tasks_ordered(client, submissions, f"{plan.slide_id} stain", progress)
+    pixels = np.concatenate(futures_in_order)
+    return fit_stain_parameters(pixels, config.stain).to_json()
+
+
+def _run_tasks_ordered(client, submissions, desc, progress):
+    """Like :func:`_run_tasks`, results in submission order."""
+    indexed = [(key, weight, _indexed, (i, fn, args))
+               for i, (key, weight, fn, args) in enumerate(submissions)]
+    results = _run_tasks(client, indexed, len(submissions), desc, progress)
+    return [value for _, value in sorted(results, key=lambda r: r[0])]
+
+
+def _indexed(index, fn, args):
+    return index, fn(*args)
+
+
+def _consolidate(client, plan: SlidePlan, tile_ids: np.ndarray, config: WsicellConfig,
+                 progress: bool) -> np.ndarray:
+    """Write the final arrays from the staged tiles; returns cells per tile."""
+    import zarr
+
+    counts = np.array([len(read_staged_tile(plan.staging, int(t), ["x"])["x"]) for t in tile_ids],
+                      dtype=np.int64)
+    group = zarr.open_group(Path(plan.store) / "slides" / plan.slide_id, mode="r+")
+    ingest = config.ingest
+    create_cell_arrays(group, int(counts.sum()), config.segmentation.crop_size,
+                       ingest.crops_per_chunk, ingest.cells_per_chunk)
+    block = math.lcm(ingest.crops_per_chunk, ingest.cells_per_chunk)
+    submissions = [(f"write-{plan.slide_id}-{start}", len(pieces), write_cell_block,
+                    (plan, start, pieces, ingest.crops_per_chunk))
+                   for start, pieces in cell_blocks(counts, tile_ids, block)]
+    _run_tasks(client, submissions, sum(w for _, w, _, _ in submissions),
+               f"{plan.slide_id} write", progress)
+    return counts
+
+
+def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *,
+                 mpp: float | None, overwrite: bool, progress: bool) -> str:
+    """Ingest one slide into an open store (the caller holds the store lock)."""
+    plan, attrs, thumb, tissue, tiles = plan_slide(path, store, config, mpp)
+    if slide_status(root, plan.slide_id) == STATUS_COMPLETE and not overwrite:
+        existing = root["slides"][plan.slide_id].attrs
+        if existing.get("fingerprint") != attrs["fingerprint"]:
+            raise WsicellError(f"{path}: the store already holds a different slide "
+                               f"{plan.slide_id!r}; pass --overwrite to replace it")
+        if progress:
+            print(f"{plan.slide_id}: already complete, skipped", file=sys.stderr)
+        remove_staging(store, plan.slide_id)
+        return plan.slide_id
+    if overwrite or not _resumable(root, plan, attrs):
+        remove_staging(store, plan.slide_id)
+        begin_slide(root, plan.slide_id, attrs, thumb, tissue, tiles)
+    group = root["slides"][plan.slide_id]
+    stain = group.attrs.get("stain")
+    if stain is None:
+        stain = _stain_parameters(client(), plan, tiles, config, progress)
+        group.attrs["stain"] = stain
+    tile_ids = tiles["tile_id"]
+    done = staged_tiles(plan.staging)
+    todo = [int(t) for t in tile_ids if int(t) not in done]
+    per_task = config.ingest.tiles_per_task
+    submissions = [(f"segment-{plan.slide_id}-{todo[i]}", len(todo[i:i + per_task]),
+                    segment_tiles, (plan, stain, config, todo[i:i + per_task]))
+                   for i in range(0, len(todo), per_task)]
+    if submissions:
+        _run_tasks(client(), submissions, len(tile_ids), f"{plan.slide_id} tiles", progress,
+                   initial=len(tile_ids) - len(todo))
+    counts = _consolidate(client(), plan, tile_ids, config, progress)
+    finish_slide(group, counts, {"n_tiles": int(len(tile_ids))})
+    remove_staging(store, plan.slide_id)
+    if progress:
+        print(f"{plan.slide_id}: {int(counts.sum())} cells from {len(tile_ids)} tissue tiles",
+              file=sys.stderr)
+    return plan.slide_id
+
+
+def ingest(paths, store, config: WsicellConfig = WsicellConfig(), *, mpp=None, workers=2,
+           threads_per_worker=1, memory_limit="4GB", scheduler=None, overwrite=False,
+           progress=True) -> list[str]:
+    """Ingest slides (files or directories of them) into a cell store.
+
+    Parameters
+    ----------
+    paths : list of str or Path
+        Slide files (OpenSlide formats, other pyramids large_image reads, plain images)
+        or directories searched for them.
+    store : str or Path
+        The ``*.zarr`` store; created when missing.
+    config : WsicellConfig
+    mpp : float, optional
+        Level-0 microns per pixel of every slide, overriding the metadata.
+    workers, threads_per_worker, memory_limit
+        The LocalCluster started when no ``scheduler`` is given.
+    scheduler : str, optional
+        Address of an existing Dask scheduler (its workers must see the same paths).
+    overwrite : bool
+        Redo slides that are already complete.
+    progress : bool
+        Print the dashboard link and progress bars (stderr).
+
+    Returns
+    -------
+    list of str
+        Slide ids, in the order of the inputs.
+
+    Raises
+    ------
+    WsicellError
+        Bad inputs (see :func:`plan_slide`), a store path that is a file or another
+        ingest running into the same store.
+    """
+    files = [p.resolve() for p in find_slide_files(paths)]
+    ids = [slide_id_for(p) for p in files]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise WsicellError(f"{duplicates[0]}: two input slides share this id (file name); "
+                           "ingest them into separate stores or rename one")
+    store = Path(store).resolve()
+    open_store(store, mode="a")  # refuse a file or foreign directory before locking
+    with store_lock(store), _lazy_client(workers, threads_per_worker, memory_limit,
+                                         scheduler, progress) as client:
+        root = open_store(store, mode="r+")
+        return [ingest_slide(client, root, path, store, config, mpp=mpp,
+                             overwrite=overwrite, progress=progress) for path in files]
+
+
+@contextmanager
+def _lazy_client(*args):
+    """A callable returning the Dask client, started on first use (skipped slides need none)."""
+    with ExitStack() as stack:
+        holder: list = []
+
+        def get():
+            if not holder:
+                holder.append(stack.enter_context(dask_client(*args)))
+            return holder[0]
+
+        yield get

@@ -1,0 +1,474 @@
+"""Reading images: plain RGB images and whole-slide pyramids, resampled to a reference grid.
+
+A :class:`Slide` hides which library reads the file: OpenSlide for the pyramidal formats it
+knows (.svs, .ndpi, .mrxs, .scn, tiled TIFF, ...), large_image for what OpenSlide cannot
+open, and Pillow for plain images (one-level slides).  Every reader answers the same
+questions: level-0 size, microns per pixel, pyramid levels, a region of a level, a thumbnail.
+
+:func:`read_reference_region` then gives any window of the slide on the *reference grid*,
+the slide resampled to the segmentation's resolution (``reference_mpp``).  The value of a
+reference pixel depends only on its position, never on the window it is read in, so tiles
+read separately fit together exactly like a read of the whole slide.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from wsicell.errors import WsicellError
+
+Image.MAX_IMAGE_PIXELS = None  # histology images are legitimately huge
+
+PLAIN_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+SLIDE_SUFFIXES = PLAIN_IMAGE_SUFFIXES | frozenset(
+    {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".qptiff", ".ome.tif"}
+)
+_MPP_RANGE = (0.02, 20.0)  # plausible microscope resolutions, um/px
+
+
+def read_rgb_image(path: str | Path) -> np.ndarray:
+    """Read a plain image file (PNG, JPEG, TIFF, ...) as RGB.
+
+    Grayscale images are replicated to three channels; an alpha channel is composited
+    over white (transparent = background), as slide scanners do.
+
+    Parameters
+    ----------
+    path : str or Path
+        Image file.
+
+    Returns
+    -------
+    ndarray, shape (H, W, 3), uint8
+
+    Raises
+    ------
+    WsicellError
+        When the file is missing, is not an image, or is truncated / corrupt.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WsicellError(f"{path}: no such file")
+    if not path.is_file():
+        raise WsicellError(f"{path}: not a file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(white, rgba)
+            rgb = np.asarray(im.convert("RGB"))
+    except UnidentifiedImageError:
+        raise WsicellError(f"{path}: not an image file (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise WsicellError(f"{path}: unreadable or truncated image ({err})") from None
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise WsicellError(f"{path}: image is empty")
+    return np.ascontiguousarray(rgb)
+
+
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite a non-premultiplied RGBA image over white.
+
+    Parameters
+    ----------
+    rgba : ndarray, shape (H, W, 4), uint8
+
+    Returns
+    -------
+    ndarray, shape (H, W, 3), uint8
+    """
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = (rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255
+    return rgb.astype(np.uint8)
+
+
+def _plausible_mpp(value) -> float | None:
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError):
+        return None
+    return mpp if _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1] else None
+
+
+def _mean_mpp(mpp_x, mpp_y) -> float | None:
+    values = [v for v in (_plausible_mpp(mpp_x), _plausible_mpp(mpp_y)) if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+class Slide:
+    """An opened slide: level-0 size, resolution, pyramid levels and region reads.
+
+    Attributes
+    ----------
+    path : Path
+    backend : str
+        ``"openslide"``, ``"large_image"`` or ``"image"``.
+    width, height : int
+        Level-0 size in pixels.
+    mpp : float or None
+        Level-0 microns per pixel from the file's metadata (None when it has none).
+    level_dimensions : list of (int, int)
+        (width, height) of each level, level 0 first.
+    level_downsamples : list of float
+        Level-0 pixels per pixel of each level.
+    """
+
+    backend = ""
+
+    def __init__(self, path: Path, level_dimensions, level_downsamples, mpp: float | None):
+        self.path = path
+        self.level_dimensions = [tuple(int(v) for v in d) for d in level_dimensions]
+        self.level_downsamples = [float(d) for d in level_downsamples]
+        self.width, self.height = self.level_dimensions[0]
+        self.mpp = mpp
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def read_level_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """A window of one pyramid level; pixels outside the level are white.
+
+        Parameters
+        ----------
+        level : int
+        x, y : int
+            Top-left corner in pixels *of that level* (may be negative).
+        width, height : int
+            Size in pixels of that level.
+
+        Returns
+        -------
+        ndarray, shape (height, width, 3), uint8
+        """
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        level_w, level_h = self.level_dimensions[level]
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, level_w), min(y + height, level_h)
+        if x1 > x0 and y1 > y0:
+            try:
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = self._read(level, x0, y0, x1 - x0, y1 - y0)
+            except WsicellError:
+                raise
+            except Exception as err:  # any decoder failure is a property of the file
+                raise WsicellError(
+                    f"{self.path}: unreadable region (level {level}, x {x0}, y {y0}, "
+                    f"{x1 - x0}x{y1 - y0} px): {type(err).__name__}: {err}"
+                ) from None
+        return out
+
+    def thumbnail(self, width: int, height: int) -> np.ndarray:
+        """The whole slide at (about) ``width`` x ``height`` pixels, RGB uint8."""
+        try:
+            return self._thumbnail(max(1, width), max(1, height))
+        except WsicellError:
+            raise
+        except Exception as err:
+            raise WsicellError(
+                f"{self.path}: unreadable thumbnail: {type(err).__name__}: {err}"
+            ) from None
+
+    def close(self) -> None:
+        """Release the file."""
+
+    def _read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _thumbnail(self, width: int, height: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class OpenSlideSlide(Slide):
+    """A slide read by OpenSlide."""
+
+    backend = "openslide"
+
+    def __init__(self, path: Path):
+        import openslide
+
+        try:
+            self._osr = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideError as err:
+            raise WsicellError(f"{path}: unreadable slide ({err})") from None
+        props = self._osr.properties
+        mpp = _mean_mpp(props.get("openslide.mpp-x"), props.get("openslide.mpp-y"))
+        super().__init__(path, self._osr.level_dimensions, self._osr.level_downsamples, mpp)
+
+    def _read(self, level, x, y, width, height):
+        downsample = self.level_downsamples[level]
+        region = self._osr.read_region(
+            (round(x * downsample), round(y * downsample)), level, (width, height)
+        )
+        return composite_on_white(np.asarray(region))
+
+    def _thumbnail(self, width, height):
+        return np.asarray(self._osr.get_thumbnail((width, height)).convert("RGB"))
+
+    def close(self):
+        self._osr.close()
+
+
+class LargeImageSlide(Slide):
+    """A slide read by large_image (formats OpenSlide cannot open); level 0 only."""
+
+    backend = "large_image"
+
+    def __init__(self, path: Path):
+        import large_image
+
+        try:
+            self._source = large_image.open(str(path))
+            meta = self._source.getMetadata()
+        except Exception as err:
+            raise WsicellError(
+                f"{path}: not a readable slide or image (no reader recognises it: truncated, "
+                f"corrupt or not a slide file; {err})"
+            ) from None
+        mm_x, mm_y = meta.get("mm_x"), meta.get("mm_y")
+        mpp = _mean_mpp(mm_x and mm_x * 1000, mm_y and mm_y * 1000)
+        super().__init__(path, [(meta["sizeX"], meta["sizeY"])], [1.0], mpp)
+
+    def _as_rgb(self, array: np.ndarray) -> np.ndarray:
+        if array.ndim == 2:
+            array = array[..., None]
+        if array.shape[2] == 1:
+            array = np.repeat(array, 3, axis=2)
+        if array.shape[2] == 4:
+            return composite_on_white(array.astype(np.uint8))
+        return np.ascontiguousarray(array[..., :3].astype(np.uint8))
+
+    def _read(self, level, x, y, width, height):
+        import large_image
+
+        array, _ = self._source.getRegion(
+            region=dict(left=x, top=y, width=width, height=height, units="base_pixels"),
+            format=large_image.constants.TILE_FORMAT_NUMPY,
+        )
+        return self._as_rgb(array)
+
+    def _thumbnail(self, width, height):
+        import large_image
+
+        array, _ = self._source.getThumbnail(
+            width=width, height=height, format=large_image.constants.TILE_FORMAT_NUMPY
+        )
+        return self._as_rgb(array)
+
+
+class ImageSlide(Slide):
+    """A plain image (PNG, JPEG, non-pyramidal TIFF) held in memory as a one-level slide."""
+
+    backend = "image"
+
+    def __init__(self, path: Path):
+        self._rgb = read_rgb_image(path)
+        with Image.open(path) as im:
+            dpi = im.info.get("dpi")
+        mpp = _mean_mpp(*(25400.0 / float(d) if d else None for d in dpi)) if dpi else None
+        super().__init__(path, [self._rgb.shape[1::-1]], [1.0], mpp)
+
+    def _read(self, level, x, y, width, height):
+        return self._rgb[y:y + height, x:x + width]
+
+    def _thumbnail(self, width, height):
+        return cv2.resize(self._rgb, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def open_slide(path: str | Path) -> Slide:
+    """Open a slide or image file with the first reader that understands it.
+
+    OpenSlide first (it identifies its formats by content), then Pillow for plain images,
+    then large_image.
+
+    Raises
+    ------
+    WsicellError
+        Missing file, a directory, or a file no reader can open (e.g. text named .svs).
+    """
+    import openslide
+
+    path = Path(path)
+    if not path.exists():
+        raise WsicellError(f"{path}: no such file")
+    if not path.is_file():
+        raise WsicellError(f"{path}: not a file")
+    try:
+        detected = openslide.OpenSlide.detect_format(str(path))
+    except openslide.OpenSlideError:
+        detected = None
+    if detected is not None:
+        return OpenSlideSlide(path)
+    if path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
+        try:
+            return ImageSlide(path)
+        except WsicellError:
+            if path.suffix.lower() not in (".tif", ".tiff"):
+                raise
+    return LargeImageSlide(path)
+
+
+def resolve_mpp(slide: Slide, mpp: float | None, reference_mpp: float) -> float:
+    """The level-0 microns per pixel to work with.
+
+    ``mpp`` (the user's override) wins; then the file's metadata.  A one-level image
+    without metadata is taken at ``reference_mpp`` with a warning; a pyramid without
+    metadata is an error (its levels would be guessed at the wrong scale).
+    """
+    if mpp is not None:
+        if not mpp > 0:
+            raise WsicellError(f"{slide.path}: --mpp must be positive, got {mpp}")
+        return float(mpp)
+    if slide.mpp is not None:
+        return slide.mpp
+    if slide.level_count > 1:
+        raise WsicellError(
+            f"{slide.path}: pyramidal slide without microns-per-pixel metadata; pass --mpp"
+        )
+    warnings.warn(
+        f"{slide.path}: no microns-per-pixel metadata; taking it at the reference "
+        f"resolution {reference_mpp} um/px (pass --mpp to set it)",
+        stacklevel=2,
+    )
+    return float(reference_mpp)
+
+
+@dataclass(frozen=True)
+class ReferenceGrid:
+    """The slide resampled to the reference resolution.
+
+    Attributes
+    ----------
+    scale : float
+        Level-0 pixels per reference pixel (``reference_mpp / slide_mpp``).
+    width, height : int
+        Size of the slide in reference pixels.
+    """
+
+    scale: float
+    width: int
+    height: int
+
+    @classmethod
+    def of(cls, slide: Slide, slide_mpp: float, reference_mpp: float) -> "ReferenceGrid":
+        scale = reference_mpp / slide_mpp
+        if abs(scale - 1) < 1e-9:
+            scale = 1.0
+        width = max(1, math.floor(slide.width / scale + 1e-9))
+        height = max(1, math.floor(slide.height / scale + 1e-9))
+        return cls(scale, width, height)
+
+    def to_level0(self, coords: np.ndarray) -> np.ndarray:
+        """Reference-pixel coordinates (pixel centres at integers) to level-0 ones."""
+        return (np.asarray(coords, dtype=np.float64) + 0.5) * self.scale - 0.5
+
+
+def _pick_level(slide: Slide, scale: float) -> tuple[int, int]:
+    """The finest level whose downsample is <= ``scale`` and an integer box factor on it."""
+    level = max(
+        (i for i, d in enumerate(slide.level_downsamples) if d <= scale * (1 + 1e-6)),
+        key=lambda i: slide.level_downsamples[i],
+        default=0,
+    )
+    box = max(1, math.floor(scale / slide.level_downsamples[level] + 1e-6))
+    return level, box
+
+
+def read_reference_region(
+    slide: Slide, grid: ReferenceGrid, x: int, y: int, width: int, height: int
+) -> np.ndarray:
+    """A window of the slide on the reference grid.
+
+    The pixel is read from the finest pyramid level that is not finer than needed,
+    reduced there by an integer box mean aligned to the level's origin, then resampled
+    bilinearly (factor in [1, 2) down, or up) with pixel centres mapped exactly and
+    weights quantised from global coordinates, so a reference pixel's value does not
+    depend on the window it is read in (tiles equal a whole read bit for bit).
+
+    Parameters
+    ----------
+    slide : Slide
+    grid : ReferenceGrid
+    x, y : int
+        Top-left corner in reference pixels.
+    width, height : int
+        Size in reference pixels.
+
+    Returns
+    -------
+    ndarray, shape (height, width, 3), uint8
+    """
+    if grid.scale == 1.0:
+        return slide.read_level_region(0, x, y, width, height)
+    level, box = _pick_level(slide, grid.scale)
+    ratio = grid.scale / (slide.level_downsamples[level] * box)  # source px per output px
+    src_x0 = math.floor((x + 0.5) * ratio - 0.5) - 1
+    src_y0 = math.floor((y + 0.5) * ratio - 0.5) - 1
+    src_x1 = math.ceil((x + width - 0.5) * ratio - 0.5) + 2
+    src_y1 = math.ceil((y + height - 0.5) * ratio - 0.5) + 2
+    source = slide.read_level_region(
+        level, src_x0 * box, src_y0 * box, (src_x1 - src_x0) * box, (src_y1 - src_y0) * box
+    )
+    if box > 1:
+        source = cv2.resize(
+            source, (src_x1 - src_x0, src_y1 - src_y0), interpolation=cv2.INTER_AREA
+        )
+    map_x, frac_x = _fixed_point_coords(x, width, ratio, src_x0)
+    map_y, frac_y = _fixed_point_coords(y, height, ratio, src_y0)
+    coords = np.empty((height, width, 2), dtype=np.int16)
+    coords[..., 0] = map_x[None, :]
+    coords[..., 1] = map_y[:, None]
+    fractions = ((frac_y[:, None] << _INTER_BITS) | frac_x[None, :]).astype(np.uint16)
+    return cv2.remap(source, coords, fractions, cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_REPLICATE)
+
+
+_INTER_BITS = 5  # OpenCV's fixed-point resolution of interpolation weights (1/32 px)
+
+
+def _fixed_point_coords(start: int, count: int, ratio: float, src_start: int):
+    """Source positions of output pixels ``start..start+count`` in OpenCV's fixed-point form.
+
+    Computed from the *global* output index, so the integer part (relative to the source
+    window) and the 1/32-pixel fraction do not depend on where the window starts.
+    """
+    centres = (np.arange(start, start + count, dtype=np.float64) + 0.5) * ratio - 0.5
+    fixed = np.round(centres * (1 << _INTER_BITS)).astype(np.int64)
+    return ((fixed >> _INTER_BITS) - src_start).astype(np.int16), fixed & ((1 << _INTER_BITS) - 1)
+
+
+def find_slide_files(paths) -> list[Path]:
+    """Expand the command line's paths: files as given, directories to their slides.
+
+    Directories are searched recursively for files whose suffix is a slide or image
+    format, in sorted order.
+
+    Raises
+    ------
+    WsicellError
+        A path that does not exist, or a directory without slides.
+    """
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise WsicellError(f"{path}: no such file or directory")
+        if path.is_dir():
+            inside = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
+            )
+            if not inside:
+                raise WsicellError(f"{path}: directory contains no slide or image files")
+            found.extend(inside)
+        else:
+            found.append(path)
+    return found

@@ -1,0 +1,415 @@
+"""Colour normalisation and stain separation of H&E images (method section 1.1-1.2).
+
+* Ruderman l-alpha-beta colour space (log-LMS based; the space HistomicsTK's
+  ``rgb_to_lab`` uses, *not* CIE L*a*b*) and Reinhard normalisation in it.
+* Optical density as HistomicsTK's "SDA": ``-log((rgb + 1) / 256) * 255 / log(256)``,
+  0 (white) .. 255 (black).
+* Macenko PCA stain-matrix estimation and colour deconvolution; the hematoxylin vector
+  is identified by its colour, never by its position.
+* :class:`StainLookup`: a fixed (statistics, stain matrix) pair applied to any RGB pixel
+  by one table look-up, which is what whole slides do millions of times.
+
+Every kernel takes arrays whose last axis holds the three channels, computes in
+float32 and returns uint8 images with HistomicsTK's rounding (clip, then truncate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from wsicell.config import StainConfig
+
+RGB_TO_LMS = np.array(
+    [[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]]
+)
+LMS_TO_LAB = np.diag([1 / np.sqrt(3), 1 / np.sqrt(6), 1 / np.sqrt(2)]) @ np.array(
+    [[1.0, 1.0, 1.0], [1.0, 1.0, -2.0], [1.0, -1.0, 0.0]]
+)
+LMS_TO_RGB = np.linalg.inv(RGB_TO_LMS)
+LAB_TO_LMS = np.linalg.inv(LMS_TO_LAB)
+
+_LOG256 = np.log(256.0)
+_SDA_SCALE = 255.0 / _LOG256
+#: ``log(v + 1)`` for every uint8 value ``v``: optical density by table look-up.
+_LOG1P_U8 = np.log1p(np.arange(256, dtype=np.float64)).astype(np.float32)
+#: Optical density (SDA units) of every uint8 value.
+SDA_U8 = ((_LOG256 - _LOG1P_U8.astype(np.float64)) * _SDA_SCALE).astype(np.float32)
+
+
+def _transform(pixels: np.ndarray, matrix: np.ndarray, offset=None) -> np.ndarray:
+    """``pixels @ matrix.T + offset`` over the last axis, in float32 (OpenCV, one pass).
+
+    Parameters
+    ----------
+    pixels : ndarray, shape (..., 3)
+    matrix : ndarray, shape (C, 3)
+    offset : ndarray, shape (C,), optional
+
+    Returns
+    -------
+    ndarray, shape (..., C), float32
+    """
+    affine = np.zeros((matrix.shape[0], 4), dtype=np.float64)
+    affine[:, :3] = matrix
+    if offset is not None:
+        affine[:, 3] = offset
+    flat = np.ascontiguousarray(pixels, dtype=np.float32).reshape(-1, 1, 3)
+    out = cv2.transform(flat, affine)
+    return out.reshape(*pixels.shape[:-1], matrix.shape[0])
+
+
+def _elementwise(function, values: np.ndarray) -> np.ndarray:
+    """Apply an OpenCV element-wise function (``cv2.log``, ``cv2.exp``: SIMD, float32,
+    ~4x numpy's speed) to an array of any shape."""
+    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1, 1)
+    return function(flat).reshape(values.shape)
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """Clip to 0..255 and truncate, as HistomicsTK does."""
+    return np.clip(values, 0, 255, out=values).astype(np.uint8)
+
+
+def _log_lms(rgb: np.ndarray) -> np.ndarray:
+    """Natural log of LMS cone responses, shape (..., 3) float32 (0 -> log(eps))."""
+    lms = _transform(rgb, RGB_TO_LMS)
+    lms[lms == 0] = np.finfo(np.float64).eps
+    return _elementwise(cv2.log, lms)
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """Ruderman l-alpha-beta of RGB values.
+
+    Parameters
+    ----------
+    rgb : ndarray, shape (..., 3)
+        RGB, 0..255 (any numeric dtype).
+
+    Returns
+    -------
+    ndarray, shape (..., 3), float32
+    """
+    return _transform(_log_lms(rgb), LMS_TO_LAB)
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`rgb_to_lab`; float32 RGB, not clipped."""
+    lms = _elementwise(cv2.exp, _transform(lab, LAB_TO_LMS))
+    return _transform(lms, LMS_TO_RGB)
+
+
+@dataclass(frozen=True)
+class LabStats:
+    """Per-channel mean and standard deviation in l-alpha-beta, each shape (3,) float64."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def target(cls, config: StainConfig) -> "LabStats":
+        return cls(tuple(config.target_lab_mean), tuple(config.target_lab_std))
+
+
+def _pixels(rgb: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The (N, 3) pixels of an image or pixel array, restricted to a mask."""
+    pixels = np.asarray(rgb).reshape(-1, 3)
+    if mask is not None:
+        pixels = pixels[np.asarray(mask, dtype=bool).reshape(-1)]
+    if len(pixels) == 0:
+        raise ValueError("no pixels to estimate from (empty image or empty mask)")
+    return pixels
+
+
+def _moments(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) standard deviation of the columns of (N, 3) values, float64."""
+    mean, std = cv2.meanStdDev(np.ascontiguousarray(values, dtype=np.float32).reshape(-1, 1, 3))
+    return mean.ravel(), std.ravel()
+
+
+def lab_mean_std(rgb: np.ndarray, mask: np.ndarray | None = None) -> LabStats:
+    """Reinhard statistics of an image (or of an (N, 3) pixel sample).
+
+    Parameters
+    ----------
+    rgb : ndarray, shape (H, W, 3) or (N, 3), uint8
+    mask : ndarray of bool, optional
+        Pixels to use (same leading shape as ``rgb``); all when omitted.
+    """
+    mean, std = _moments(rgb_to_lab(_pixels(rgb, mask)))
+    return LabStats(tuple(mean), tuple(std))
+
+
+def _reinhard_log_lms_map(source: LabStats, target: LabStats) -> tuple[np.ndarray, np.ndarray]:
+    """Affine map on log-LMS equivalent to standardising l-alpha-beta with ``source`` and
+    re-scaling with ``target``: returns ``(matrix (3,3), offset (3,))``."""
+    scale = np.asarray(target.std) / np.asarray(source.std)
+    shift = np.asarray(target.mean) - np.asarray(source.mean) * scale
+    return LAB_TO_LMS @ np.diag(scale) @ LMS_TO_LAB, LAB_TO_LMS @ shift
+
+
+def reinhard(rgb: np.ndarray, source: LabStats, target: LabStats) -> np.ndarray:
+    """Reinhard colour normalisation: match l-alpha-beta mean and std to a target.
+
+    Parameters
+    ----------
+    rgb : ndarray, shape (..., 3), uint8
+    source : LabStats
+        Statistics of the input (from :func:`lab_mean_std`).
+    target : LabStats
+        Statistics to reach (:meth:`LabStats.target` gives the paper's standard).
+
+    Returns
+    -------
+    ndarray, shape (..., 3), uint8
+    """
+    matrix, offset = _reinhard_log_lms_map(source, target)
+    lms = _elementwise(cv2.exp, _transform(_log_lms(rgb), matrix, offset))
+    return _to_uint8(_transform(lms, LMS_TO_RGB))
+
+
+def rgb_to_sda(rgb: np.ndarray) -> np.ndarray:
+    """Optical density in SDA units (0 = white, 255 = black) of uint8 RGB, float32."""
+    return SDA_U8[np.asarray(rgb, dtype=np.uint8)]
+
+
+def _unit_columns(matrix: np.ndarray) -> np.ndarray:
+    return matrix / np.linalg.norm(matrix, axis=0, keepdims=True)
+
+
+def complement_stain_matrix(stains: np.ndarray) -> np.ndarray:
+    """Complete two unit stain vectors (columns of (3, 2)) to a 3x3 matrix with their
+    normalised cross product as third column."""
+    third = np.cross(stains[:, 0], stains[:, 1])
+    return np.column_stack([stains[:, 0], stains[:, 1], third / np.linalg.norm(third)])
+
+
+def _percentile_index(values: np.ndarray, fraction: float) -> int:
+    """Index of the element at a percentile, as HistomicsTK's ``argpercentile``."""
+    i = min(int(fraction * values.size + 0.5), values.size - 1)
+    return int(np.argpartition(values, i)[i])
+
+
+def macenko_stain_vectors(
+    sda: np.ndarray, min_magnitude: float = 16.0, percentiles: tuple[float, float] = (0.01, 0.99)
+) -> np.ndarray:
+    """Two stain vectors by Macenko's PCA method.
+
+    The optical densities are projected on the plane of their two main (uncentred)
+    principal directions; pixels whose projection is shorter than ``min_magnitude`` are
+    dropped; the pixels at the lower and upper percentile of the angle distribution give
+    the two stain vectors.
+
+    Parameters
+    ----------
+    sda : ndarray, shape (N, 3), float
+        Optical densities (SDA units) of the pixels.
+    min_magnitude : float
+        Smallest projected magnitude kept (SDA units).
+    percentiles : (float, float)
+        Angle percentiles as fractions.
+
+    Returns
+    -------
+    ndarray, shape (3, 2), float64
+        Unit stain vectors as columns (order: lower, upper angle percentile).
+    """
+    sda = np.ascontiguousarray(sda, dtype=np.float32).reshape(-1, 3)
+    gram = (sda.T @ sda).astype(np.float64)
+    if not np.isfinite(gram).all():
+        raise ValueError("optical densities must be finite")
+    eigenvalues, eigenvectors = np.linalg.eigh(gram)
+    plane = eigenvectors[:, np.argsort(eigenvalues)[::-1][:2]]
+    # Fix the arbitrary signs: first direction along the mean density.
+    plane[:, 0] *= np.sign(plane[:, 0].sum()) or 1.0
+    x, y = (_transform(sda, direction[None, :])[:, 0] for direction in plane.T)
+    magnitude = cv2.magnitude(x, y).ravel()
+    kept = np.flatnonzero(magnitude > min_magnitude)
+    if len(kept) < 2:
+        raise ValueError("too few stained pixels for Macenko stain estimation")
+    angles = (1 - y[kept] / magnitude[kept]) * np.sign(x[kept])
+    picks = kept[[_percentile_index(angles, p) for p in percentiles]]
+    return _unit_columns(plane @ np.array([x[picks], y[picks]], dtype=np.float64))
+
+
+def hematoxylin_first(stains: np.ndarray, hematoxylin_reference) -> np.ndarray:
+    """Order two stain vectors as [hematoxylin, eosin] by colour and complete to 3x3.
+
+    Parameters
+    ----------
+    stains : ndarray, shape (3, 2)
+        Unit stain vectors in any order.
+    hematoxylin_reference : sequence of 3 floats
+        Reference optical-density colour of hematoxylin.
+
+    Returns
+    -------
+    ndarray, shape (3, 3), float64
+        Columns [hematoxylin, eosin, residual].
+    """
+    reference = np.asarray(hematoxylin_reference, dtype=np.float64)
+    similarity = np.abs(reference @ stains) / np.linalg.norm(reference)
+    order = np.argsort(-similarity)
+    return complement_stain_matrix(stains[:, order])
+
+
+def color_deconvolution(rgb: np.ndarray, stain_matrix: np.ndarray) -> np.ndarray:
+    """Stain intensity images of a uint8 RGB image.
+
+    Parameters
+    ----------
+    rgb : ndarray, shape (..., 3), uint8
+    stain_matrix : ndarray, shape (3, 3)
+        Stain vectors as columns.
+
+    Returns
+    -------
+    ndarray, shape (..., 3), uint8
+        One intensity image per stain column (0 = much stain, 255 = none).
+    """
+    inverse = np.linalg.pinv(_unit_columns(np.asarray(stain_matrix, dtype=np.float64)))
+    return _stain_intensity(rgb, inverse)
+
+
+def _stain_intensity(rgb: np.ndarray, inverse_rows: np.ndarray) -> np.ndarray:
+    """Intensities of the stains given by rows of the inverse stain matrix (C, 3).
+
+    Intensity = ``256 ** (1 - density / 255) - 1`` with density = rows . SDA(rgb);
+    computed in log space from a per-value table of ``log(v + 1)``.
+    """
+    rows = np.asarray(inverse_rows, dtype=np.float64)
+    # density/255*log256 = log256*sum(q) - q.log1p(rgb)  =>  intensity = exp(log256 - that) - 1
+    log_intensity = _transform(_LOG1P_U8[rgb], rows, _LOG256 * (1.0 - rows.sum(axis=1)))
+    return _to_uint8(_elementwise(cv2.exp, log_intensity) - 1.0)
+
+
+def hematoxylin_intensity(rgb: np.ndarray, stain_matrix: np.ndarray) -> np.ndarray:
+    """Hematoxylin channel (0..255, dark = much stain) of a uint8 RGB image.
+
+    ``stain_matrix`` has hematoxylin as its first column (see :func:`hematoxylin_first`).
+    Returns an array of the image's leading shape, uint8.
+    """
+    inverse = np.linalg.pinv(_unit_columns(np.asarray(stain_matrix, dtype=np.float64)))
+    return _stain_intensity(rgb, inverse[:1])[..., 0]
+
+
+@dataclass(frozen=True)
+class StainParameters:
+    """A fixed colour standardisation: Reinhard statistics and a stain matrix.
+
+    ``stain_matrix`` (3x3, columns [hematoxylin, eosin, residual]) was estimated on the
+    *normalised* pixels, and is applied to the normalised image.
+    """
+
+    source: LabStats
+    target: LabStats
+    stain_matrix: tuple[tuple[float, float, float], ...]
+
+    def to_json(self) -> dict:
+        return {
+            "source_lab_mean": list(self.source.mean),
+            "source_lab_std": list(self.source.std),
+            "target_lab_mean": list(self.target.mean),
+            "target_lab_std": list(self.target.std),
+            "stain_matrix": [list(row) for row in self.stain_matrix],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StainParameters":
+        return cls(
+            LabStats(tuple(data["source_lab_mean"]), tuple(data["source_lab_std"])),
+            LabStats(tuple(data["target_lab_mean"]), tuple(data["target_lab_std"])),
+            tuple(tuple(float(v) for v in row) for row in data["stain_matrix"]),
+        )
+
+    def normalise(self, rgb: np.ndarray) -> np.ndarray:
+        """Reinhard-normalised uint8 image of the same shape."""
+        return reinhard(rgb, self.source, self.target)
+
+    def hematoxylin(self, normalised: np.ndarray) -> np.ndarray:
+        """Hematoxylin channel (uint8, leading shape) of a normalised image."""
+        return hematoxylin_intensity(normalised, np.asarray(self.stain_matrix))
+
+
+def fit_stain_parameters(
+    rgb: np.ndarray, config: StainConfig = StainConfig(), mask: np.ndarray | None = None
+) -> StainParameters:
+    """Estimate a slide's or image's colour standardisation.
+
+    Reinhard statistics of the raw pixels, then the Macenko stain matrix of the
+    *normalised* pixels (deconvolution is applied to the normalised image too).  At most
+    ``config.fit_max_pixels`` evenly strided pixels are used.
+
+    Parameters
+    ----------
+    rgb : ndarray, shape (H, W, 3) or (N, 3), uint8
+        Image or pixel sample.
+    config : StainConfig
+    mask : ndarray of bool, optional
+        Pixels to estimate from (e.g. tissue).
+    """
+    pixels = _pixels(rgb, mask)
+    if config.fit_max_pixels and len(pixels) > config.fit_max_pixels:
+        pixels = pixels[:: -(-len(pixels) // config.fit_max_pixels)]
+    source = lab_mean_std(pixels)
+    if min(source.std) <= 1e-6:
+        raise ValueError("no colour variation to estimate stains from (blank image)")
+    target = LabStats.target(config)
+    stains = macenko_stain_vectors(
+        rgb_to_sda(reinhard(pixels, source, target)),
+        config.macenko_min_magnitude,
+        config.macenko_angle_percentiles,
+    )
+    matrix = hematoxylin_first(stains, config.hematoxylin_reference)
+    return StainParameters(source, target, tuple(tuple(float(v) for v in row) for row in matrix))
+
+
+class StainLookup:
+    """A :class:`StainParameters` tabulated for all 2^24 RGB colours.
+
+    ``table[(r << 16) | (g << 8) | b]`` holds the normalised colour and its hematoxylin
+    intensity as 4 bytes (64 MiB).  Building costs about a second; applying it is one
+    gather per pixel, independent of the colour maths.
+    """
+
+    N_COLOURS = 1 << 24
+    _BUILD_BLOCK = 1 << 20
+
+    def __init__(self, table: np.ndarray):
+        if table.shape != (self.N_COLOURS, 4) or table.dtype != np.uint8:
+            raise ValueError("a stain lookup table has shape (2**24, 4) and dtype uint8")
+        self.table = table
+
+    @classmethod
+    def build(cls, params: StainParameters) -> "StainLookup":
+        table = np.empty((cls.N_COLOURS, 4), dtype=np.uint8)
+        for start in range(0, cls.N_COLOURS, cls._BUILD_BLOCK):
+            codes = np.arange(start, start + cls._BUILD_BLOCK, dtype=np.uint32)
+            rgb = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=1).astype(np.uint8)
+            normalised = params.normalise(rgb)
+            table[start:start + cls._BUILD_BLOCK, :3] = normalised
+            table[start:start + cls._BUILD_BLOCK, 3] = params.hematoxylin(normalised)
+        return cls(table)
+
+    def apply(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised image and hematoxylin channel of a uint8 RGB image.
+
+        Parameters
+        ----------
+        rgb : ndarray, shape (H, W, 3), uint8
+
+        Returns
+        -------
+        normalised : ndarray, shape (H, W, 3), uint8
+        hematoxylin : ndarray, shape (H, W), uint8
+        """
+        rgb = np.asarray(rgb, dtype=np.uint8)
+        codes = rgb[..., 0].astype(np.uint32) << 16
+        codes |= rgb[..., 1].astype(np.uint32) << 8
+        codes |= rgb[..., 2]
+        # One 4-byte word per colour: a flat gather is ~8x faster than row indexing.
+        out = np.take(self.table.view(np.uint32).ravel(), codes).view(np.uint8)
+        out = out.reshape(*codes.shape, 4)
+        return np.ascontiguousarray(out[..., :3]), np.ascontiguousarray(out[..., 3])

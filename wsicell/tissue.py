@@ -1,0 +1,76 @@
+"""Tissue detection on a slide thumbnail, and the tiles that hold tissue.
+
+Stained tissue is coloured (saturated) and absorbs light (optical density > 0); the glass
+around it is white or grey.  A pixel is tissue when its saturation passes an Otsu threshold
+(never below an absolute floor, so an empty slide stays empty) and it is not near-white;
+morphology then removes dust and fills holes.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+MIN_SATURATION = 20  # 0..255: below this nothing is stained, whatever Otsu says
+MIN_OPTICAL_DENSITY = 0.05  # sum over RGB of -log10(I/255): glass is ~0
+
+
+def detect_tissue(thumbnail: np.ndarray, min_object_px: int = 16) -> np.ndarray:
+    """Tissue mask of a low-resolution slide image.
+
+    Parameters
+    ----------
+    thumbnail : ndarray, shape (h, w, 3), uint8
+        RGB thumbnail (e.g. 8-32 um/px).
+    min_object_px : int
+        Connected tissue pieces smaller than this (thumbnail pixels) are dropped.
+
+    Returns
+    -------
+    ndarray, shape (h, w), bool
+        True on tissue.
+    """
+    hsv = cv2.cvtColor(thumbnail, cv2.COLOR_RGB2HSV)
+    saturation = hsv[..., 1]
+    optical_density = -np.log10(np.maximum(thumbnail, 1) / 255.0).sum(axis=2)
+    otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    mask = (saturation > max(otsu, MIN_SATURATION)) & (optical_density > MIN_OPTICAL_DENSITY)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool)
+    mask = ndimage.binary_fill_holes(mask)
+    labels, n = ndimage.label(mask)
+    if n:
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        mask = (sizes >= min_object_px)[labels] & mask
+    return mask
+
+
+def tile_tissue_fractions(
+    mask: np.ndarray, tile_boxes: np.ndarray, tile_to_mask: float
+) -> np.ndarray:
+    """Fraction of each tile covered by tissue.
+
+    Parameters
+    ----------
+    mask : ndarray, shape (h, w), bool
+        Tissue mask (thumbnail pixels).
+    tile_boxes : ndarray, shape (T, 4), int
+        Tiles ``[x0, y0, x1, y1)`` in the pixels the tiles are defined in.
+    tile_to_mask : float
+        Mask pixels per tile pixel.
+
+    Returns
+    -------
+    ndarray, shape (T,), float32
+        Mean of the mask over the mask pixels each tile touches.
+    """
+    h, w = mask.shape
+    integral = cv2.integral(mask.astype(np.uint8)).astype(np.float64)
+    boxes = np.asarray(tile_boxes, dtype=np.float64) * tile_to_mask
+    x0 = np.clip(np.floor(boxes[:, 0]), 0, w - 1).astype(int)
+    y0 = np.clip(np.floor(boxes[:, 1]), 0, h - 1).astype(int)
+    x1 = np.clip(np.ceil(boxes[:, 2]), x0 + 1, w).astype(int)
+    y1 = np.clip(np.ceil(boxes[:, 3]), y0 + 1, h).astype(int)
+    covered = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return (covered / ((x1 - x0) * (y1 - y0))).astype(np.float32)
