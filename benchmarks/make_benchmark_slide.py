@@ -1,7 +1,8 @@
 """Build a real-content pyramidal whole-slide TIFF from the bm_graz H&E images.
 
-The slide is a white canvas (empty glass) on which copies of the 1200x1200 bone-marrow
-images are laid out in a seeded random grid until a target fraction of the area is tissue.
+The slide is a white canvas (empty glass) with one elliptical "tissue section" covering a
+target fraction of the area, paved with seeded random copies of the 1200x1200 bone-marrow
+images.
 It is written tile by tile (memory stays small whatever the size) as a tiled, JPEG-compressed
 BigTIFF with one directory per pyramid level (each 2x smaller) and the resolution in the
 TIFF tags, which OpenSlide reads as a "generic-tiff" with ``openslide.mpp-x``.
@@ -31,14 +32,18 @@ DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "bm_g
 def plan_layout(width, height, image_size, tissue_fraction, n_images, seed):
     """Top-left corners (x, y) and image indices of the tissue pieces on the canvas.
 
-    Cells of a grid of ``image_size`` are filled at random with probability
-    ``tissue_fraction``; at least one piece is always placed.
+    Like a tissue section on glass: the grid cells of side ``image_size`` whose centre lies
+    in a centred ellipse covering ``tissue_fraction`` of the canvas are filled, each with a
+    random image; at least one piece is always placed.
     """
     rng = np.random.default_rng(seed)
     cols, rows = max(1, width // image_size), max(1, height // image_size)
-    filled = rng.random((rows, cols)) < tissue_fraction
-    filled.flat[0] = filled.flat[0] or not filled.any()
-    row_idx, col_idx = np.nonzero(filled)
+    cy, cx = (np.mgrid[0:rows, 0:cols] + 0.5) * image_size
+    scale = math.sqrt(tissue_fraction / math.pi) * 2  # ellipse area = fraction of the canvas
+    inside = (((cx - width / 2) / (scale * width / 2)) ** 2
+              + ((cy - height / 2) / (scale * height / 2)) ** 2) <= 1
+    inside.flat[0] = inside.flat[0] or not inside.any()
+    row_idx, col_idx = np.nonzero(inside)
     which = rng.integers(0, n_images, size=len(row_idx))
     return [(int(c) * image_size, int(r) * image_size, int(i))
             for r, c, i in zip(row_idx, col_idx, which)]

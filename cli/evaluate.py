@@ -45,3 +45,61 @@ def detection(image_dir, points_dir, preset, radius, config_file, mpp, as_json):
         rows = list(figures["images"].items()) + [("overall", figures)]
         for stem, s in rows:
             click.echo(f"  {stem:28s} {s['precision']:9.3f} {s['recall']:7.3f} {s['f1']:6.3f}")
+
+
+def _print_scores(rows: list[tuple[str, dict]], columns: list[str]) -> None:
+    click.echo(f"  {'':18s}" + "".join(f"{c:>10s}" for c in columns))
+    for name, scores in rows:
+        click.echo(f"  {name:18s}" + "".join(f"{scores[c]:10.3f}" for c in columns))
+
+
+@evaluate.command()
+@click.option("--store", required=True, type=click.Path(), help="The cell store.")
+@click.option("--model", "model_dir", required=True, type=click.Path(),
+              help="Trained model directory.")
+@click.option("--points", "points_dir", required=True, type=click.Path(),
+              help="Directory of x,y,label CSV files named by slide id (image stem).")
+@click.option("--radius", type=float, default=12.0, show_default=True,
+              help="Largest cell-to-point distance of a match (level-0 pixels).")
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the baseline.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def clustering(store, model_dir, points_dir, radius, device, seed, as_json):
+    """Purity / entropy / F-score of the model's cell clusters against annotated cell
+    classes, next to the hand-made-feature k-means baseline ("MF + k-means").
+
+    Annotated points are matched one-to-one to detected cells within --radius.
+    """
+    from wsicell.evaluation import evaluate_clustering
+
+    result = evaluate_clustering(store, model_dir, points_dir, radius, device, seed)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['matched']} matched cells, k = {result['k']}, model {result['model_id']}")
+    _print_scores([("GAN (Q head)", result["gan"]), ("MF + k-means", result["baseline"])],
+                  ["purity", "entropy", "fscore"])
+
+
+@evaluate.command()
+@click.option("--predictions", required=True, type=click.Path(),
+              help="Results directory of wsicell predict (or its slide_predictions.csv).")
+@click.option("--labels", required=True, type=click.Path(), help="CSV slide_id,label.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def slides(predictions, labels, as_json):
+    """Slide labels against slide predictions: purity / entropy / F-score of the slide
+    k-means clusters, precision / recall / F-score of the SVM classes."""
+    from wsicell.evaluation import evaluate_slide_predictions
+
+    result = evaluate_slide_predictions(predictions, labels)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['n_slides']} labelled slides")
+    if "kmeans" in result:
+        _print_scores([("k-means", result["kmeans"])], ["purity", "entropy", "fscore"])
+    rows = [(name, result[key]) for key, name in (("svm", "SVM (fitted)"),
+                                                  ("cross_validation", "SVM (CV)"))
+            if key in result]
+    if rows:
+        _print_scores(rows, ["precision", "recall", "fscore"])

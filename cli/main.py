@@ -15,6 +15,7 @@ from wsicell.cli.evaluate import evaluate
 from wsicell.cli.segment import segment
 from wsicell.cli.train import train
 from wsicell.cli.ingest import ingest
+from wsicell.cli.export import export
 from wsicell.cli.predict import predict
 
 
@@ -32,6 +33,7 @@ cli.add_command(evaluate)
 cli.add_command(train)
 cli.add_command(predict)
 cli.add_command(ingest)
+cli.add_command(export)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

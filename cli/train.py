@@ -63,16 +63,23 @@ def _config_options(function):
               help="Data-loading processes per GPU/process (0 = load in the training process).")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the forward passes (GPU; the first iterations are slow).")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads of torch [default: torch's]; on a busy machine 1 is often faster.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(store, slides, out_dir, config_file, device, max_iters, checkpoint_every,
-          sample_every, resume, workers, compile_, quiet, **hyper):
+          sample_every, resume, workers, compile_, threads, quiet, **hyper):
     """Train the GAN whose Q head sorts cells into k types (method section 2).
 
     One iteration = 5 critic steps on real crops, one generator step, one Q step. Writes
     MODEL_DIR/model.pt + config.json (read by wsicell predict), checkpoint.pt, log.jsonl,
     losses.png and samples.png.
     """
+    import torch
+
     from wsicell.train import train as run
+
+    if threads:
+        torch.set_num_threads(threads)
 
     base = WsicellConfig.from_file(config_file) if config_file else WsicellConfig()
     chosen = {k: v for k, v in hyper.items() if v is not None}

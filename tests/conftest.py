@@ -2,7 +2,12 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from wsicell import __version__
+from wsicell.config import WsicellConfig
+from wsicell.store import TILE_COLUMNS, begin_slide, create_cell_arrays, file_fingerprint, finish_slide
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEST_DATA = Path(__file__).resolve().parent / "data"
@@ -33,3 +38,41 @@ def htk_reference():
 def bm_graz_images() -> list[Path]:
     """All bm_graz images of ../shared/data (skips when absent)."""
     return sorted(shared_data_path("bm_graz", "images").glob("*.png"))
+
+
+STAIN = {"source_lab_mean": [8.0, 0.1, 0.0], "source_lab_std": [0.5, 0.1, 0.03],
+         "target_lab_mean": [8.98, 0.08, 0.02], "target_lab_std": [0.64, 0.11, 0.03],
+         "stain_matrix": [[0.65, 0.07, 0.7], [0.7, 0.99, -0.7], [0.29, 0.1, 0.1]]}
+
+
+def _slide_attrs(tmp_path):
+    source = tmp_path / "slide.svs"
+    source.write_bytes(b"pixels" * 100)
+    return {"source_path": str(source), "fingerprint": file_fingerprint(source), "width": 100,
+            "height": 80, "mpp": 0.5, "mpp_source": "metadata", "backend": "openslide",
+            "reference_mpp": 0.4, "thumbnail_mpp": 16.0, "tile_size": 64, "halo": 8,
+            "grid_cols": 2, "grid_rows": 2, "config": WsicellConfig().to_json(),
+            "wsicell_version": __version__}
+
+
+def write_test_slide(root, slide_id, tmp_path, n_cells, complete=True):
+    """A small slide written with the store's writers (no Dask): cells 0..n-1 in two tiles,
+    crop i filled with value i, cell i at (10 i, 5 i)."""
+    attrs = _slide_attrs(tmp_path)
+    tiles = {name: np.arange(2) for name in TILE_COLUMNS}
+    group = begin_slide(root, slide_id, attrs, np.full((5, 6, 3), 255, np.uint8),
+                        np.zeros((5, 6), bool), tiles)
+    create_cell_arrays(group, n_cells, 32, crops_per_chunk=4, cells_per_chunk=8)
+    group["cells/cell_id"][:] = np.arange(n_cells)
+    group["cells/x"][:] = 10.0 * np.arange(n_cells)
+    group["cells/y"][:] = 5.0 * np.arange(n_cells)
+    group["cells/bbox_x0"][:] = 10 * np.arange(n_cells) - 3
+    group["cells/bbox_y0"][:] = 5 * np.arange(n_cells) - 2
+    group["cells/bbox_x1"][:] = 10 * np.arange(n_cells) + 4
+    group["cells/bbox_y1"][:] = 5 * np.arange(n_cells) + 3
+    group["cells/area"][:] = 30.5
+    group["crops"][:] = np.arange(n_cells, dtype=np.uint8)[:, None, None, None]
+    group.attrs["stain"] = STAIN
+    if complete:
+        finish_slide(group, [n_cells - 2, 2], {"n_tiles": 2})
+    return group

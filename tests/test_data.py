@@ -14,6 +14,15 @@ from wsicell.store import open_store, slide_crops
 BATCH = 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine more threads make tiny models slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return bm_graz_store(tmp_path_factory)

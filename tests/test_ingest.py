@@ -15,26 +15,33 @@ from wsicell.store import complete_slides, open_store, slide_cells, slide_crops,
 CONFIG = WsicellConfig(ingest=IngestConfig(tile_size=512, crops_per_chunk=128,
                                            cells_per_chunk=512, stain_sample_tiles=6))
 PYRAMID = TEST_DATA / "bm_graz_pyramid.tif"
+PLAIN = TEST_DATA / "BM_GRAZ_HE_0001_01.png"  # the pyramid's level 0, before JPEG
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     aperio = shared_data_path("slides", "CMU-1-Small-Region.svs")
     path = tmp_path_factory.mktemp("ingest") / "cells.zarr"
-    ids = ingest([aperio, PYRAMID], path, CONFIG, workers=2, progress=False)
-    assert ids == ["CMU-1-Small-Region", "bm_graz_pyramid"]
+    with pytest.warns(UserWarning, match="no microns-per-pixel metadata"):
+        ids = ingest([aperio, PYRAMID, PLAIN], path, CONFIG, workers=2, progress=False)
+    assert ids == ["CMU-1-Small-Region", "bm_graz_pyramid", "BM_GRAZ_HE_0001_01"]
     return path
 
 
 def test_store_is_complete_and_valid(store):
     assert validate_store(store) == []
     root = open_store(store)
-    assert complete_slides(root) == ["CMU-1-Small-Region", "bm_graz_pyramid"]
+    assert complete_slides(root) == ["BM_GRAZ_HE_0001_01", "CMU-1-Small-Region", "bm_graz_pyramid"]
     attrs = root["slides/CMU-1-Small-Region"].attrs
     assert attrs["mpp"] == pytest.approx(0.499) and attrs["mpp_source"] == "metadata"
     assert (attrs["width"], attrs["height"], attrs["backend"]) == (2220, 2967, "openslide")
     assert attrs["config"] == CONFIG.to_json()
     assert not store.with_name("cells.zarr.staging").exists()
+    plain = root["slides/BM_GRAZ_HE_0001_01"].attrs
+    assert (plain["backend"], plain["mpp_source"], plain["mpp"]) == ("image", "assumed", 0.4)
+    # the same tissue as the pyramid's, without the JPEG tiles: about the same nuclei
+    n_plain, n_pyramid = plain["n_cells"], root["slides/bm_graz_pyramid"].attrs["n_cells"]
+    assert abs(n_plain - n_pyramid) <= 0.1 * n_pyramid
 
 
 def test_cells_lie_on_the_slide_and_in_their_tiles(store):

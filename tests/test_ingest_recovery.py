@@ -16,20 +16,20 @@ import psutil
 import pytest
 import zarr
 
-from conftest import shared_data_path
+from conftest import TEST_DATA
 from wsicell.config import IngestConfig, WsicellConfig
 from wsicell.ingest import ingest
 from wsicell.store import staging_dir, validate_store
 
-CONFIG = WsicellConfig(ingest=IngestConfig(tile_size=256, tiles_per_task=2, crops_per_chunk=64,
+CONFIG = WsicellConfig(ingest=IngestConfig(tile_size=192, tiles_per_task=1, crops_per_chunk=64,
                                            cells_per_chunk=256, stain_sample_tiles=4))
-SLIDE_ID = "CMU-1-Small-Region"
+SLIDE_ID = "bm_graz_pyramid"
 DASK = [sys.executable, "-m", "distributed.cli.dask_worker"]
 
 
 @pytest.fixture(scope="module")
 def slide():
-    return shared_data_path("slides", "CMU-1-Small-Region.svs")
+    return TEST_DATA / "bm_graz_pyramid.tif"
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +142,10 @@ def external_cluster():
                 process.terminate()
         for process in [*workers, scheduler]:
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
 
 
 def test_external_scheduler_survives_a_killed_worker(tmp_path, slide, config_file, reference,

@@ -11,6 +11,15 @@ from wsicell.model import InfoWGAN, build_model, generator_grid, init_weights, w
 K, NOISE, WIDTH = 5, 32, 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine more threads make tiny models slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return build_model(K, NOISE, WIDTH, seed=0)

@@ -61,6 +61,12 @@ def world(tmp_path_factory):
             "labels": labels, "out": base / "out", "report": report}
 
 
+@pytest.fixture(scope="module")
+def unlabelled_model(world):
+    """A trained model (k=4) that the bad-input tests must never get to label with."""
+    return _train(world["store"], world["base"] / "unlabelled", 4, seed=2)
+
+
 def _label_files(store):
     """Modification time of every file under the labels groups."""
     return {str(p): p.stat().st_mtime_ns for p in store.rglob("*") if "labels" in p.parts
@@ -137,7 +143,7 @@ def test_report_and_pictures_are_not_blank(world):
 def test_rerun_is_a_no_op_and_another_model_writes_beside(world):
     before = _label_files(world["store"])
     run_prediction(world["slides"], world["model"], world["store"], world["out"],
-                   device="cpu", **DASK)
+                   labels=world["labels"], device="cpu", **DASK)
     assert _label_files(world["store"]) == before
     run_prediction(world["slides"], world["other"], world["store"], world["base"] / "out3",
                    device="cpu", **DASK)
@@ -180,10 +186,11 @@ def test_annotated_regions(world, tmp_path):
     ("slide_id,label\nnot_a_slide,a\nBM_GRAZ_HE_0001_01_q0,b\n", "unknown slide"),
     ("slide_id,label\nBM_GRAZ_HE_0001_01_q0,a\nBM_GRAZ_HE_0001_01_q1,a\n", "two distinct labels"),
 ])
-def test_bad_labels_leave_the_store_untouched(world, tmp_path, content, message):
+def test_bad_labels_leave_the_store_untouched(world, unlabelled_model, tmp_path, content,
+                                              message):
     labels = tmp_path / "labels.csv"
     labels.write_text(content)
-    fresh = _train(world["store"], tmp_path / "fresh", 4, seed=2)
+    fresh = unlabelled_model
     before = _label_files(world["store"])
     with pytest.raises(WsicellError, match=message):
         run_prediction(world["slides"], fresh, world["store"], tmp_path / "out", labels=labels,
@@ -191,12 +198,12 @@ def test_bad_labels_leave_the_store_untouched(world, tmp_path, content, message)
     assert _label_files(world["store"]) == before
 
 
-def test_point_geojson_is_refused_before_labelling(world, tmp_path):
-    bad = tmp_path / "points.geojson"
+def test_point_geojson_is_refused_before_labelling(world, unlabelled_model, tmp_path):
+    bad = tmp_path / f"{sorted(p.stem for p in world['slides'].glob('*.png'))[0]}.geojson"
     bad.write_text(json.dumps({"type": "FeatureCollection", "features": [{
         "type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]},
         "properties": {}}]}))
-    fresh = _train(world["store"], tmp_path / "fresh", 4, seed=3)
+    fresh = unlabelled_model
     before = _label_files(world["store"])
     with pytest.raises(WsicellError, match="Point geometry"):
         run_prediction(world["slides"], fresh, world["store"], tmp_path / "out", regions=bad,
@@ -266,3 +273,92 @@ def test_predict_on_cmu1_slide(world, tmp_path):
     for picture in (tmp_path / "out" / "report").glob("*.png"):
         assert not image_is_blank(picture), picture
     assert report.exists()
+
+
+def test_export_includes_clusters_and_probabilities(world, tmp_path):
+    from wsicell.export import export_cells
+
+    root = open_store(world["store"])
+    slide_id = complete_slides(root)[0]
+    table_path = tmp_path / "cells.csv"
+    # two models have labels now or later: name the model explicitly
+    model_id = load_trained_model(world["model"]).model_id
+    n = export_cells(world["store"], table_path, "csv", [slide_id], labels=model_id)
+    table = pd.read_csv(table_path)
+    assert len(table) == n and {"cluster", *[f"proba_{i}" for i in range(5)]} <= set(table.columns)
+    np.testing.assert_array_equal(table.cluster, read_labels(root, slide_id, model_id)[0])
+    geojson = tmp_path / "cells.geojson"
+    export_cells(world["store"], geojson, "geojson", [slide_id], labels=model_id)
+    feature = json.loads(geojson.read_text())["features"][0]["properties"]
+    assert feature["classification"]["name"] == f"cluster {table.cluster[0]}"
+    assert len(feature["classification"]["color"]) == 3
+    assert feature["measurements"]["proba_0"] == pytest.approx(table.proba_0[0], rel=1e-6)
+
+
+def _quadrant_points(slides, directory):
+    """bm_graz centre points moved into each quadrant slide, labelled by the half they lie in."""
+    directory.mkdir()
+    for dots in sorted((TEST_DATA / "bm_graz" / "dots").glob("*.csv")):
+        points = pd.read_csv(dots)
+        for q, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+            inside = points[(points.x // 600 == c) & (points.y // 600 == r)]
+            x, y = inside.x - 600 * c, inside.y - 600 * r
+            pd.DataFrame({"x": x, "y": y, "label": np.where(y < 300, "top", "bottom")}).to_csv(
+                directory / f"{dots.stem}_q{q}.csv", index=False)
+    (directory / "not_a_slide.csv").write_text("x,y,label\n1,1,top\n")
+    return directory
+
+
+def test_evaluate_clustering_gan_next_to_baseline(world, tmp_path, capsys):
+    points = _quadrant_points(world["slides"], tmp_path / "points")
+    main(["evaluate", "clustering", "--store", str(world["store"]), "--model",
+          str(world["model"]), "--points", str(points), "--radius", "12", "--json"])
+    captured = capsys.readouterr()
+    assert "not_a_slide.csv" in captured.err and "skipped" in captured.err
+    result = json.loads(captured.out)
+    assert set(result) >= {"gan", "baseline", "matched"}
+    n_points = sum(len(pd.read_csv(p)) for p in points.glob("BM*.csv"))
+    assert 0.5 * n_points < result["matched"] <= n_points
+    assert sum(result["slides"].values()) == result["matched"] and len(result["slides"]) == 8
+    for method in ("gan", "baseline"):
+        scores = result[method]
+        assert 0.5 <= scores["purity"] <= 1 and 0 <= scores["fscore"] <= 1
+        assert 0 <= scores["entropy"] <= np.log(2) + 1e-9
+        assert scores["n_cells"] == result["matched"]
+    main(["evaluate", "clustering", "--store", str(world["store"]), "--model",
+          str(world["model"]), "--points", str(points)])
+    text = capsys.readouterr().out
+    assert "GAN (Q head)" in text and "MF + k-means" in text
+
+
+def test_evaluate_slides_matches_the_prediction_run(world, capsys):
+    main(["evaluate", "slides", "--predictions", str(world["out"]), "--labels",
+          str(world["labels"]), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_slides"] == 8 and 0.5 <= result["kmeans"]["purity"] <= 1
+    cv = json.loads((world["out"] / "prediction.json").read_text())["slide_prediction"][
+        "cross_validation"]
+    assert result["cross_validation"]["fscore"] == pytest.approx(cv["fscore"])
+    assert set(result["svm"]) == {"precision", "recall", "fscore"}
+
+
+def test_interrupted_labelling_never_looks_complete(world, tmp_path):
+    """Labels cut off after part of a chunk are not complete; the next run redoes them."""
+    from wsicell.predict import ChunkTask, _create_labels, label_chunk, label_slides
+    from wsicell.store import slide_crops
+
+    model_dir = _train(world["store"], tmp_path / "fresh", 4, seed=4)
+    model = load_trained_model(model_dir)
+    root = open_store(world["store"], mode="r+")
+    slide_id = complete_slides(root)[-1]
+    _create_labels(root, slide_id, model, WsicellConfig())
+    label_chunk(ChunkTask(str(world["store"]), slide_id, 0, 7), model, 1024)
+    assert not labels_complete(root, slide_id, model.model_id)
+    with pytest.raises(WsicellError, match="no complete labels"):
+        read_labels(root, slide_id, model.model_id)
+    assert label_slides(world["store"], [slide_id], model_dir, model, WsicellConfig(),
+                        progress=False) == [slide_id]
+    cluster, proba = read_labels(root, slide_id, model.model_id)
+    expected = model.classify(slide_crops(root, slide_id)[:])
+    np.testing.assert_allclose(proba, expected, atol=1e-6)
+    np.testing.assert_array_equal(cluster, expected.argmax(axis=1))

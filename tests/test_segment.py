@@ -135,3 +135,19 @@ def test_morphology_is_single_threaded_safe():
     finally:
         cv2.setNumThreads(previous)
     np.testing.assert_array_equal(one, segment.segment_hematoxylin(hematoxylin, SegmentationConfig()))
+
+
+def test_vectorised_crops_equal_one_by_one():
+    rgb = read_rgb_image(TEST_DATA / "BM_GRAZ_HE_0001_01.png")
+    params = fit_stain_parameters(rgb)
+    normalised = params.normalise(rgb)
+    labels = segment.segment_hematoxylin(params.hematoxylin(normalised), SegmentationConfig())
+    boxes = scipy.ndimage.find_objects(labels)
+    bbox = np.array([[c.start, r.start, c.stop, r.stop] for r, c in boxes])
+    crops = segment.cell_crops(labels, normalised, bbox, 32)
+    large = np.maximum(bbox[:, 2] - bbox[:, 0], bbox[:, 3] - bbox[:, 1]) > 32
+    assert large.any() and (~large).any()  # both paths are exercised
+    for i, box in enumerate(boxes):
+        np.testing.assert_array_equal(crops[i], segment.cell_crop(normalised[box], labels[box] == i + 1, 32))
+    edge = (bbox[:, 0] == 0) | (bbox[:, 1] == 0)
+    assert edge.any()  # nuclei on the image border too

@@ -4,43 +4,12 @@ import numpy as np
 import pytest
 import zarr
 
-from wsicell import __version__
-from wsicell.config import WsicellConfig
+from conftest import write_test_slide
 from wsicell.errors import WsicellError
 from wsicell.store import (
-    CELL_COLUMNS, TILE_COLUMNS, begin_slide, complete_slides, create_cell_arrays,
-    file_fingerprint, finish_slide, open_store, slide_cells, slide_crops, staged_tiles,
-    staging_dir, store_fingerprint, store_lock, validate_store, write_staged_tile,
-    read_staged_tile,
+    CELL_COLUMNS, complete_slides, open_store, read_staged_tile, slide_cells, slide_crops,
+    staged_tiles, staging_dir, store_fingerprint, store_lock, validate_store, write_staged_tile,
 )
-
-STAIN = {"source_lab_mean": [8.0, 0.1, 0.0], "source_lab_std": [0.5, 0.1, 0.03],
-         "target_lab_mean": [8.98, 0.08, 0.02], "target_lab_std": [0.64, 0.11, 0.03],
-         "stain_matrix": [[0.65, 0.07, 0.7], [0.7, 0.99, -0.7], [0.29, 0.1, 0.1]]}
-
-
-def _attrs(tmp_path):
-    source = tmp_path / "slide.svs"
-    source.write_bytes(b"pixels" * 100)
-    return {"source_path": str(source), "fingerprint": file_fingerprint(source), "width": 100,
-            "height": 80, "mpp": 0.5, "mpp_source": "metadata", "backend": "openslide",
-            "reference_mpp": 0.4, "thumbnail_mpp": 16.0, "tile_size": 64, "halo": 8,
-            "grid_cols": 2, "grid_rows": 2, "config": WsicellConfig().to_json(),
-            "wsicell_version": __version__}
-
-
-def _write_slide(root, slide_id, attrs, n_cells, complete=True):
-    tiles = {name: np.arange(2) for name in TILE_COLUMNS}
-    group = begin_slide(root, slide_id, attrs, np.full((5, 6, 3), 255, np.uint8),
-                        np.zeros((5, 6), bool), tiles)
-    create_cell_arrays(group, n_cells, 32, crops_per_chunk=4, cells_per_chunk=8)
-    group["cells/cell_id"][:] = np.arange(n_cells)
-    group["crops"][:] = np.arange(n_cells, dtype=np.uint8)[:, None, None, None]
-    group.attrs["stain"] = STAIN
-    if complete:
-        finish_slide(group, [n_cells - 2, 2], {"n_tiles": 2})
-    return group
-
 
 def test_a_new_store_is_valid_and_empty(tmp_path):
     root = open_store(tmp_path / "s.zarr", mode="a")
@@ -65,8 +34,8 @@ def test_opening_bad_paths_fails_with_one_line(tmp_path):
 
 def test_read_api_returns_complete_slides_and_skips_incomplete(tmp_path):
     root = open_store(tmp_path / "s.zarr", mode="a")
-    _write_slide(root, "b", _attrs(tmp_path), 10)
-    _write_slide(root, "a", _attrs(tmp_path), 6, complete=False)
+    write_test_slide(root, "b", tmp_path, 10)
+    write_test_slide(root, "a", tmp_path, 6, complete=False)
     root = open_store(tmp_path / "s.zarr")
     with pytest.warns(UserWarning, match="'a' is incomplete"):
         assert complete_slides(root) == ["b"]
@@ -86,17 +55,17 @@ def test_read_api_returns_complete_slides_and_skips_incomplete(tmp_path):
 
 def test_store_fingerprint_follows_content(tmp_path):
     root = open_store(tmp_path / "s.zarr", mode="a")
-    _write_slide(root, "a", _attrs(tmp_path), 6)
-    _write_slide(root, "b", _attrs(tmp_path), 6)
+    write_test_slide(root, "a", tmp_path, 6)
+    write_test_slide(root, "b", tmp_path, 6)
     first = store_fingerprint(root, ["a", "b"])
     assert first == store_fingerprint(root, ["b", "a"]) != store_fingerprint(root, ["a"])
-    _write_slide(root, "b", _attrs(tmp_path), 7)
+    write_test_slide(root, "b", tmp_path, 7)
     assert store_fingerprint(root, ["a", "b"]) != first
 
 
 def test_validation_reports_bad_attributes_and_arrays(tmp_path):
     root = open_store(tmp_path / "s.zarr", mode="a")
-    group = _write_slide(root, "a", _attrs(tmp_path), 6)
+    group = write_test_slide(root, "a", tmp_path, 6)
     group.attrs["mpp"] = -1
     group["cells"].create_array("x", shape=(5,), dtype="float32", overwrite=True)
     problems = validate_store(tmp_path / "s.zarr")

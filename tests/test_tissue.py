@@ -4,7 +4,7 @@ import numpy as np
 
 from conftest import TEST_DATA
 from wsicell.slide import open_slide
-from wsicell.tissue import detect_tissue, tile_tissue_fractions
+from wsicell.tissue import detect_tissue, stained_pixels, tile_tissue_fractions
 
 
 def test_tissue_is_found_on_the_stained_piece_only():
@@ -38,3 +38,8 @@ def test_tile_fractions_use_the_mask_under_each_tile():
     boxes = np.array([[0, 0, 100, 100], [100, 0, 200, 100], [0, 0, 200, 100]])
     fractions = tile_tissue_fractions(mask, boxes, tile_to_mask=0.1)  # 10 tile px per mask px
     np.testing.assert_allclose(fractions, [0.5, 0.0, 0.25])
+
+
+def test_stained_pixels_exclude_glass_and_keep_pale_eosin():
+    pixels = np.array([[242, 242, 240], [255, 255, 255], [225, 185, 215], [90, 60, 140]], np.uint8)
+    np.testing.assert_array_equal(stained_pixels(pixels), [False, False, True, True])

@@ -130,7 +130,8 @@ class IngestConfig(_Section):
         65536, description="Cells per Zarr chunk of the cell table columns."
     )
     tiles_per_task: PositiveInt = Field(
-        4, description="Tiles segmented by one Dask task (larger = less scheduler overhead)."
+        2, description="Tiles segmented by one Dask task (larger = less scheduler overhead, "
+        "smaller = better balance at the end of a slide)."
     )
 
 

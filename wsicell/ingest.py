@@ -48,9 +48,10 @@ from wsicell.store import (
     finish_slide, open_store, read_staged_tile, remove_staging, slide_status, staged_tiles,
     staging_dir, store_lock, write_staged_tile,
 )
-from wsicell.tissue import detect_tissue, tile_tissue_fractions
+from wsicell.tissue import detect_tissue, stained_pixels, tile_tissue_fractions
 
 STAIN_PIXELS_PER_TILE = 1 << 16
+STAIN_WINDOW = 1024  # reference px read per sampled tile in pass 1
 _STAGED_COLUMNS = [c for c in CELL_COLUMNS if c not in ("cell_id", "tile_id")]
 
 
@@ -63,6 +64,7 @@ class SlidePlan:
 
     slide_id: str
     path: str
+    fingerprint: str
     store: str
     mpp: float
     reference_mpp: float
@@ -110,7 +112,8 @@ def _limit_threads() -> None:
 
 
 @functools.lru_cache(maxsize=2)
-def _worker_slide(path: str):
+def _worker_slide(path: str, fingerprint: str):
+    """The opened slide, cached per worker (the fingerprint keys out a replaced file)."""
     return open_slide(path)
 
 
@@ -122,15 +125,22 @@ def _worker_lookup(stain_json: str) -> StainLookup:
 def read_tile(plan: SlidePlan, box: tuple[int, int, int, int]) -> np.ndarray:
     """Pixels of a reference-grid box ``[x0, y0, x1, y1)``: (h, w, 3) uint8."""
     x0, y0, x1, y1 = box
-    return read_reference_region(_worker_slide(plan.path), plan.grid, x0, y0, x1 - x0, y1 - y0)
+    slide = _worker_slide(plan.path, plan.fingerprint)
+    return read_reference_region(slide, plan.grid, x0, y0, x1 - x0, y1 - y0)
 
 
 def sample_stain_pixels(plan: SlidePlan, tile_id: int) -> np.ndarray:
-    """A regular subsample (at most ``STAIN_PIXELS_PER_TILE``) of a tile's pixels, (n, 3) uint8."""
+    """The stained pixels among a regular subsample (at most ``STAIN_PIXELS_PER_TILE``) of
+    the central ``STAIN_WINDOW`` square of a tile, (n, 3) uint8: glass would bias the
+    slide's Reinhard statistics by how much of it the sampled windows happen to hold."""
     _limit_threads()
-    rgb = read_tile(plan, plan.core(tile_id))
+    x0, y0, x1, y1 = plan.core(tile_id)
+    cx, cy, half = (x0 + x1) // 2, (y0 + y1) // 2, STAIN_WINDOW // 2
+    rgb = read_tile(plan, (max(x0, cx - half), max(y0, cy - half),
+                           min(x1, cx + half), min(y1, cy + half)))
     stride = max(1, math.ceil(math.sqrt(rgb.shape[0] * rgb.shape[1] / STAIN_PIXELS_PER_TILE)))
-    return rgb[::stride, ::stride].reshape(-1, 3)
+    pixels = rgb[::stride, ::stride].reshape(-1, 3)
+    return pixels[stained_pixels(pixels)]
 
 
 def segment_tile(plan: SlidePlan, lookup: StainLookup, config: WsicellConfig,
@@ -301,6 +311,7 @@ def plan_slide(path: Path, store: Path, config: WsicellConfig, mpp: float | None
     WsicellError
         Unreadable slide, a pyramid without mpp, or no tissue.
     """
+    fingerprint = file_fingerprint(path)
     slide = open_slide(path)
     try:
         slide_mpp = resolve_mpp(slide, mpp, config.segmentation.reference_mpp)
@@ -312,7 +323,8 @@ def plan_slide(path: Path, store: Path, config: WsicellConfig, mpp: float | None
         slide.close()
     size = config.ingest.tile_size
     plan = SlidePlan(
-        slide_id=slide_id_for(path), path=str(path), store=str(store), mpp=slide_mpp,
+        slide_id=slide_id_for(path), path=str(path), fingerprint=fingerprint, store=str(store),
+        mpp=slide_mpp,
         reference_mpp=config.segmentation.reference_mpp, grid=grid, tile_size=size,
         halo=config.ingest.halo, grid_cols=math.ceil(grid.width / size),
         grid_rows=math.ceil(grid.height / size),
@@ -329,7 +341,7 @@ def plan_slide(path: Path, store: Path, config: WsicellConfig, mpp: float | None
              "x1": level0[:, 2], "y1": level0[:, 3], "tissue_fraction": fractions[keep],
              "n_cells": np.zeros(keep.sum()), "cell_offset": np.zeros(keep.sum())}
     attrs = {
-        "source_path": str(path), "fingerprint": file_fingerprint(path),
+        "source_path": str(path), "fingerprint": fingerprint,
         "width": slide.width, "height": slide.height, "mpp": slide_mpp,
         "mpp_source": mpp_source, "backend": slide.backend,
         "reference_mpp": config.segmentation.reference_mpp, "thumbnail_mpp": thumb_mpp,
@@ -344,10 +356,12 @@ def _resumable(root, plan: SlidePlan, attrs: dict) -> bool:
     if slide_status(root, plan.slide_id) is None:
         return False
     try:
-        old = dict(root["slides"][plan.slide_id].attrs)
+        group = root["slides"][plan.slide_id]
+        old = dict(group.attrs)
+        written = "tiles/cell_offset" in group  # the last array begin_slide writes
     except Exception:  # a group whose metadata a crash left unreadable is redone
         return False
-    return all(old.get(k) == v for k, v in attrs.items())
+    return written and all(old.get(k) == v for k, v in attrs.items())
 
 
 def _stain_parameters(client, plan: SlidePlan, tiles: dict, config: WsicellConfig,
@@ -362,6 +376,9 @@ def _stain_parameters(client, plan: SlidePlan, tiles: dict, config: WsicellConfi
                    for t in sample]
     futures_in_order = _run_tasks_ordered(client, submissions, f"{plan.slide_id} stain", progress)
     pixels = np.concatenate(futures_in_order)
+    if len(pixels) < 1000:
+        raise WsicellError(f"{plan.path}: too few stained pixels ({len(pixels)}) in the "
+                           "sampled tissue tiles to estimate the stain")
     return fit_stain_parameters(pixels, config.stain).to_json()
 
 

@@ -173,12 +173,14 @@ class InfoWGAN(nn.Module):
         return z, c, F.one_hot(c, self.categories).to(z.dtype)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters stepped by each optimiser: D (trunk + critic), G, and Q (G + Q head)."""
-        generator = list(self.generator.parameters())
+        """Parameters stepped by each optimiser: the critic (trunk + critic head), G, and the
+        information step (G + Q, where Q is the shared trunk with the Q head, as in the
+        research code)."""
+        generator, trunk = list(self.generator.parameters()), list(self.trunk.parameters())
         return {
-            "critic": list(self.trunk.parameters()) + list(self.critic_head.parameters()),
+            "critic": trunk + list(self.critic_head.parameters()),
             "generator": generator,
-            "info": generator + list(self.q_head.parameters()),
+            "info": generator + trunk + list(self.q_head.parameters()),
         }
 
 

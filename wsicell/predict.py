@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import zarr
+from sklearn.exceptions import ConvergenceWarning
 from tqdm.auto import tqdm
 
 import wsicell
@@ -35,7 +37,10 @@ from wsicell.proportions import (
     counts_to_proportions,
     grid_counts,
     polygon_counts,
+    read_geojson_regions,
 )
+from wsicell.slide import find_slide_files
+from wsicell.slide_classes import SlideClassifier, SlideKMeans, cross_validate, read_slide_labels
 from wsicell.store import open_store, slide_cells, slide_crops, slide_group, store_lock
 
 LABELS = "labels"
@@ -352,8 +357,6 @@ def regions_by_slide(path: str | Path | None, slide_ids: list[str]) -> dict[str,
         Missing path, a directory without GeoJSON, a file naming no predicted slide, or
         a file that is not polygon GeoJSON (see :func:`read_geojson_regions`).
     """
-    from wsicell.proportions import read_geojson_regions
-
     if path is None:
         return {}
     path = Path(path)
@@ -376,8 +379,6 @@ def regions_by_slide(path: str | Path | None, slide_ids: list[str]) -> dict[str,
 
 def _check_slides_dir(slides_dir: Path) -> None:
     """Refuse a path that is not a directory holding at least one slide or image file."""
-    from wsicell.slide import find_slide_files
-
     if not slides_dir.is_dir():
         raise WsicellError(f"{slides_dir}: not a directory of slides")
     find_slide_files([slides_dir])
@@ -394,6 +395,13 @@ def _write_table(table: pd.DataFrame, out_dir: Path, name: str) -> list[Path]:
         tmp.replace(final)
         paths.append(final)
     return paths
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 def predict_slides(table: pd.DataFrame, k: int, config: WsicellConfig, labels: pd.Series | None,
@@ -413,18 +421,20 @@ def predict_slides(table: pd.DataFrame, k: int, config: WsicellConfig, labels: p
     summary : dict
         What was fitted and the cross-validation figures.
     """
-    import warnings
-
-    from wsicell.slide_classes import SlideClassifier, SlideKMeans, cross_validate
-
     cfg = config.predict
     proportions = table[proportion_columns(k)].fillna(0).to_numpy()
     predictions = table[["slide_id", "n_cells", *proportion_columns(k)]].copy()
     summary: dict = {}
     if len(table) >= cfg.slide_clusters:
-        kmeans = SlideKMeans.fit(proportions, cfg.slide_clusters, seed=config.train.seed)
+        if len(np.unique(proportions, axis=0)) < cfg.slide_clusters:
+            warnings.warn(f"fewer than {cfg.slide_clusters} distinct proportion vectors among "
+                          f"the slides: some of the {cfg.slide_clusters} slide clusters are "
+                          "duplicates", stacklevel=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            kmeans = SlideKMeans.fit(proportions, cfg.slide_clusters, seed=config.train.seed)
         predictions["kmeans_cluster"], predictions["kmeans_distance"] = kmeans.assign(proportions)
-        (out_dir / "slide_kmeans.json").write_text(json.dumps(kmeans.to_json(), indent=2))
+        _write_json(out_dir / "slide_kmeans.json", kmeans.to_json())
         summary["kmeans"] = {"clusters": cfg.slide_clusters, "file": "slide_kmeans.json"}
     else:
         warnings.warn(f"{len(table)} slide(s): too few for {cfg.slide_clusters} slide clusters; "
@@ -488,7 +498,6 @@ def run_prediction(slides_dir: str | Path, model_dir: str | Path, store: str | P
     Path of ``report.html`` in ``out_dir``.
     """
     from wsicell.ingest import dask_client, ingest
-    from wsicell.slide_classes import SlideClassifier, read_slide_labels
     from wsicell.train import load_trained_model, resolve_device
 
     config = config or WsicellConfig()
@@ -524,8 +533,9 @@ def run_prediction(slides_dir: str | Path, model_dir: str | Path, store: str | P
     region_size = config.predict.region_size_um
     results = [slide_proportions(root, s, model.model_id, model.k, region_size,
                                  slide_regions.get(s)) for s in slide_ids]
-    for result in results:
-        write_region_grid(root, result.slide_id, model.model_id, result, region_size, config)
+    with store_lock(store):
+        for result in results:
+            write_region_grid(root, result.slide_id, model.model_id, result, region_size, config)
     tables = proportion_tables(results)
     _write_table(tables["slides"], out_dir, "slide_proportions")
     _write_table(tables["grid"], out_dir, "grid_proportions")
@@ -538,7 +548,7 @@ def run_prediction(slides_dir: str | Path, model_dir: str | Path, store: str | P
                   "k": model.k, "model_dir": str(Path(model_dir).resolve()),
                   "store": str(Path(store).resolve()), "slides": slide_ids,
                   "slide_prediction": summary, "config": config.to_json()}
-    (out_dir / "prediction.json").write_text(json.dumps(provenance, indent=2))
+    _write_json(out_dir / "prediction.json", provenance)
     from wsicell.report import write_prediction_report
 
     return write_prediction_report(out_dir, root, model, results, predictions, summary, provenance)

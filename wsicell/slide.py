@@ -13,7 +13,9 @@ read separately fit together exactly like a read of the whole slide.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +91,30 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     alpha = rgba[..., 3:4].astype(np.uint16)
     rgb = (rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255
     return rgb.astype(np.uint8)
+
+
+def premultiplied_argb_to_rgb(argb: np.ndarray) -> np.ndarray:
+    """Composite premultiplied ARGB words (OpenSlide's pixel format) over white.
+
+    Parameters
+    ----------
+    argb : ndarray, shape (H, W), uint32
+        ``0xAARRGGBB`` with colour premultiplied by alpha.
+
+    Returns
+    -------
+    ndarray, shape (H, W, 3), uint8
+        ``colour + (255 - alpha)``: exact for premultiplied colour over white.
+    """
+    channels = argb.view(np.uint8).reshape(*argb.shape, 4)
+    if sys.byteorder == "little":  # bytes B, G, R, A
+        rgb, alpha = cv2.cvtColor(channels, cv2.COLOR_BGRA2RGB), channels[..., 3]
+    else:  # bytes A, R, G, B
+        rgb, alpha = np.ascontiguousarray(channels[..., 1:]), channels[..., 0]
+    transparent = 255 - alpha
+    if transparent.any():
+        rgb += transparent[..., None]
+    return rgb
 
 
 def _plausible_mpp(value) -> float | None:
@@ -204,11 +230,17 @@ class OpenSlideSlide(Slide):
         super().__init__(path, self._osr.level_dimensions, self._osr.level_downsamples, mpp)
 
     def _read(self, level, x, y, width, height):
+        from openslide import lowlevel
+
         downsample = self.level_downsamples[level]
-        region = self._osr.read_region(
-            (round(x * downsample), round(y * downsample)), level, (width, height)
+        # OpenSlide's C reader straight into a numpy buffer: premultiplied ARGB words,
+        # saving the two image copies of the PIL route (a third of the read time)
+        argb = np.empty((height, width), dtype=np.uint32)
+        lowlevel._read_region(
+            self._osr._osr, argb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)),
+            round(x * downsample), round(y * downsample), level, width, height,
         )
-        return composite_on_white(np.asarray(region))
+        return premultiplied_argb_to_rgb(argb)
 
     def _thumbnail(self, width, height):
         return np.asarray(self._osr.get_thumbnail((width, height)).convert("RGB"))

@@ -76,7 +76,8 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
 def _log_lms(rgb: np.ndarray) -> np.ndarray:
     """Natural log of LMS cone responses, shape (..., 3) float32 (0 -> log(eps))."""
     lms = _transform(rgb, RGB_TO_LMS)
-    lms[lms == 0] = np.finfo(np.float64).eps
+    # LMS is 0 only for black (the matrix is positive); HistomicsTK puts eps there.
+    np.maximum(lms, np.finfo(np.float64).eps, out=lms)
     return _elementwise(cv2.log, lms)
 
 

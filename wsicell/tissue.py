@@ -16,6 +16,29 @@ MIN_SATURATION = 20  # 0..255: below this nothing is stained, whatever Otsu says
 MIN_OPTICAL_DENSITY = 0.05  # sum over RGB of -log10(I/255): glass is ~0
 
 
+STAINED_OPTICAL_DENSITY = 0.15  # glass (RGB ~240) is ~0.08, pale eosin ~0.3
+
+
+def total_optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Sum over R, G, B of ``-log10(I / 255)``: (..., 3) uint8 -> (...) float64."""
+    table = -np.log10(np.maximum(np.arange(256), 1) / 255.0)
+    return table[rgb].sum(axis=-1)
+
+
+def stained_pixels(rgb: np.ndarray) -> np.ndarray:
+    """Pixels that absorb light like stained tissue (not glass, not fat vacuoles).
+
+    Parameters
+    ----------
+    rgb : ndarray, shape (..., 3), uint8
+
+    Returns
+    -------
+    ndarray, shape (...), bool
+    """
+    return total_optical_density(rgb) > STAINED_OPTICAL_DENSITY
+
+
 def detect_tissue(thumbnail: np.ndarray, min_object_px: int = 16) -> np.ndarray:
     """Tissue mask of a low-resolution slide image.
 
@@ -33,7 +56,7 @@ def detect_tissue(thumbnail: np.ndarray, min_object_px: int = 16) -> np.ndarray:
     """
     hsv = cv2.cvtColor(thumbnail, cv2.COLOR_RGB2HSV)
     saturation = hsv[..., 1]
-    optical_density = -np.log10(np.maximum(thumbnail, 1) / 255.0).sum(axis=2)
+    optical_density = total_optical_density(thumbnail)
     otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     mask = (saturation > max(otsu, MIN_SATURATION)) & (optical_density > MIN_OPTICAL_DENSITY)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))

@@ -8,7 +8,8 @@ and one Q step, each from freshly drawn noise z and categorical code c:
   float32, differentiated with ``create_graph=True``);  ``V(D,G) = E[D(x)] - E[D(G(z,c))]``
   is the critic's estimate of the Wasserstein distance;
 * generator: ``L_G = -E[D(G(z,c))]`` (steps G);
-* Q: ``L_Q = lambda2 * cross_entropy(Q(G(z,c)), c)`` (steps G and the Q head).
+* Q: ``L_Q = lambda2 * cross_entropy(Q(G(z,c)), c)`` (steps G and Q = the shared trunk
+  with the Q head, as the research code does).
 
 Outputs in the model directory: ``checkpoint.pt`` (atomic; model, optimisers, RNG states,
 iteration, config, store fingerprint), ``log.jsonl`` (one line per iteration),
@@ -47,6 +48,8 @@ __all__ = ["train", "load_trained_model", "TrainedModel", "gradient_penalty", "r
 CHECKPOINT_FORMAT = "wsicell-train-checkpoint-v1"
 CHECKPOINT, LOG, LOSSES_PNG, SAMPLES_PNG = "checkpoint.pt", "log.jsonl", "losses.png", "samples.png"
 LOSS_NAMES = ("V", "L_D", "L_G", "L_Q")
+CHECKPOINT_KEYS = {"iteration", "model", "optimizers", "rng", "config", "store_fingerprint",
+                   "slides", "world_size"}
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -93,6 +96,7 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor,
 @contextlib.contextmanager
 def frozen(params):
     """Do not compute gradients for ``params`` inside the block (they are not stepped there)."""
+    params = list(params)
     for p in params:
         p.requires_grad_(False)
     try:
@@ -131,8 +135,8 @@ class Trainer:
             flat = torch.cat([g.flatten() for g in grads])
             dist.all_reduce(flat)
             flat /= self.world_size
-            for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(new)
+            for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(mean.view_as(g))
         optimizer.step()
 
     def _fake(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,8 +167,9 @@ class Trainer:
         return loss.detach()
 
     def info_step(self) -> torch.Tensor:
-        """One Q step, ``L_Q = lambda2 * CE(Q(G(z, c)), c)`` on G and Q; returns L_Q, detached."""
-        with frozen(self.groups["critic"]):
+        """One Q step, ``L_Q = lambda2 * CE(Q(G(z, c)), c)`` on G, the trunk and the Q head;
+        returns L_Q, detached."""
+        with frozen(self.model.critic_head.parameters()):
             fake, code = self._fake(self.cfg.batch_size)
             with self.amp:
                 logits = self.fast_q(fake).float()
@@ -250,6 +255,9 @@ def load_checkpoint(path: Path) -> dict:
         raise WsicellError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise WsicellError(f"{path}: not a wsicell training checkpoint")
+    missing = CHECKPOINT_KEYS - checkpoint.keys()
+    if missing:
+        raise WsicellError(f"{path}: corrupt checkpoint (no {', '.join(sorted(missing))})")
     return checkpoint
 
 
@@ -257,7 +265,10 @@ def restore(trainer: Trainer, checkpoint: dict, path: Path, config: WsicellConfi
             fingerprint: str, slides: list[str], rank: int) -> int:
     """Load a checkpoint's state into ``trainer`` after checking it belongs to this run;
     returns the iteration to continue from."""
-    saved = WsicellConfig.model_validate(json.loads(checkpoint["config"]))
+    try:
+        saved = WsicellConfig.model_validate(json.loads(checkpoint["config"]))
+    except ValueError as err:
+        raise WsicellError(f"{path}: corrupt checkpoint (config: {type(err).__name__})") from None
     if saved.train != config.train:
         changed = [k for k, v in config.train if getattr(saved.train, k) != v]
         raise WsicellError(f"{path}: checkpoint was trained with other settings "
@@ -288,7 +299,9 @@ class LossLog:
         if active and path.exists():  # drop lines written after the checkpoint we resume from
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["iteration"] <= start]
-            path.write_text("".join(line + "\n" for line in kept))
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
 
     def add(self, losses: torch.Tensor) -> None:
         self.pending.append(losses)

@@ -1,0 +1,184 @@
+"""Whole-slide ingest throughput, scaling and memory on real-content benchmark slides.
+
+Builds (once, with make_benchmark_slide.py) a pyramidal JPEG TIFF of ``--gigapixels`` level-0
+pixels at 0.4 um/px, and measures:
+
+- ``core_s_per_tissue_mp``: end-to-end ingest (plan, read + decode, stain pass, segment,
+  crops, staging, consolidated Zarr write) on a fresh LocalCluster of ``--workers`` single-
+  threaded workers: wall seconds x workers / tissue megapixels (tissue area from the tissue
+  mask, at the reference resolution);
+- ``speedup_vs_histomicstk``: the HistomicsTK-composed recipe (htk_reference.htk_recipe) timed
+  on a seeded random sample of the slide's tissue tiles (each with its halo), seconds per
+  megapixel, over wsicell's end-to-end core seconds per processed (tile + halo) megapixel;
+- ``speedup_2_workers``: wall time with 1 worker / wall time with 2 workers (``--speedup``);
+- ``peak_rss_growth_4x``: peak RSS of the largest worker on a slide 4x larger
+  (``--scale-4x``), divided by that on the base slide, minus 1.
+
+Usage::
+
+    python benchmarks/bench_ingest.py                       # 1 gigapixel, everything
+    python benchmarks/bench_ingest.py --gigapixels 0.1 --htk-tiles 1 --no-speedup --no-scale-4x
+
+Keep in mind that the machine's other load inflates wall-clock figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from _common import headline, single_threaded
+
+single_threaded()
+
+import numpy as np  # noqa: E402
+
+import make_benchmark_slide  # noqa: E402
+from wsicell.config import IngestConfig, WsicellConfig  # noqa: E402
+from wsicell.ingest import SlidePlan, ingest, segment_tile  # noqa: E402
+from wsicell.slide import ReferenceGrid, open_slide, read_reference_region  # noqa: E402
+from wsicell.stain import StainLookup, StainParameters  # noqa: E402
+from wsicell.store import open_store  # noqa: E402
+
+
+def build_slide(path: Path, gigapixels: float) -> Path:
+    if not path.exists():
+        make_benchmark_slide.main([str(path), "--gigapixels", str(gigapixels)])
+    return path
+
+
+def _worker_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_ingest(slide: Path, store: Path, config: WsicellConfig, workers: int) -> dict:
+    """One ingest on a fresh LocalCluster; wall time, worker CPU and peak RSS."""
+    from distributed import Client, LocalCluster
+
+    shutil.rmtree(store, ignore_errors=True)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      memory_limit="6GB", dashboard_address=":0",
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        client.run(lambda: __import__("wsicell.ingest"))  # imports are not ingest time
+        cpu_before = sum(client.run(_worker_cpu_s).values())
+        start = time.perf_counter()
+        (slide_id,) = ingest([slide], store, config, scheduler=cluster.scheduler_address,
+                             progress=True)
+        wall = time.perf_counter() - start
+        cpu = sum(client.run(_worker_cpu_s).values()) - cpu_before
+        peak = max(client.run(_worker_peak_rss_mb).values())
+    group = open_store(store)[f"slides/{slide_id}"]
+    tiles = group["tiles"]
+    # tile areas in reference px: the benchmark slides are written at the reference mpp
+    ref_px = (tiles["x1"][:] - tiles["x0"][:]).astype(float) * (tiles["y1"][:] - tiles["y0"][:])
+    return {
+        "slide_id": slide_id, "wall_s": wall, "worker_cpu_s": cpu, "peak_rss_mb": peak,
+        "tissue_mp": float((ref_px * tiles["tissue_fraction"][:]).sum() / 1e6),
+        "tile_mp": float(ref_px.sum() / 1e6), "n_cells": int(group.attrs["n_cells"]),
+        "n_tiles": int(tiles["tile_id"].shape[0]), "stain": group.attrs["stain"],
+        "grid_cols": int(group.attrs["grid_cols"]), "tiles": tiles,
+    }
+
+
+def time_recipes_on_tiles(slide: Path, run: dict, config: WsicellConfig, n_tiles: int,
+                          seed: int) -> tuple[float, float, float]:
+    """Seconds per megapixel of HistomicsTK's recipe and of wsicell's tile kernel.
+
+    Both on the same seeded sample of tissue tiles (with halo), single-threaded, in this
+    process.  Returns (htk_s_per_mp, wsicell_kernel_s_per_mp, sampled_mp).
+    """
+    from htk_reference import htk_recipe
+
+    source = open_slide(slide)
+    plan = SlidePlan(
+        slide_id=run["slide_id"], path=str(slide), fingerprint="", store="", mpp=source.mpp,
+        reference_mpp=config.segmentation.reference_mpp,
+        grid=ReferenceGrid.of(source, source.mpp, config.segmentation.reference_mpp),
+        tile_size=config.ingest.tile_size, halo=config.ingest.halo,
+        grid_cols=run["grid_cols"], grid_rows=0,
+    )
+    tiles = run["tiles"]
+    full = tiles["tile_id"][:][tiles["tissue_fraction"][:] >= 0.9]
+    sample = np.random.default_rng(seed).choice(full, min(n_tiles, len(full)), replace=False)
+    lookup = StainLookup.build(StainParameters.from_json(run["stain"]))
+    htk_s = kernel_s = megapixels = 0.0
+    for tile_id in sample:
+        x0, y0, x1, y1 = plan.window(int(tile_id))
+        rgb = read_reference_region(source, plan.grid, x0, y0, x1 - x0, y1 - y0)
+        megapixels += rgb.shape[0] * rgb.shape[1] / 1e6
+        start = time.perf_counter()
+        htk_recipe(rgb)
+        htk_s += time.perf_counter() - start
+        start = time.perf_counter()
+        segment_tile(plan, lookup, config, int(tile_id))
+        kernel_s += time.perf_counter() - start
+    return htk_s / megapixels, kernel_s / megapixels, megapixels
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gigapixels", type=float, default=1.0)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "wsicell-bench")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--htk-tiles", type=int, default=3,
+                        help="tissue tiles timed with the HistomicsTK recipe (0 = skip)")
+    parser.add_argument("--speedup", action=argparse.BooleanOptionalAction, default=True,
+                        help="also ingest with 1 worker for speedup_2_workers")
+    parser.add_argument("--scale-4x", action=argparse.BooleanOptionalAction, default=True,
+                        help="also ingest a 4x larger slide for peak_rss_growth_4x")
+    parser.add_argument("--tile-size", type=int, default=IngestConfig().tile_size)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    config = WsicellConfig(ingest=IngestConfig(tile_size=args.tile_size))
+    slide = build_slide(args.workdir / f"bench_{args.gigapixels:g}gp.tif", args.gigapixels)
+
+    base = timed_ingest(slide, args.workdir / "store.zarr", config, args.workers)
+    core_s = base["wall_s"] * args.workers
+    figures = {"core_s_per_tissue_mp": core_s / base["tissue_mp"]}
+    print(f"slide: {slide} ({base['n_tiles']} tissue tiles, {base['tissue_mp']:.1f} tissue MP, "
+          f"{base['tile_mp']:.1f} tile MP, {base['n_cells']} cells)")
+    print(f"ingest_{args.workers}_workers_wall_s: {base['wall_s']:.1f}")
+    print(f"worker_cpu_s_per_tissue_mp: {base['worker_cpu_s'] / base['tissue_mp']:.4f}")
+    print(f"peak_rss_mb_per_worker: {base['peak_rss_mb']:.0f}")
+
+    if args.htk_tiles:
+        htk, kernel, sampled = time_recipes_on_tiles(slide, base, config, args.htk_tiles,
+                                                     args.seed)
+        halo_mp = (args.tile_size + 2 * config.ingest.halo) ** 2 / 1e6
+        end_to_end = core_s / (base["n_tiles"] * halo_mp)
+        print(f"htk_s_per_mp: {htk:.3f}  (on {sampled:.1f} MP of tissue tiles)")
+        print(f"wsicell_tile_kernel_s_per_mp: {kernel:.4f}")
+        print(f"wsicell_end_to_end_core_s_per_tile_mp: {end_to_end:.4f}")
+        figures["speedup_vs_histomicstk"] = htk / end_to_end
+
+    if args.speedup:
+        single = timed_ingest(slide, args.workdir / "store.zarr", config, 1)
+        print(f"ingest_1_worker_wall_s: {single['wall_s']:.1f}")
+        if args.workers != 2:
+            base = timed_ingest(slide, args.workdir / "store.zarr", config, 2)
+        figures["speedup_2_workers"] = single["wall_s"] / base["wall_s"]
+
+    if args.scale_4x:
+        large = build_slide(args.workdir / f"bench_{4 * args.gigapixels:g}gp.tif",
+                            4 * args.gigapixels)
+        big = timed_ingest(large, args.workdir / "store_4x.zarr", config, args.workers)
+        print(f"peak_rss_mb_per_worker_4x: {big['peak_rss_mb']:.0f}")
+        print(f"core_s_per_tissue_mp_4x: {big['wall_s'] * args.workers / big['tissue_mp']:.4f}")
+        figures["peak_rss_growth_4x"] = big["peak_rss_mb"] / base["peak_rss_mb"] - 1
+
+    headline(**figures)
+
+
+if __name__ == "__main__":
+    main()

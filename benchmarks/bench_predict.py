@@ -1,0 +1,139 @@
+"""Benchmark of prediction: labelling throughput and the proportion step.
+
+* ``cells_per_s``: cells labelled per second by ``label_slides`` (Q over every crop, labels
+  written back into the store), on CPU through a LocalCluster of ``--workers`` single-thread
+  workers, and on the GPU in this process when there is one (``cells_per_s_gpu``).  The
+  store holds real crops (the vendored bone-marrow images segmented, repeated to
+  ``--cells``); the model is an untrained network of the given width (throughput does not
+  depend on the weights).  Cluster start-up is not timed; loading the model in the workers is.
+* ``proportions_s_1m_cells``: whole-slide counts, a 500 um region grid and one annotated
+  polygon region of a synthetic 10^6-cell slide (random positions and clusters).
+
+Usage: python benchmarks/bench_predict.py [--cells 32768] [--width 128] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _common import VENDORED_DATA, headline
+
+
+def build_store(path: Path, n_cells: int, config) -> str:
+    """A store with one slide of ``n_cells`` real crops (segmented vendored images, repeated)."""
+    from wsicell import store as st
+    from wsicell.segment import Nuclei, segment_image
+    from wsicell.slide import read_rgb_image
+
+    images = sorted((VENDORED_DATA / "bm_graz" / "images").glob("*.png"))
+    nuclei = Nuclei.concatenate([segment_image(read_rgb_image(p), config)[0] for p in images])
+    repeat = np.resize(np.arange(len(nuclei)), n_cells)
+    root = st.open_store(path, mode="a")
+    tiles = {"tile_id": [0], "x0": [0], "y0": [0], "x1": [1200], "y1": [1200],
+             "tissue_fraction": [1.0], "n_cells": [n_cells], "cell_offset": [0]}
+    group = st.begin_slide(root, "bench", {"fingerprint": "bench", "width": 1200, "height": 1200,
+                                           "mpp": 0.4, "config": config.to_json()},
+                           np.full((75, 75, 3), 200, np.uint8), np.ones((75, 75), bool), tiles)
+    st.create_cell_arrays(group, n_cells, 32, config.ingest.crops_per_chunk,
+                          config.ingest.crops_per_chunk)
+    group["crops"][:] = nuclei.crops[repeat]
+    group["cells/cell_id"][:] = np.arange(n_cells)
+    group["cells/x"][:] = nuclei.x[repeat]
+    group["cells/y"][:] = nuclei.y[repeat]
+    st.finish_slide(group, np.array([n_cells]), {})
+    return "bench"
+
+
+def save_model(path: Path, width: int, config):
+    from wsicell.config import TrainConfig, WsicellConfig
+    from wsicell.model import build_model, save_trained_model
+
+    config = WsicellConfig.model_validate(
+        {**config.to_json(), "train": TrainConfig(width=width).model_dump(mode="json")})
+    path.mkdir()
+    save_trained_model(path, build_model(config.train.categories, config.train.noise_dim,
+                                         width, 0), config, {})
+    return path
+
+
+def time_labelling(store: Path, model_dir: Path, config, device: str, workers: int) -> float:
+    """Cells per second of one ``label_slides`` call (labels deleted first)."""
+    from wsicell.ingest import dask_client
+    from wsicell.predict import label_slides
+    from wsicell.store import open_store
+    from wsicell.train import load_trained_model
+
+    root = open_store(store, mode="r+")
+    if "labels" in root["slides/bench"]:
+        del root["slides/bench/labels"]
+    n = root["slides/bench/crops"].shape[0]
+    model = load_trained_model(model_dir, device=device)
+    if device == "cpu":
+        with dask_client(workers, 1, "4GB", None, progress=False) as client:
+            start = time.perf_counter()
+            label_slides(store, ["bench"], model_dir, model, config, client=client, progress=False)
+            return n / (time.perf_counter() - start)
+    start = time.perf_counter()
+    label_slides(store, ["bench"], model_dir, model, config, progress=False)
+    return n / (time.perf_counter() - start)
+
+
+def time_proportions(n_cells: int = 1_000_000, k: int = 5, repeats: int = 3) -> float:
+    """Best-of-``repeats`` seconds of the proportion step of a synthetic slide."""
+    from wsicell.proportions import (PolygonRegion, RegionGrid, cluster_counts,
+                                     counts_to_proportions, grid_counts, polygon_counts)
+
+    rng = np.random.default_rng(0)
+    width, height, mpp = 100_000, 80_000, 0.25  # a 25 x 20 mm slide at 40x
+    x, y = rng.uniform(0, width, n_cells), rng.uniform(0, height, n_cells)
+    clusters = rng.integers(0, k, n_cells)
+    angle = np.linspace(0, 2 * np.pi, 200)
+    outline = np.column_stack([50_000 + 20_000 * np.cos(angle), 40_000 + 15_000 * np.sin(angle)])
+    region = PolygonRegion("tumour", ((outline,),))
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        grid = RegionGrid.covering(width, height, mpp, 500)
+        counts_to_proportions(cluster_counts(clusters, k))
+        counts_to_proportions(grid_counts(x, y, clusters, k, grid))
+        counts_to_proportions(polygon_counts(x, y, clusters, k, [region]))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    import torch
+
+    from wsicell.config import WsicellConfig
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=32768)
+    parser.add_argument("--width", type=int, default=128, help="Channels of the networks.")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    config = WsicellConfig()
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store, model_dir = Path(tmp) / "bench.zarr", save_model(Path(tmp) / "model", args.width,
+                                                                 config)
+        build_store(store, args.cells, config)
+        cpu = time_labelling(store, model_dir, config, "cpu", args.workers)
+        print(f"labelling on CPU ({args.workers} workers x 1 thread), {args.cells} cells, "
+              f"width {args.width}: {cpu:.0f} cells/s")
+        figures["cells_per_s"] = cpu
+        if torch.cuda.is_available():
+            gpu = time_labelling(store, model_dir, config, "cuda", args.workers)
+            print(f"labelling on {torch.cuda.get_device_name()}: {gpu:.0f} cells/s")
+            figures["cells_per_s_gpu"] = gpu
+    seconds = time_proportions()
+    print(f"proportions of a 10^6-cell slide (slide, 500 um grid, one polygon): {seconds:.3f} s")
+    headline(**figures, proportions_s_1m_cells=seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Export of the cell table: CSV, Parquet and QuPath-style GeoJSON."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import write_test_slide
+from wsicell.errors import WsicellError
+from wsicell.export import export_cells
+from wsicell.store import open_store
+
+
+@pytest.fixture
+def store(tmp_path):
+    path = tmp_path / "cells.zarr"
+    root = open_store(path, mode="a")
+    write_test_slide(root, "s1", tmp_path, 6)
+    write_test_slide(root, "s2", tmp_path, 4)
+    write_test_slide(root, "s3", tmp_path, 5, complete=False)
+    labels = root["slides/s1"].create_group("labels").create_group("m1")
+    labels.create_array("cluster", data=np.array([0, 1, 2, 0, 1, 2], np.int16))
+    return path
+
+
+@pytest.mark.parametrize("fmt, read", [("csv", pd.read_csv), ("parquet", pd.read_parquet)])
+def test_tables_hold_every_cell_of_complete_slides(store, tmp_path, fmt, read):
+    out = tmp_path / f"cells.{fmt}"
+    with pytest.warns(UserWarning, match="'s3' is incomplete"):
+        assert export_cells(store, out, fmt) == 10
+    table = read(out)
+    assert list(table.columns[:5]) == ["slide_id", "cell_id", "x", "y", "bbox_x0"]
+    assert table.slide_id.tolist() == ["s1"] * 6 + ["s2"] * 4
+    np.testing.assert_array_equal(table.cell_id, [0, 1, 2, 3, 4, 5, 0, 1, 2, 3])
+    np.testing.assert_allclose(table.x[:3], [0, 10, 20])
+    np.testing.assert_allclose(table.area, 30.5)
+
+
+def test_geojson_is_a_collection_of_qupath_detections(store, tmp_path):
+    out = tmp_path / "s1.geojson"
+    assert export_cells(store, out, "geojson", ["s1"], labels="m1") == 6
+    collection = json.loads(out.read_text())
+    assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 6
+    feature = collection["features"][1]
+    assert feature["type"] == "Feature"
+    assert feature["geometry"] == {"type": "Polygon", "coordinates": [
+        [[7, 3], [14, 3], [14, 8], [7, 8], [7, 3]]]}
+    properties = feature["properties"]
+    assert properties["objectType"] == "detection"
+    assert properties["cell_id"] == 1 and properties["classification"]["name"] == "cluster 1"
+    assert len(properties["classification"]["color"]) == 3
+    assert properties["measurements"]["area_um2"] == 30.5
+    export_cells(store, out, "geojson", ["s2"], geometry="point")
+    point = json.loads(out.read_text())["features"][2]["geometry"]
+    assert point == {"type": "Point", "coordinates": [20.0, 10.0]}
+
+
+def test_bad_requests_fail_before_writing(store, tmp_path):
+    out = tmp_path / "x.geojson"
+    with pytest.raises(WsicellError, match="one slide"):
+        export_cells(store, out, "geojson", ["s1", "s2"])
+    with pytest.raises(WsicellError, match="'s3' is incomplete"):
+        export_cells(store, out, "csv", ["s3"])
+    with pytest.raises(WsicellError, match="no labels 'm9'"):
+        export_cells(store, out, "csv", ["s1"], labels="m9")
+    assert list(tmp_path.glob("*.geojson")) == [] and list(tmp_path.glob(".*tmp")) == []
+
+
+def test_command_line(store, tmp_path):
+    out = tmp_path / "s2.csv"
+    result = subprocess.run([sys.executable, "-m", "wsicell.cli.main", "export", str(store),
+                             "--format", "csv", "--out", str(out), "--slide", "s2"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"{out}: 4 cells" in result.stdout and len(pd.read_csv(out)) == 4
