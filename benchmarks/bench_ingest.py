@@ -108,7 +108,8 @@ def time_recipes_on_tiles(slide: Path, run: dict, config: WsicellConfig, n_tiles
         grid_cols=run["grid_cols"], grid_rows=0,
     )
     tiles = run["tiles"]
-    full = tiles["tile_id"][:][tiles["tissue_fraction"][:] >= 0.9]
+    ids, fractions = tiles["tile_id"][:], tiles["tissue_fraction"][:]
+    full = ids[fractions >= 0.9] if (fractions >= 0.9).any() else ids
     sample = np.random.default_rng(seed).choice(full, min(n_tiles, len(full)), replace=False)
     lookup = StainLookup.build(StainParameters.from_json(run["stain"]))
     htk_s = kernel_s = megapixels = 0.0
@@ -128,7 +129,8 @@ def time_recipes_on_tiles(slide: Path, run: dict, config: WsicellConfig, n_tiles
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gigapixels", type=float, default=1.0)
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "wsicell-bench")
+    parser.add_argument("--workdir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "wsicell-bench")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--htk-tiles", type=int, default=3,
                         help="tissue tiles timed with the HistomicsTK recipe (0 = skip)")

@@ -17,7 +17,6 @@ from _common import bm_graz_dir, headline, single_threaded
 
 single_threaded()
 
-import numpy as np  # noqa: E402
 
 from htk_reference import htk_recipe  # noqa: E402
 from wsicell.config import WsicellConfig  # noqa: E402

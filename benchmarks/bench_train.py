@@ -80,7 +80,8 @@ def iteration_rate(store: Path, slides: list[str], device: torch.device, width: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--store", type=Path, help="cell store [default: ingest the vendored image]")
+    parser.add_argument("--store", type=Path,
+                        help="cell store [default: ingest the vendored image]")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--width", type=int, default=None,
                         help="network width [default: 128 on a GPU, 32 on the CPU]")

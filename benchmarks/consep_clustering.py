@@ -1,14 +1,21 @@
 """Cell clustering quality on CoNSeP: how pure are Q's clusters with respect to nucleus types?
 
-    .venv/bin/python benchmarks/consep_clustering.py [--work DIR] [--width 32] [--epochs 10]
+    .venv/bin/python benchmarks/consep_clustering.py [--work DIR] [--width 32] [--epochs 30]
         [--max-iters N] [--limit N] [--stain-augment 0.0] [--threads N]
+
+    smoke run (32 patches, a few minutes):  --limit 16 --width 16 --max-iters 30 --threads 1
 
 1. Ingest the CoNSeP patches (train + test images, 256x256 at 40x, 0.25 um/px; resampled
    by ingest to the segmentation's 0.4 um/px) into ``WORK/consep.zarr``, one slide per
    patch. Ingest skips slides already complete, so re-runs reuse the store.
 2. Train k=5 on all their crops, unsupervised (``WORK/model-...``; a finished model with the
    same settings is reused, an interrupted one resumed).  CPU-sized defaults: width 32
-   (the paper: 128), batch 64, 5 critic steps, 10 epochs, the paper's optimiser.
+   (the paper: 128), batch 64, 5 critic steps, the paper's optimiser, and 30 epochs instead
+   of 10 because the patches give few cells (about 7.5 per patch, ~5k crops in all: 10
+   epochs would be only ~150 generator iterations).  30 epochs are ~460 iterations; at the
+   ~3-10 s per iteration measured for width 32 on this 2-core machine (1 torch thread,
+   shared) that is roughly 25-75 minutes.  Ingest of the 656 patches took ~4.5 s per patch
+   here (mostly per-slide overhead), so a cold run needs ~50 minutes more.
 3. Match the segmented cells one-to-one to the annotated centroids (``type_mat/*.mat``:
    ``inst_centroid`` x, y; ``inst_type`` 1 miscellaneous, 2 inflammatory, 3 epithelial,
    4 spindle-shaped) within ``--radius-um``, cluster the matched cells with Q's argmax and
@@ -115,7 +122,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help="use only this many patches of each split (smoke runs)")
     parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--epochs", type=float, default=10)
+    parser.add_argument("--epochs", type=float, default=30)
     parser.add_argument("--max-iters", type=int, default=None)
     parser.add_argument("--stain-augment", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)

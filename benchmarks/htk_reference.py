@@ -31,8 +31,11 @@ def htk_stains(normalised: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def htk_recipe(rgb: np.ndarray, threshold: int = 120, min_area: int = 200,
-               protrusion: int = 3, opening: int = 7):
-    """The whole recipe of method section 1 on one image.
+               protrusion: int = 3, opening: int = 7, max_hole: int = 1000,
+               max_size: int = 60):
+    """The whole recipe of method section 1 on one image, with the two bounds wsicell adds
+    for whole slides: holes filled up to ``max_hole`` pixels, objects longer than
+    ``max_size`` pixels dropped.
 
     Returns
     -------
@@ -46,11 +49,19 @@ def htk_recipe(rgb: np.ndarray, threshold: int = 120, min_area: int = 200,
     hematoxylin = htk.preprocessing.color_deconvolution.color_deconvolution(
         normalised, w, None).Stains[..., h_index]
     foreground = hematoxylin < threshold
-    mask = scipy.ndimage.binary_fill_holes(foreground)
+    filled = scipy.ndimage.binary_fill_holes(foreground)
+    holes = skimage.morphology.remove_small_objects(
+        filled & ~foreground, max_size=max_hole, connectivity=1)
+    mask = foreground | (filled & ~foreground & ~holes)
     mask = skimage.morphology.remove_small_objects(mask, max_size=min_area - 1, connectivity=2)
     mask = skimage.morphology.opening(mask, skimage.morphology.disk(protrusion // 2))
     mask = skimage.morphology.opening(mask, np.ones((opening, opening), bool))
     labels = skimage.measure.label(mask, connectivity=2)
+    for region in skimage.measure.regionprops(labels):
+        y0, x0, y1, x1 = region.bbox
+        if max(y1 - y0, x1 - x0) > max_size:
+            labels[labels == region.label] = 0
+    labels = skimage.measure.label(labels > 0, connectivity=2)
     return hematoxylin, foreground, labels, htk_cell_crops(labels, normalised)
 
 

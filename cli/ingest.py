@@ -43,7 +43,8 @@ def ingest_options(command):
 
 @click.command(epilog=EPILOG)
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--store", required=True, type=click.Path(), help="Zarr cell store (created if missing).")
+@click.option("--store", required=True, type=click.Path(),
+              help="Zarr cell store (created if missing).")
 @ingest_options
 @click.option("--config", "config_file", type=click.Path(), default=None,
               help="JSON configuration file (wsicell.config.WsicellConfig).")

@@ -76,3 +76,32 @@ def write_test_slide(root, slide_id, tmp_path, n_cells, complete=True):
     if complete:
         finish_slide(group, [n_cells - 2, 2], {"n_tiles": 2})
     return group
+
+
+TRAIN_SLIDE = "BM_GRAZ_HE_0001_01"
+
+
+@pytest.fixture(scope="session")
+def train_store(tmp_path_factory) -> Path:
+    """A real cell store the trainer tests share: the vendored bone-marrow image ingested
+    once per session (small tiles and chunks so that several chunks and streams exist)."""
+    from wsicell.config import IngestConfig
+    from wsicell.ingest import ingest
+
+    path = tmp_path_factory.mktemp("train_store") / "cells.zarr"
+    config = WsicellConfig(ingest=IngestConfig(tile_size=512, crops_per_chunk=128))
+    ids = ingest([TEST_DATA / f"{TRAIN_SLIDE}.png"], path, config, mpp=0.4, workers=1,
+                 progress=False)
+    assert ids == [TRAIN_SLIDE]
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine more threads make tiny models slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -38,7 +38,7 @@ def test_partial_file_takes_defaults_and_preset_applies(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("{not json", "not valid JSON"),
+    ("{not json", "not a readable JSON configuration"),
     ('{"segmentation": {"hematoxylin_threshold": 999}}', "segmentation.hematoxylin_threshold"),
     ('{"segmentation": {"unknown_field": 1}}', "segmentation.unknown_field"),
 ])
@@ -52,7 +52,7 @@ def test_bad_config_file_is_one_clear_error(tmp_path, content, message):
 def test_unknown_preset_and_missing_file():
     with pytest.raises(WsicellError, match="unknown segmentation preset"):
         load_config(preset="nope")
-    with pytest.raises(WsicellError, match="no such configuration file"):
+    with pytest.raises(WsicellError, match="no such file"):
         load_config("/nonexistent/config.json")
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from train_store import SLIDE, bm_graz_store
+from conftest import TRAIN_SLIDE as SLIDE
 from wsicell.data import (CropStream, batches_before, check_crops, crop_loader, deal_units,
                           group_units, plan_units, prepare_batch, stain_jitter, to_unit_range)
 from wsicell.errors import WsicellError
@@ -14,18 +14,12 @@ from wsicell.store import open_store, slide_crops
 BATCH = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine more threads make tiny models slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return bm_graz_store(tmp_path_factory)
+def store(train_store):
+    return train_store
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import textwrap
 
 import pytest
 
-from train_store import bm_graz_store
 
 SCRIPT = textwrap.dedent('''
     import sys
@@ -49,8 +48,8 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_two_process_gloo_training(tmp_path_factory, tmp_path):
-    store = bm_graz_store(tmp_path_factory)
+def test_two_process_gloo_training(train_store, tmp_path):
+    store = train_store
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

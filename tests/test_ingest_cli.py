@@ -79,3 +79,11 @@ def test_a_second_ingest_into_a_locked_store_is_refused(tmp_path):
         result = run_ingest(TEST_DATA / "bm_graz_pyramid.tif", "--store", store)
     assert_one_line_error(result, "another ingest is writing to this store")
     assert_nothing_complete(store)
+
+
+def test_invalid_configuration_file(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text('{"ingest": {"tile_size": -5}}')
+    result = run_ingest(TEST_DATA / "bm_graz_pyramid.tif", "--store", tmp_path / "s.zarr",
+                        "--config", config)
+    assert_one_line_error(result, "config.json: invalid configuration", "tile_size")

@@ -21,7 +21,7 @@ from wsicell.config import IngestConfig, WsicellConfig
 from wsicell.ingest import ingest
 from wsicell.store import staging_dir, validate_store
 
-CONFIG = WsicellConfig(ingest=IngestConfig(tile_size=192, tiles_per_task=1, crops_per_chunk=64,
+CONFIG = WsicellConfig(ingest=IngestConfig(tile_size=128, tiles_per_task=1, crops_per_chunk=64,
                                            cells_per_chunk=256, stain_sample_tiles=4))
 SLIDE_ID = "bm_graz_pyramid"
 DASK = [sys.executable, "-m", "distributed.cli.dask_worker"]

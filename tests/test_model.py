@@ -6,18 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsicell.model import InfoWGAN, build_model, generator_grid, init_weights, weights_id
+from wsicell.model import (InfoWGAN, build_model, generator_grid, init_gain, init_weights,
+                           weights_id)
 
 K, NOISE, WIDTH = 5, 32, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine more threads make tiny models slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +52,13 @@ def test_init_changes_every_layer_and_has_xavier_statistics():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             weight = module.weight
             fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
-            bound = (6 / (fan_in + fan_out)) ** 0.5
+            bound = init_gain(module, net) * (6 / (fan_in + fan_out)) ** 0.5
             assert weight.abs().max() <= bound
             if weight.numel() > 200:
                 assert weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.15)
             assert module.bias.eq(0).all()
+    assert init_gain(net.trunk.blocks[1].conv1, net) == 2 ** 0.5
+    assert init_gain(net.generator.to_rgb, net) == init_gain(net.q_head, net) == 1.0
     changed = [k for k, v in net.state_dict().items()
                if k.endswith("weight") and not torch.equal(v, before[k])]
     convs = [k for k in before if k.endswith("weight") and before[k].dim() > 1]

@@ -91,3 +91,15 @@ def test_staged_tiles_are_written_whole(tmp_path):
     (directory / "tile_000000013.npz.99.tmp").write_bytes(b"partial")  # a killed writer
     assert staged_tiles(directory) == {12}
     np.testing.assert_array_equal(read_staged_tile(directory, 12)["x"], [0, 1, 2])
+
+
+def test_arrays_are_plain_zarr_readable_by_dask(tmp_path):
+    import dask.array as da
+
+    root = open_store(tmp_path / "s.zarr", mode="a")
+    write_test_slide(root, "a", tmp_path, 10)
+    crops = da.from_zarr(str(tmp_path / "s.zarr"), component="slides/a/crops")
+    assert crops.chunksize == (4, 32, 32, 3)
+    np.testing.assert_array_equal(crops[:, 0, 0, 0].compute(), np.arange(10))
+    plain = zarr.open_array(tmp_path / "s.zarr" / "slides" / "a" / "cells" / "x", mode="r")
+    np.testing.assert_array_equal(plain[:], 10.0 * np.arange(10))

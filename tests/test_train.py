@@ -9,7 +9,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from train_store import SLIDE, bm_graz_store
+from conftest import TRAIN_SLIDE as SLIDE
 from wsicell.cli.train import train as train_command
 from wsicell.config import TrainConfig, WsicellConfig
 from wsicell.data import prepare_batch
@@ -23,18 +23,12 @@ TINY = WsicellConfig(train=TrainConfig(width=8, batch_size=16, critic_steps=2, s
 RUN = dict(device="cpu", checkpoint_every=2, sample_every=2, workers=0, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine more threads make tiny models slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return bm_graz_store(tmp_path_factory)
+def store(train_store):
+    return train_store
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +197,15 @@ def test_command_line_trains_and_explains_the_curves(store, tmp_path):
     assert result.exit_code == 0, result.output
     model = load_trained_model(tmp_path / "m")
     assert model.config.train.critic_steps == 2 and model.config.train.stain_augment == 0.05
+
+
+def test_bf16_autocast_steps_are_finite(crops):
+    """The mixed-precision path (used on GPUs) exercised with CPU bf16 autocast."""
+    model = build_model(5, 32, 8, seed=0)
+    trainer = Trainer(model, TINY, torch.device("cpu"))
+    trainer.amp = torch.autocast("cpu", dtype=torch.bfloat16)
+    real = prepare_batch(torch.from_numpy(crops[:16]), trainer.generator, rotate=True)
+    batches = iter([real, real])
+    losses = trainer.iteration(batches)
+    assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
+    assert all(p.dtype == torch.float32 for p in model.parameters())

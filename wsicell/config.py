@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator,
+)
 
 from wsicell.errors import WsicellError
+from wsicell.files import read_json
 
 Triple = tuple[float, float, float]
 
@@ -71,6 +73,11 @@ class SegmentationConfig(_Section):
         120, ge=1, le=255, description="Hematoxylin intensity (0..255, dark = much stain) below "
         "which a pixel is nucleus foreground."
     )
+    max_hole_px: int = Field(
+        1000, ge=0, description="Holes of the foreground up to this size (pixels at "
+        "reference_mpp) are filled; larger ones are gaps in the tissue, not parts of a "
+        "nucleus (0 fills all, which makes results depend on the tiling of a slide)."
+    )
     min_area_px: PositiveInt = Field(
         200, description="Objects smaller than this (pixels at reference_mpp) are removed after "
         "hole filling."
@@ -78,6 +85,12 @@ class SegmentationConfig(_Section):
     min_fragment_px: int = Field(
         0, ge=0, description="Pieces smaller than this (pixels at reference_mpp) left by the "
         "opening or the split are dropped; 0 keeps them all, as the paper does."
+    )
+    max_size_px: int = Field(
+        60, ge=0, description="Objects whose bounding box is longer than this (pixels at "
+        "reference_mpp) are dropped: clumps and stain rings, not nuclei (0 keeps all). "
+        "Whole-slide ingest needs ingest.halo > max_size_px so that a tile sees every "
+        "nucleus it owns whole."
     )
     protrusion_width_px: int = Field(
         3, ge=0, description="Thin protrusions narrower than this (pixels at reference_mpp, "
@@ -184,6 +197,15 @@ class WsicellConfig(_Section):
     train: TrainConfig = TrainConfig()
     predict: PredictConfig = PredictConfig()
 
+    @model_validator(mode="after")
+    def _halo_holds_a_nucleus(self) -> "WsicellConfig":
+        if self.segmentation.max_size_px and self.ingest.halo <= self.segmentation.max_size_px:
+            raise ValueError(
+                f"ingest.halo ({self.ingest.halo}) must exceed segmentation.max_size_px "
+                f"({self.segmentation.max_size_px}) so that tiles see their nuclei whole"
+            )
+        return self
+
     @classmethod
     def from_file(cls, path: str | Path) -> "WsicellConfig":
         """Read and validate a JSON configuration file (missing fields take defaults).
@@ -195,15 +217,12 @@ class WsicellConfig(_Section):
         """
         path = Path(path)
         try:
-            return cls.model_validate(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise WsicellError(f"{path}: no such configuration file") from None
-        except json.JSONDecodeError as err:
-            raise WsicellError(f"{path}: not valid JSON ({err})") from None
+            return cls.model_validate(read_json(path, "JSON configuration"))
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise WsicellError(f"{path}: invalid configuration at {where}: {first['msg']}") from None
+            where = f" at {where}" if where else ""
+            raise WsicellError(f"{path}: invalid configuration{where}: {first['msg']}") from None
 
     def with_preset(self, name: str) -> "WsicellConfig":
         """This configuration with the named segmentation preset."""

@@ -9,8 +9,8 @@ before cutting batches.  Batches are uint8 ``(B, 32, 32, 3)`` tensors; conversio
 ``[-1, 1]`` floats and augmentation happen on the training device (:func:`prepare_batch`).
 
 The stream is infinite (epoch after epoch) and a deterministic function of the seed, so a
-run resumed after ``n`` batches skips exactly the batches it had consumed without reading
-them again.
+run resumed after ``n`` batches skips exactly the batches it had consumed, without reading
+them again (only the shuffle group it stopped in is read a second time).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def deal_units(units: list[Unit], n_streams: int, rng: np.random.Generator) -> l
 
 
 def group_units(units: list[Unit], shuffle_buffer: int) -> list[list[Unit]]:
-    """Consecutive groups of units holding at least ``shuffle_buffer`` crops (last may hold fewer)."""
+    """Consecutive groups of at least ``shuffle_buffer`` crops (the last may hold fewer)."""
     groups, current, held = [], [], 0
     for unit in units:
         current.append(unit)
@@ -145,7 +145,8 @@ class CropStream(IterableDataset):
         if self.n_crops < 2 * n_streams * batch_size:
             raise WsicellError(
                 f"{store}: {self.n_crops} crops are too few for batches of {batch_size} over "
-                f"{n_streams} streams (ranks x loader workers); use smaller batches or fewer workers")
+                f"{n_streams} streams (ranks x loader workers); use smaller batches or fewer "
+                "workers")
         max_unit = max(1, self.n_crops // (4 * n_streams))
         self.units = plan_units([a.shape[0] for a in arrays], [a.chunks[0] for a in arrays],
                                 max_unit)

@@ -154,7 +154,13 @@ def segment_tile(plan: SlidePlan, lookup: StainLookup, config: WsicellConfig,
     nuclei = measure_nuclei(labels, hematoxylin, normalised, config.segmentation)
     x, y = nuclei.x + wx0, nuclei.y + wy0
     x0, y0, x1, y1 = plan.core(tile_id)
-    owned = nuclei.select((x >= x0) & (x < x1) & (y >= y0) & (y < y1))
+    # A nucleus touching a window edge inside the slide is cut by the window: it is
+    # longer than the halo, so segment_hematoxylin drops it in a whole-image pass too.
+    bx0, by0, bx1, by1 = nuclei.bbox.T
+    cut = (((bx0 == 0) & (wx0 > 0)) | ((by0 == 0) & (wy0 > 0))
+           | ((bx1 == wx1 - wx0) & (wx1 < plan.grid.width))
+           | ((by1 == wy1 - wy0) & (wy1 < plan.grid.height)))
+    owned = nuclei.select((x >= x0) & (x < x1) & (y >= y0) & (y < y1) & ~cut)
     scale = plan.grid.scale
     bbox = owned.bbox.astype(np.float64) + [wx0, wy0, wx0, wy0]
     return {
@@ -253,7 +259,8 @@ def dask_client(workers: int, threads_per_worker: int, memory_limit: str,
         try:
             client = Client(scheduler, timeout="20s")
         except (OSError, TimeoutError) as err:
-            raise WsicellError(f"{scheduler}: cannot connect to the Dask scheduler ({err})") from None
+            raise WsicellError(
+                f"{scheduler}: cannot connect to the Dask scheduler ({err})") from None
         cluster = None
     else:
         cluster = LocalCluster(
@@ -275,25 +282,24 @@ def dask_client(workers: int, threads_per_worker: int, memory_limit: str,
 def _run_tasks(client, submissions, total: int, desc: str, progress: bool, initial: int = 0):
     """Submit ``(key, weight, fn, args)`` tasks, wait for all with a progress bar.
 
-    A task's exception (e.g. a :class:`WsicellError` from an unreadable region) cancels
-    the rest and is raised here.
+    Returns the results in submission order.  A task's exception (e.g. a
+    :class:`WsicellError` from an unreadable region) cancels the rest and is raised here.
     """
     from distributed import as_completed
 
     token = uuid.uuid4().hex[:8]
     futures = {client.submit(fn, *args, key=f"wsicell-{key}-{token}", pure=False): weight
                for key, weight, fn, args in submissions}
-    results = []
     with tqdm(total=total, initial=initial, desc=desc, unit="tile", disable=not progress,
               file=sys.stderr, dynamic_ncols=True) as bar:
         try:
             for future in as_completed(futures):
-                results.append(future.result())
+                future.result()
                 bar.update(futures[future])
         except BaseException:
             client.cancel(list(futures))
             raise
-    return results
+    return [future.result() for future in futures]
 
 
 def _thumbnail_and_tissue(slide, mpp: float, config: WsicellConfig):
@@ -374,24 +380,15 @@ def _stain_parameters(client, plan: SlidePlan, tiles: dict, config: WsicellConfi
                                 replace=False))
     submissions = [(f"stain-{plan.slide_id}-{t}", 1, sample_stain_pixels, (plan, int(t)))
                    for t in sample]
-    futures_in_order = _run_tasks_ordered(client, submissions, f"{plan.slide_id} stain", progress)
-    pixels = np.concatenate(futures_in_order)
+    pixels = np.concatenate(
+        _run_tasks(client, submissions, len(submissions), f"{plan.slide_id} stain", progress))
     if len(pixels) < 1000:
         raise WsicellError(f"{plan.path}: too few stained pixels ({len(pixels)}) in the "
                            "sampled tissue tiles to estimate the stain")
-    return fit_stain_parameters(pixels, config.stain).to_json()
-
-
-def _run_tasks_ordered(client, submissions, desc, progress):
-    """Like :func:`_run_tasks`, results in submission order."""
-    indexed = [(key, weight, _indexed, (i, fn, args))
-               for i, (key, weight, fn, args) in enumerate(submissions)]
-    results = _run_tasks(client, indexed, len(submissions), desc, progress)
-    return [value for _, value in sorted(results, key=lambda r: r[0])]
-
-
-def _indexed(index, fn, args):
-    return index, fn(*args)
+    try:
+        return fit_stain_parameters(pixels, config.stain).to_json()
+    except ValueError as err:  # degenerate colours, e.g. a blank or single-colour slide
+        raise WsicellError(f"{plan.path}: cannot estimate the stain ({err})") from None
 
 
 def _consolidate(client, plan: SlidePlan, tile_ids: np.ndarray, config: WsicellConfig,

@@ -121,7 +121,7 @@ class CriticTrunk(nn.Module):
         ])
 
     def block_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Activations after each residual block: (B, width, 16, 16), then three (B, width, 8, 8)."""
+        """Activations after each residual block: (B, width, 16, 16), then 3x (B, width, 8, 8)."""
         outputs = []
         for block in self.blocks:
             x = block(x)
@@ -184,10 +184,19 @@ class InfoWGAN(nn.Module):
         }
 
 
+def init_gain(module: nn.Module, model: nn.Module) -> float:
+    """Xavier gain of a layer as in the WGAN-GP reference code: sqrt(2) ("he_init") for 3x3
+    convolutions, 1 for 1x1 shortcut convolutions, linear layers and G's output convolution."""
+    is_output = getattr(model, "generator", None) is not None and module is model.generator.to_rgb
+    if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and not is_output:
+        return 2 ** 0.5
+    return 1.0
+
+
 def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> int:
-    """Initialise every convolution and linear layer in place: Xavier-uniform weights and
-    zero biases (the initialisation of the WGAN-GP reference code); batch norm scales 1,
-    shifts 0.
+    """Initialise every convolution and linear layer in place: uniform weights of standard
+    deviation ``gain * sqrt(2 / (fan_in + fan_out))`` (:func:`init_gain`) and zero biases,
+    the initialisation of the WGAN-GP reference code; batch norm scales 1, shifts 0.
 
     Returns the number of layers initialised, so callers (and tests) can tell that the
     initialisation did reach the layers (the pitfall of the ported code: one that silently
@@ -196,7 +205,8 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
     count = 0
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            nn.init.xavier_uniform_(module.weight, generator=generator)
+            nn.init.xavier_uniform_(module.weight, gain=init_gain(module, model),
+                                    generator=generator)
             nn.init.zeros_(module.bias)
             count += 1
         elif isinstance(module, nn.BatchNorm2d):

@@ -11,7 +11,6 @@ store and in QuPath exports.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from matplotlib.path import Path as PolygonPath
 
 from wsicell.errors import WsicellError
+from wsicell.files import read_json
 
 
 def cluster_counts(clusters: np.ndarray, k: int) -> np.ndarray:
@@ -236,12 +236,7 @@ def read_geojson_regions(path: str | Path) -> list[PolygonRegion]:
         a (multi)polygon.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise WsicellError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WsicellError(f"{path}: not a readable GeoJSON file ({err})") from None
+    data = read_json(path, "GeoJSON file")
     features = _features(data, path)
     if not features:
         raise WsicellError(f"{path}: contains no feature")

@@ -288,22 +288,32 @@ def write_html_report(path: str | Path, title: str, sections: list[Section],
     return path
 
 
-def _sample_crops_per_cluster(root, results, model_id: str, k: int, per_cluster: int,
-                              seed: int) -> list[np.ndarray]:
-    """Up to ``per_cluster`` random crops of each cluster, drawn over all slides."""
+def _sample_crops_per_cluster(root, slide_ids: list[str], model_id: str, k: int,
+                              per_cluster: int, seed: int, max_chunks: int = 16) -> list[np.ndarray]:
+    """Up to ``per_cluster`` random crops of each cluster, drawn over all slides.
+
+    Cells are drawn from ``max_chunks`` random crop chunks when those hold enough of a
+    cluster (so a gallery of a big store reads a bounded number of chunks), else from all.
+    """
     from wsicell.predict import read_labels
     from wsicell.store import slide_crops
 
     rng = np.random.default_rng(seed)
-    clusters = [read_labels(root, r.slide_id, model_id)[0] for r in results]
+    clusters = [read_labels(root, s, model_id)[0] for s in slide_ids]
+    chunk = np.array([slide_crops(root, s).chunks[0] for s in slide_ids])
     slide_of = np.concatenate([np.full(len(c), i) for i, c in enumerate(clusters)])
     index_of = np.concatenate([np.arange(len(c)) for c in clusters])
-    everything = np.concatenate(clusters) if clusters else np.empty(0, np.int16)
+    everything = np.concatenate(clusters)
+    _, chunk_id = np.unique(np.stack([slide_of, index_of // chunk[slide_of]]), axis=1,
+                            return_inverse=True)
+    preferred = np.isin(chunk_id, rng.permutation(chunk_id.max() + 1)[:max_chunks])
     samples = []
     for cluster in range(k):
         members = np.flatnonzero(everything == cluster)
-        chosen = np.sort(rng.choice(members, min(per_cluster, len(members)), replace=False))
-        crops = [slide_crops(root, results[s].slide_id).oindex[index_of[chosen][slide_of[chosen] == s]]
+        near = members[preferred[members]]
+        pool = near if len(near) >= per_cluster else members
+        chosen = np.sort(rng.choice(pool, min(per_cluster, len(pool)), replace=False))
+        crops = [slide_crops(root, slide_ids[s]).oindex[index_of[chosen][slide_of[chosen] == s]]
                  for s in np.unique(slide_of[chosen])]
         samples.append(np.concatenate(crops) if crops else np.empty((0, 32, 32, 3), np.uint8))
     return samples
@@ -338,8 +348,8 @@ def write_prediction_report(out_dir: Path, root, model, results, predictions: pd
     k = model.k
     counts = np.stack([r.counts for r in results]).sum(axis=0)
     total = max(int(counts.sum()), 1)
-    samples = _sample_crops_per_cluster(root, results, model.model_id, k, per_cluster,
-                                        seed=model.config.train.seed)
+    samples = _sample_crops_per_cluster(root, [r.slide_id for r in results], model.model_id, k,
+                                        per_cluster, seed=model.config.train.seed)
     galleries = [draw_cluster_gallery(samples[c], c, int(counts[c]), counts[c] / total,
                                       pictures / f"gallery_cluster_{c}.png") for c in range(k)]
     generator = draw_generator_grid(model.generate_grid(8, seed=0), pictures / "generator.png")

@@ -23,36 +23,47 @@ from wsicell.config import SegmentationConfig, WsicellConfig
 from wsicell.stain import StainParameters, fit_stain_parameters
 
 
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill the holes of a binary mask (background not connected to the border, 4-conn.).
+def fill_holes(mask: np.ndarray, max_hole_px: int = 0) -> np.ndarray:
+    """Fill the holes of a binary mask (background not 4-connected to the border).
 
     Parameters
     ----------
     mask : ndarray, shape (H, W), bool
+    max_hole_px : int
+        Only holes of at most this many pixels are filled (0: all).  A bound keeps a ring
+        of stain around a large tissue gap from becoming one huge object, which a tile
+        cannot see whole.
 
     Returns
     -------
     ndarray, shape (H, W), bool
     """
     padded = np.pad(mask, 1).astype(np.uint8)
-    outside = padded.copy()
     flood = np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8)
-    cv2.floodFill(outside, flood, (0, 0), 1, flags=4)
-    return (outside[1:-1, 1:-1] == 0) | mask
+    cv2.floodFill(padded, flood, (0, 0), 1, flags=4)
+    holes = padded[1:-1, 1:-1] == 0
+    if max_hole_px:
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(
+            holes.astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+        small = stats[:, cv2.CC_STAT_AREA] <= max_hole_px
+        small[0] = False
+        holes = small[labels]
+    return mask | holes
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """8-connected labels (int32) and the area of each label (index 0 = background)."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(
+    """8-connected labels (int32) and OpenCV's statistics of each label (row 0 =
+    background; columns ``cv2.CC_STAT_LEFT, TOP, WIDTH, HEIGHT, AREA``)."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(
         mask.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
     )
-    return labels, stats[:, cv2.CC_STAT_AREA]
+    return labels, stats
 
 
 def remove_small_objects(mask: np.ndarray, min_area: int) -> np.ndarray:
     """Drop 8-connected objects of fewer than ``min_area`` pixels from a bool mask."""
-    labels, area = _components(mask)
-    keep = area >= min_area
+    labels, stats = _components(mask)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
     keep[0] = False
     return keep[labels]
 
@@ -98,6 +109,13 @@ def split_touching(mask: np.ndarray, min_depth: float) -> np.ndarray:
     return watershed(-distance, seeds, mask=mask).astype(np.int32)
 
 
+def _longest_sides(labels: np.ndarray) -> np.ndarray:
+    """Longest bounding-box side of each label, index 0 (background) = 0."""
+    boxes = ndimage.find_objects(labels)
+    return np.array([0] + [max(b[0].stop - b[0].start, b[1].stop - b[1].start) if b else 0
+                           for b in boxes])
+
+
 def segment_hematoxylin(hematoxylin: np.ndarray, config: SegmentationConfig) -> np.ndarray:
     """Label nuclei in a hematoxylin channel.
 
@@ -107,21 +125,32 @@ def segment_hematoxylin(hematoxylin: np.ndarray, config: SegmentationConfig) -> 
         Hematoxylin intensity (0 = much stain) at ``config.reference_mpp``.
     config : SegmentationConfig
 
+    Steps: threshold; fill holes (up to ``max_hole_px``); remove objects under
+    ``min_area_px``; elliptic opening against thin protrusions; square opening; label
+    (or split touching nuclei); drop pieces under ``min_fragment_px`` and objects whose
+    box is longer than ``max_size_px``.
+
     Returns
     -------
     ndarray, shape (H, W), int32
         Nucleus labels 1..N in raster order of their first pixel, 0 = background.
     """
-    foreground = fill_holes(hematoxylin < config.hematoxylin_threshold)
+    foreground = fill_holes(hematoxylin < config.hematoxylin_threshold, config.max_hole_px)
     foreground = remove_small_objects(foreground, config.min_area_px)
     foreground = _open(foreground, cv2.MORPH_ELLIPSE, config.protrusion_width_px)
     foreground = _open(foreground, cv2.MORPH_RECT, config.opening_size_px)
     if config.split_touching:
         labels = split_touching(foreground, config.split_min_depth_px)
         area = np.bincount(labels.ravel())
+        longest = _longest_sides(labels)
     else:
-        labels, area = _components(foreground)
-    return _relabel_sequential(labels, area >= max(config.min_fragment_px, 1))
+        labels, stats = _components(foreground)
+        area = stats[:, cv2.CC_STAT_AREA]
+        longest = np.maximum(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT])
+    keep = area >= max(config.min_fragment_px, 1)
+    if config.max_size_px:
+        keep &= longest <= config.max_size_px
+    return _relabel_sequential(labels, keep)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from wsicell.errors import WsicellError
+from wsicell.files import existing_file
 
 Image.MAX_IMAGE_PIXELS = None  # histology images are legitimately huge
 
@@ -55,11 +56,7 @@ def read_rgb_image(path: str | Path) -> np.ndarray:
     WsicellError
         When the file is missing, is not an image, or is truncated / corrupt.
     """
-    path = Path(path)
-    if not path.exists():
-        raise WsicellError(f"{path}: no such file")
-    if not path.is_file():
-        raise WsicellError(f"{path}: not a file")
+    path = existing_file(path)
     try:
         with Image.open(path) as im:
             im.load()
@@ -328,11 +325,7 @@ def open_slide(path: str | Path) -> Slide:
     """
     import openslide
 
-    path = Path(path)
-    if not path.exists():
-        raise WsicellError(f"{path}: no such file")
-    if not path.is_file():
-        raise WsicellError(f"{path}: not a file")
+    path = existing_file(path)
     try:
         detected = openslide.OpenSlide.detect_format(str(path))
     except openslide.OpenSlideError:

@@ -26,6 +26,7 @@ from sklearn.svm import LinearSVC
 
 from wsicell import __version__
 from wsicell.errors import WsicellError
+from wsicell.files import read_json
 
 
 @dataclass(frozen=True)
@@ -166,12 +167,7 @@ class SlideClassifier:
     @classmethod
     def load(cls, path: str | Path) -> "SlideClassifier":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise WsicellError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise WsicellError(f"{path}: not a JSON slide classifier ({err})") from None
+        data = read_json(path, "JSON slide classifier")
         return cls.from_json(data if isinstance(data, dict) else {}, str(path))
 
 

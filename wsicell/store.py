@@ -356,7 +356,8 @@ def validate_store(path: str | Path) -> list[str]:
         thumb_h, thumb_w = group["tissue_mask"].shape if "tissue_mask" in group else (-1, -1)
         sizes = {"N": attrs.get("n_cells"), "T": n_tiles, "S": crop, "h": thumb_h, "w": thumb_w}
         problems += _check_arrays(group, slide_schema["x-wsicell-arrays"], sizes, where)
-        if "tiles/n_cells" in group and int(group["tiles/n_cells"][:].sum()) != attrs.get("n_cells"):
+        counts = group["tiles/n_cells"][:] if "tiles/n_cells" in group else None
+        if counts is not None and int(counts.sum()) != attrs.get("n_cells"):
             problems.append(f"{where}: tiles/n_cells does not add up to n_cells")
         if "labels" in group:
             for model_id, labels in group["labels"].groups():
