@@ -34,7 +34,7 @@ def test_opening_separates_two_discs_joined_by_a_thin_bridge():
     mask = disc((80, 120), (40, 35), 15) | disc((80, 120), (40, 85), 15)
     mask[39:42, 35:85] = True  # 3 px wide bridge
     hematoxylin = np.where(mask, 50, 220).astype(np.uint8)
-    labels = segment.segment_hematoxylin(hematoxylin, SegmentationConfig())
+    labels = segment.segment_hematoxylin(hematoxylin, SegmentationConfig()).labels
     assert labels.max() == 2
 
 
@@ -44,8 +44,12 @@ def test_measure_nuclei_matches_regionprops():
     normalised = params.normalise(rgb)
     hematoxylin = params.hematoxylin(normalised)
     config = SegmentationConfig()
-    labels = segment.segment_hematoxylin(hematoxylin, config)
-    nuclei = segment.measure_nuclei(labels, hematoxylin, normalised, config)
+    objects = segment.segment_hematoxylin(hematoxylin, config)
+    labels = objects.labels
+    nuclei = segment.measure_nuclei(objects, hematoxylin, normalised, config)
+    from_labels = segment.Objects.from_labels(labels)
+    for name in ("bbox", "area", "x", "y"):
+        np.testing.assert_allclose(getattr(from_labels, name), getattr(objects, name))
     props = skimage.measure.regionprops(labels, intensity_image=hematoxylin)
     assert len(nuclei) == len(props) > 10
     np.testing.assert_allclose(nuclei.x, [p.centroid[1] for p in props])
@@ -140,17 +144,18 @@ def test_morphology_is_single_threaded_safe():
     previous = cv2.getNumThreads()
     try:
         cv2.setNumThreads(1)
-        one = segment.segment_hematoxylin(hematoxylin, SegmentationConfig())
+        one = segment.segment_hematoxylin(hematoxylin, SegmentationConfig()).labels
     finally:
         cv2.setNumThreads(previous)
-    np.testing.assert_array_equal(one, segment.segment_hematoxylin(hematoxylin, SegmentationConfig()))
+    many = segment.segment_hematoxylin(hematoxylin, SegmentationConfig()).labels
+    np.testing.assert_array_equal(one, many)
 
 
 def test_vectorised_crops_equal_one_by_one():
     rgb = read_rgb_image(TEST_DATA / "BM_GRAZ_HE_0001_01.png")
     params = fit_stain_parameters(rgb)
     normalised = params.normalise(rgb)
-    labels = segment.segment_hematoxylin(params.hematoxylin(normalised), SegmentationConfig())
+    labels = segment.segment_hematoxylin(params.hematoxylin(normalised), SegmentationConfig()).labels
     boxes = scipy.ndimage.find_objects(labels)
     bbox = np.array([[c.start, r.start, c.stop, r.stop] for r, c in boxes])
     crops = segment.cell_crops(labels, normalised, bbox, 32)

@@ -51,7 +51,7 @@ class StainConfig(_Section):
         "distribution that give the two stain vectors."
     )
     fit_max_pixels: int = Field(
-        262144, ge=0, description="Statistics and stain vectors of an image are estimated on "
+        65536, ge=0, description="Statistics and stain vectors of an image are estimated on "
         "an evenly strided subset of at most this many pixels (0 = all pixels)."
     )
     hematoxylin_reference: Triple = Field(

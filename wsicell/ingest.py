@@ -22,6 +22,7 @@ restarted produces the same store as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -29,6 +30,7 @@ import math
 import re
 import sys
 import uuid
+import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,9 @@ from wsicell.store import (
 from wsicell.tissue import detect_tissue, stained_pixels, tile_tissue_fractions
 
 STAIN_PIXELS_PER_TILE = 1 << 16
+#: Tissue pixels (reference grid) from which a slide's colours go through a StainLookup:
+#: building the table costs about as much as computing ~40 MP directly, per worker.
+LOOKUP_MIN_PIXELS = 64_000_000
 STAIN_WINDOW = 1024  # reference px read per sampled tile in pass 1
 _STAGED_COLUMNS = [c for c in CELL_COLUMNS if c not in ("cell_id", "tile_id")]
 
@@ -73,6 +78,7 @@ class SlidePlan:
     halo: int
     grid_cols: int
     grid_rows: int
+    stain_lookup: bool = True
 
     def core(self, tile_id: int) -> tuple[int, int, int, int]:
         """``[x0, y0, x1, y1)`` of the tile itself (reference px)."""
@@ -143,15 +149,15 @@ def sample_stain_pixels(plan: SlidePlan, tile_id: int) -> np.ndarray:
     return pixels[stained_pixels(pixels)]
 
 
-def segment_tile(plan: SlidePlan, lookup: StainLookup, config: WsicellConfig,
+def segment_tile(plan: SlidePlan, colours: StainLookup | StainParameters, config: WsicellConfig,
                  tile_id: int) -> dict[str, np.ndarray]:
     """The nuclei owned by one tile, in level-0 pixels, as staged columns plus ``crops``."""
     from wsicell.segment import measure_nuclei, segment_hematoxylin
 
     wx0, wy0, wx1, wy1 = window = plan.window(tile_id)
-    normalised, hematoxylin = lookup.apply(read_tile(plan, window))
-    labels = segment_hematoxylin(hematoxylin, config.segmentation)
-    nuclei = measure_nuclei(labels, hematoxylin, normalised, config.segmentation)
+    normalised, hematoxylin = colours.apply(read_tile(plan, window))
+    nuclei = measure_nuclei(segment_hematoxylin(hematoxylin, config.segmentation),
+                            hematoxylin, normalised, config.segmentation)
     x, y = nuclei.x + wx0, nuclei.y + wy0
     x0, y0, x1, y1 = plan.core(tile_id)
     # A nucleus touching a window edge inside the slide is cut by the window: it is
@@ -180,10 +186,11 @@ def segment_tiles(plan: SlidePlan, stain: dict, config: WsicellConfig,
                   tile_ids: list[int]) -> int:
     """Dask task: segment tiles and stage each one atomically; returns the tile count."""
     _limit_threads()
-    lookup = _worker_lookup(json.dumps(stain, sort_keys=True))
+    colours = (_worker_lookup(json.dumps(stain, sort_keys=True)) if plan.stain_lookup
+               else StainParameters.from_json(stain))
     plan.staging.mkdir(parents=True, exist_ok=True)
     for tile_id in tile_ids:
-        write_staged_tile(plan.staging, tile_id, segment_tile(plan, lookup, config, tile_id))
+        write_staged_tile(plan.staging, tile_id, segment_tile(plan, colours, config, tile_id))
     return len(tile_ids)
 
 
@@ -342,6 +349,8 @@ def plan_slide(path: Path, store: Path, config: WsicellConfig, mpp: float | None
     if not keep.any():
         raise WsicellError(f"{path}: no tissue found (tissue detection on a "
                            f"{thumb.shape[1]}x{thumb.shape[0]} thumbnail)")
+    tissue_pixels = int(np.prod(cores[keep, 2:] - cores[keep, :2], axis=1).sum())
+    plan = dataclasses.replace(plan, stain_lookup=tissue_pixels >= LOOKUP_MIN_PIXELS)
     level0 = np.round(cores[keep] * grid.scale).astype(np.int32)
     tiles = {"tile_id": all_ids[keep], "x0": level0[:, 0], "y0": level0[:, 1],
              "x1": level0[:, 2], "y1": level0[:, 3], "tissue_fraction": fractions[keep],
@@ -484,7 +493,9 @@ def ingest(paths, store, config: WsicellConfig = WsicellConfig(), *, mpp=None, w
     ------
     WsicellError
         Bad inputs (see :func:`plan_slide`), a store path that is a file or another
-        ingest running into the same store.
+        ingest running into the same store.  With several slides, one that fails is
+        reported as a warning and the others are still ingested; the error, raised at
+        the end, counts the failures.
     """
     files = [p.resolve() for p in find_slide_files(paths)]
     ids = [slide_id_for(p) for p in files]
@@ -497,8 +508,20 @@ def ingest(paths, store, config: WsicellConfig = WsicellConfig(), *, mpp=None, w
     with store_lock(store), _lazy_client(workers, threads_per_worker, memory_limit,
                                          scheduler, progress) as client:
         root = open_store(store, mode="r+")
-        return [ingest_slide(client, root, path, store, config, mpp=mpp,
-                             overwrite=overwrite, progress=progress) for path in files]
+        done, failed = [], []
+        for path in files:
+            try:
+                done.append(ingest_slide(client, root, path, store, config, mpp=mpp,
+                                         overwrite=overwrite, progress=progress))
+            except WsicellError as err:
+                if len(files) == 1:
+                    raise
+                warnings.warn(str(err), stacklevel=2)
+                failed.append(err)
+    if failed:
+        raise WsicellError(f"{len(failed)} of {len(files)} slides failed, the other "
+                           f"{len(done)} are complete in {store}; first failure: {failed[0]}")
+    return done
 
 
 @contextmanager

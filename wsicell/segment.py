@@ -38,31 +38,31 @@ def fill_holes(mask: np.ndarray, max_hole_px: int = 0) -> np.ndarray:
     -------
     ndarray, shape (H, W), bool
     """
-    padded = np.pad(mask, 1).astype(np.uint8)
-    flood = np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8)
-    cv2.floodFill(padded, flood, (0, 0), 1, flags=4)
-    holes = padded[1:-1, 1:-1] == 0
+    # Holes are the 4-connected background components that do not touch the border.
+    _, labels = cv2.connectedComponents((~mask).astype(np.uint8), connectivity=4,
+                                        ltype=cv2.CV_32S)
+    fill = np.ones(labels.max(initial=0) + 1, dtype=bool)
+    fill[0] = False  # label 0: the mask itself
+    fill[labels[[0, -1], :]] = False
+    fill[labels[:, [0, -1]]] = False
     if max_hole_px:
-        _, labels, stats, _ = cv2.connectedComponentsWithStats(
-            holes.astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)
-        small = stats[:, cv2.CC_STAT_AREA] <= max_hole_px
-        small[0] = False
-        holes = small[labels]
-    return mask | holes
+        fill &= np.bincount(labels.ravel(), minlength=len(fill)) <= max_hole_px
+    return mask | fill[labels]
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """8-connected labels (int32) and OpenCV's statistics of each label (row 0 =
-    background; columns ``cv2.CC_STAT_LEFT, TOP, WIDTH, HEIGHT, AREA``)."""
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(
-        mask.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
-    )
-    return labels, stats
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """8-connected labels (int32), OpenCV's statistics of each label (row 0 = background;
+    columns ``cv2.CC_STAT_LEFT, TOP, WIDTH, HEIGHT, AREA``) and centroids (x, y).
+
+    Grana's algorithm: the same labels as OpenCV's default, about twice as fast here."""
+    _, labels, stats, centroids = cv2.connectedComponentsWithStatsWithAlgorithm(
+        mask.astype(np.uint8), 8, cv2.CV_32S, cv2.CCL_GRANA)
+    return labels, stats, centroids
 
 
 def remove_small_objects(mask: np.ndarray, min_area: int) -> np.ndarray:
     """Drop 8-connected objects of fewer than ``min_area`` pixels from a bool mask."""
-    labels, stats = _components(mask)
+    labels, stats, _ = _components(mask)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_area
     keep[0] = False
     return keep[labels]
@@ -74,15 +74,6 @@ def _open(mask: np.ndarray, shape: int, size: int) -> np.ndarray:
         return mask
     kernel = cv2.getStructuringElement(shape, (size, size))
     return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
-
-
-def _relabel_sequential(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Keep the labels flagged in ``keep`` (indexed by label), renumbered 1..n in order."""
-    keep = keep.copy()
-    keep[0] = False
-    new_ids = np.zeros(len(keep), dtype=np.int32)
-    new_ids[keep] = np.arange(1, keep.sum() + 1, dtype=np.int32)
-    return new_ids[labels]
 
 
 def split_touching(mask: np.ndarray, min_depth: float) -> np.ndarray:
@@ -105,19 +96,73 @@ def split_touching(mask: np.ndarray, min_depth: float) -> np.ndarray:
         Labels, 0 = background.
     """
     distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
-    seeds, _ = _components(h_maxima(distance, min_depth).astype(bool))
+    seeds, _, _ = _components(h_maxima(distance, min_depth).astype(bool))
     return watershed(-distance, seeds, mask=mask).astype(np.int32)
 
 
-def _longest_sides(labels: np.ndarray) -> np.ndarray:
-    """Longest bounding-box side of each label, index 0 (background) = 0."""
-    boxes = ndimage.find_objects(labels)
-    return np.array([0] + [max(b[0].stop - b[0].start, b[1].stop - b[1].start) if b else 0
-                           for b in boxes])
+@dataclass
+class Objects:
+    """Labelled objects of an image with their boxes, areas and centroids.
+
+    Attributes
+    ----------
+    labels : ndarray, shape (H, W), int32
+        Object ``i`` has label ``i + 1``; 0 is background.
+    bbox : ndarray, shape (N, 4), int32
+        ``[x0, y0, x1, y1)`` of each object.
+    area : ndarray, shape (N,), int32
+        Pixels.
+    x, y : ndarray, shape (N,), float64
+        Centroid column and row.
+    """
+
+    labels: np.ndarray
+    bbox: np.ndarray
+    area: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+
+    @classmethod
+    def from_labels(cls, labels: np.ndarray) -> "Objects":
+        """Statistics of a label image whose labels are 1..N (e.g. from a watershed)."""
+        n = int(labels.max(initial=0))
+        bbox = np.zeros((n, 4), dtype=np.int32)
+        for i, box in enumerate(ndimage.find_objects(labels, max_label=n)):
+            if box is not None:  # a label without pixels keeps an empty box
+                rows, cols = box
+                bbox[i] = cols.start, rows.start, cols.stop, rows.stop
+        pixel = np.flatnonzero(labels)
+        label = labels.ravel()[pixel]
+        rows, cols = np.divmod(pixel, labels.shape[1])
+        area = np.bincount(label, minlength=n + 1)[1:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            x = np.bincount(label, weights=cols, minlength=n + 1)[1:] / area
+            y = np.bincount(label, weights=rows, minlength=n + 1)[1:] / area
+        return cls(labels, bbox, area.astype(np.int32), x, y)
+
+    @classmethod
+    def components(cls, mask: np.ndarray) -> "Objects":
+        """The 8-connected components of a mask (statistics from OpenCV's labelling)."""
+        labels, stats, centroids = _components(mask)
+        left, top, width, height, area = stats[1:].T
+        bbox = np.stack([left, top, left + width, top + height], axis=1).astype(np.int32)
+        return cls(labels, bbox, area.astype(np.int32), centroids[1:, 0], centroids[1:, 1])
+
+    def keep(self, which: np.ndarray) -> "Objects":
+        """The objects flagged in the bool array ``which`` (N,), renumbered in order."""
+        new_ids = np.zeros(len(which) + 1, dtype=np.int32)
+        new_ids[1:][which] = np.arange(1, which.sum() + 1, dtype=np.int32)
+        return Objects(new_ids[self.labels], self.bbox[which], self.area[which],
+                       self.x[which], self.y[which])
 
 
-def segment_hematoxylin(hematoxylin: np.ndarray, config: SegmentationConfig) -> np.ndarray:
+def segment_hematoxylin(hematoxylin: np.ndarray, config: SegmentationConfig) -> Objects:
     """Label nuclei in a hematoxylin channel.
+
+    Steps: threshold; fill holes (up to ``max_hole_px``); remove objects under
+    ``min_area_px``; elliptic opening against thin protrusions; square opening; label
+    (or split touching nuclei); drop pieces under ``min_fragment_px`` and objects whose
+    box is longer than ``max_size_px``.
 
     Parameters
     ----------
@@ -125,32 +170,24 @@ def segment_hematoxylin(hematoxylin: np.ndarray, config: SegmentationConfig) -> 
         Hematoxylin intensity (0 = much stain) at ``config.reference_mpp``.
     config : SegmentationConfig
 
-    Steps: threshold; fill holes (up to ``max_hole_px``); remove objects under
-    ``min_area_px``; elliptic opening against thin protrusions; square opening; label
-    (or split touching nuclei); drop pieces under ``min_fragment_px`` and objects whose
-    box is longer than ``max_size_px``.
-
     Returns
     -------
-    ndarray, shape (H, W), int32
-        Nucleus labels 1..N in raster order of their first pixel, 0 = background.
+    Objects
+        Nuclei labelled 1..N in raster order of their first pixel.
     """
     foreground = fill_holes(hematoxylin < config.hematoxylin_threshold, config.max_hole_px)
     foreground = remove_small_objects(foreground, config.min_area_px)
     foreground = _open(foreground, cv2.MORPH_ELLIPSE, config.protrusion_width_px)
     foreground = _open(foreground, cv2.MORPH_RECT, config.opening_size_px)
     if config.split_touching:
-        labels = split_touching(foreground, config.split_min_depth_px)
-        area = np.bincount(labels.ravel())
-        longest = _longest_sides(labels)
+        objects = Objects.from_labels(split_touching(foreground, config.split_min_depth_px))
     else:
-        labels, stats = _components(foreground)
-        area = stats[:, cv2.CC_STAT_AREA]
-        longest = np.maximum(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT])
-    keep = area >= max(config.min_fragment_px, 1)
+        objects = Objects.components(foreground)
+    keep = objects.area >= max(config.min_fragment_px, 1)
     if config.max_size_px:
-        keep &= longest <= config.max_size_px
-    return _relabel_sequential(labels, keep)
+        sides = objects.bbox[:, 2:] - objects.bbox[:, :2]
+        keep &= sides.max(axis=1, initial=0) <= config.max_size_px
+    return objects.keep(keep)
 
 
 @dataclass
@@ -216,9 +253,10 @@ def cell_crop(region: np.ndarray, inside: np.ndarray, size: int) -> np.ndarray:
     if max(h, w) > size:
         scale = size / max(h, w)
         h, w = max(1, round(h * scale)), max(1, round(w * scale))
-        cell = cv2.resize(np.where(inside[..., None], region, np.uint8(255)), (w, h),
-                          interpolation=cv2.INTER_AREA)
-        inside = np.ones((h, w), dtype=bool)  # the background is white already
+        cell = region.copy()
+        cell[~inside] = 255
+        inside = slice(None)  # the whole shrunk box: its background is white already
+        cell = cv2.resize(cell, (w, h), interpolation=cv2.INTER_AREA)
     crop = np.full((size, size, 3), 255, dtype=np.uint8)
     top, left = (size - h) // 2, (size - w) // 2
     crop[top:top + h, left:left + w][inside] = cell[inside]
@@ -255,11 +293,14 @@ def cell_crops(labels: np.ndarray, image: np.ndarray, bbox: np.ndarray, size: in
     cols = (x0 - (size - (x1 - x0)) // 2)[ids, None] + offsets
     in_rows = (rows >= y0[ids, None]) & (rows < y1[ids, None])
     in_cols = (cols >= x0[ids, None]) & (cols < x1[ids, None])
-    rows = np.clip(rows, 0, labels.shape[0] - 1)[:, :, None]
-    cols = np.clip(cols, 0, labels.shape[1] - 1)[:, None, :]
-    inside = (labels[rows, cols] == (ids + 1)[:, None, None])
+    height, width = labels.shape
+    flat = ((np.clip(rows, 0, height - 1) * width)[:, :, None]
+            + np.clip(cols, 0, width - 1)[:, None, :])
+    inside = labels.ravel().take(flat) == (ids + 1)[:, None, None]
     inside &= in_rows[:, :, None] & in_cols[:, None, :]
-    crops[ids] = np.where(inside[..., None], image[rows, cols], np.uint8(255))
+    flat[~inside] = height * width  # index of the white pixel appended below
+    white = np.full((1, 3), 255, dtype=np.uint8)
+    crops[ids] = np.concatenate([image.reshape(-1, 3), white]).take(flat, axis=0)
     for i in np.flatnonzero(~fits):
         box = np.s_[y0[i]:y1[i], x0[i]:x1[i]]
         crops[i] = cell_crop(image[box], labels[box] == i + 1, size)
@@ -267,14 +308,14 @@ def cell_crops(labels: np.ndarray, image: np.ndarray, bbox: np.ndarray, size: in
 
 
 def measure_nuclei(
-    labels: np.ndarray, hematoxylin: np.ndarray, normalised: np.ndarray, config: SegmentationConfig
+    objects: Objects, hematoxylin: np.ndarray, normalised: np.ndarray, config: SegmentationConfig
 ) -> Nuclei:
-    """Centroid, box, area, mean hematoxylin and cell image of every labelled nucleus.
+    """Centroid, box, area, mean hematoxylin and cell image of every nucleus.
 
     Parameters
     ----------
-    labels : ndarray, shape (H, W), int32
-        Labels 1..N (0 = background), e.g. from :func:`segment_hematoxylin`.
+    objects : Objects
+        The nuclei, e.g. from :func:`segment_hematoxylin`.
     hematoxylin : ndarray, shape (H, W), uint8
     normalised : ndarray, shape (H, W, 3), uint8
         Colour-normalised image the crops are cut from.
@@ -285,22 +326,11 @@ def measure_nuclei(
     Nuclei
         Ordered by label.
     """
-    boxes = ndimage.find_objects(labels)
-    n = len(boxes)
-    bbox = np.array([[c.start, r.start, c.stop, r.stop] for r, c in boxes],
-                    dtype=np.int32).reshape(n, 4)
-    pixel = np.flatnonzero(labels)
-    label = labels.ravel()[pixel]
-    rows, cols = np.divmod(pixel, labels.shape[1])
-    area = np.bincount(label, minlength=n + 1)[1:]
-
-    def label_mean(values):
-        return np.bincount(label, weights=values, minlength=n + 1)[1:] / area
-
-    x, y = label_mean(cols), label_mean(rows)
-    mean_h = label_mean(hematoxylin.ravel()[pixel]).astype(np.float32)
-    crops = cell_crops(labels, normalised, bbox, config.crop_size)
-    return Nuclei(x, y, bbox, area.astype(np.int32), mean_h, crops)
+    n = len(objects.area)
+    hema_sum = np.bincount(objects.labels.ravel(), weights=hematoxylin.ravel(), minlength=n + 1)
+    mean_h = (hema_sum[1:] / np.maximum(objects.area, 1)).astype(np.float32)
+    crops = cell_crops(objects.labels, normalised, objects.bbox, config.crop_size)
+    return Nuclei(objects.x, objects.y, objects.bbox, objects.area, mean_h, crops)
 
 
 def is_grayscale(rgb: np.ndarray) -> bool:
@@ -333,7 +363,6 @@ def segment_image(
         normalised, hematoxylin = rgb, rgb[..., 0]
     else:
         stain = stain or fit_stain_parameters(rgb, config.stain)
-        normalised = stain.normalise(rgb)
-        hematoxylin = stain.hematoxylin(normalised)
-    labels = segment_hematoxylin(hematoxylin, config.segmentation)
-    return measure_nuclei(labels, hematoxylin, normalised, config.segmentation), labels
+        normalised, hematoxylin = stain.apply(rgb)
+    objects = segment_hematoxylin(hematoxylin, config.segmentation)
+    return measure_nuclei(objects, hematoxylin, normalised, config.segmentation), objects.labels
