@@ -26,8 +26,18 @@ $(VENV)/.reference: $(VENV)/.installed
 	$(PY) -m pip install -q girder-slicer-cli-web shapely nimfa girder-client ctk-cli
 	touch $@
 
+# The bundled sample: two bone-marrow fields at the reference 0.4 um/px. The GAN is
+# CPU-sized (width 16, 150 iterations) so the demo takes minutes; the model is kept and
+# reused by later runs (delete demo-output/ to start again).
+SAMPLE := tests/data/bm_graz/images
 demo: $(VENV)/.installed
-	$(WSICELL) segment tests/data/bm_graz/images --out $(DEMO)/segment
+	$(WSICELL) segment $(SAMPLE) --out $(DEMO)/segment --mpp 0.4 --no-progress
+	$(WSICELL) ingest $(SAMPLE) --store $(DEMO)/cells.zarr --mpp 0.4
+	test -f $(DEMO)/model/model.pt || $(WSICELL) train --store $(DEMO)/cells.zarr \
+	    --out $(DEMO)/model --width 16 --epochs 100 --max-iters 150 --sample-every 50 \
+	    --checkpoint-every 50 --workers 0
+	$(WSICELL) predict --slides $(SAMPLE) --model $(DEMO)/model --store $(DEMO)/cells.zarr \
+	    --out $(DEMO)/results --mpp 0.4 --region-size 100
 
 test: $(VENV)/.reference
 	$(PY) -m pytest -q
