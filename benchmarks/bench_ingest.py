@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 
 import make_benchmark_slide  # noqa: E402
 from wsicell.config import IngestConfig, WsicellConfig  # noqa: E402
-from wsicell.ingest import SlidePlan, ingest, segment_tile  # noqa: E402
-from wsicell.slide import ReferenceGrid, open_slide, read_reference_region  # noqa: E402
+from wsicell.ingest import ingest, plan_slide, segment_tile  # noqa: E402
+from wsicell.slide import open_slide, read_reference_region  # noqa: E402
 from wsicell.stain import StainLookup, StainParameters  # noqa: E402
 from wsicell.store import open_store  # noqa: E402
 
@@ -53,7 +53,16 @@ def build_slide(path: Path, gigapixels: float) -> Path:
 
 
 def _worker_peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this worker process (``VmHWM``, Linux).
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries that over ``execve`` from the parent at
+    fork time, and a LocalCluster's workers are forked from this (client) process, so it
+    would report the client's size, not the worker's.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (peak memory needs Linux)")
 
 
 def _worker_cpu_s() -> float:
@@ -86,44 +95,40 @@ def timed_ingest(slide: Path, store: Path, config: WsicellConfig, workers: int) 
         "tissue_mp": float((ref_px * tiles["tissue_fraction"][:]).sum() / 1e6),
         "tile_mp": float(ref_px.sum() / 1e6), "n_cells": int(group.attrs["n_cells"]),
         "n_tiles": int(tiles["tile_id"].shape[0]), "stain": group.attrs["stain"],
-        "grid_cols": int(group.attrs["grid_cols"]), "tiles": tiles,
     }
 
 
 def time_recipes_on_tiles(slide: Path, run: dict, config: WsicellConfig, n_tiles: int,
-                          seed: int) -> tuple[float, float, float]:
+                          seed: int) -> tuple[float, float, float, float]:
     """Seconds per megapixel of HistomicsTK's recipe and of wsicell's tile kernel.
 
-    Both on the same seeded sample of tissue tiles (with halo), single-threaded, in this
-    process.  Returns (htk_s_per_mp, wsicell_kernel_s_per_mp, sampled_mp).
+    Both on the same seeded sample of tissue tiles (their tissue regions with halo),
+    single-threaded, in this process.  Returns (htk_s_per_mp, wsicell_kernel_s_per_mp,
+    sampled_mp, processed_mp), the last being the megapixels ingest reads for all tiles.
     """
     from htk_reference import htk_recipe
 
+    plan, _, _, _, tiles = plan_slide(slide, Path(tempfile.gettempdir()), config, None)
+    full = np.flatnonzero(tiles["tissue_fraction"] >= 0.9)
+    rows = full if len(full) else np.arange(len(tiles["tile_id"]))
+    sample = np.random.default_rng(seed).choice(rows, min(n_tiles, len(rows)), replace=False)
+    windows = np.array([plan.window(region) for region in tiles["region"]])
+    processed_mp = float(np.prod(windows[:, 2:] - windows[:, :2], axis=1).sum() / 1e6)
     source = open_slide(slide)
-    plan = SlidePlan(
-        slide_id=run["slide_id"], path=str(slide), fingerprint="", store="", mpp=source.mpp,
-        reference_mpp=config.segmentation.reference_mpp,
-        grid=ReferenceGrid.of(source, source.mpp, config.segmentation.reference_mpp),
-        tile_size=config.ingest.tile_size, halo=config.ingest.halo,
-        grid_cols=run["grid_cols"], grid_rows=0,
-    )
-    tiles = run["tiles"]
-    ids, fractions = tiles["tile_id"][:], tiles["tissue_fraction"][:]
-    full = ids[fractions >= 0.9] if (fractions >= 0.9).any() else ids
-    sample = np.random.default_rng(seed).choice(full, min(n_tiles, len(full)), replace=False)
     lookup = StainLookup.build(StainParameters.from_json(run["stain"]))
     htk_s = kernel_s = megapixels = 0.0
-    for tile_id in sample:
-        x0, y0, x1, y1 = plan.window(int(tile_id))
+    for row in sample:
+        region = tuple(int(v) for v in tiles["region"][row])
+        x0, y0, x1, y1 = plan.window(region)
         rgb = read_reference_region(source, plan.grid, x0, y0, x1 - x0, y1 - y0)
         megapixels += rgb.shape[0] * rgb.shape[1] / 1e6
         start = time.perf_counter()
         htk_recipe(rgb)
         htk_s += time.perf_counter() - start
         start = time.perf_counter()
-        segment_tile(plan, lookup, config, int(tile_id))
+        segment_tile(plan, lookup, config, region)
         kernel_s += time.perf_counter() - start
-    return htk_s / megapixels, kernel_s / megapixels, megapixels
+    return htk_s / megapixels, kernel_s / megapixels, megapixels, processed_mp
 
 
 def main(argv=None):
@@ -155,10 +160,10 @@ def main(argv=None):
     print(f"peak_rss_mb_per_worker: {base['peak_rss_mb']:.0f}")
 
     if args.htk_tiles:
-        htk, kernel, sampled = time_recipes_on_tiles(slide, base, config, args.htk_tiles,
-                                                     args.seed)
-        halo_mp = (args.tile_size + 2 * config.ingest.halo) ** 2 / 1e6
-        end_to_end = core_s / (base["n_tiles"] * halo_mp)
+        htk, kernel, sampled, processed = time_recipes_on_tiles(
+            slide, base, config, args.htk_tiles, args.seed)
+        end_to_end = core_s / processed
+        print(f"processed_mp: {processed:.1f}  (tissue regions of the tiles, with halo)")
         print(f"htk_s_per_mp: {htk:.3f}  (on {sampled:.1f} MP of tissue tiles)")
         print(f"wsicell_tile_kernel_s_per_mp: {kernel:.4f}")
         print(f"wsicell_end_to_end_core_s_per_tile_mp: {end_to_end:.4f}")

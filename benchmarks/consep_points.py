@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pandas as pd
-
-from consep_clustering import DATA, TYPES, annotations, patch_images
+from consep_clustering import DATA, patch_images, write_points
 
 
 def main() -> None:
@@ -29,14 +27,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"{args.data}: CoNSeP patches not found")
-    args.out.mkdir(parents=True, exist_ok=True)
     images = patch_images(args.data, None)
-    for image in images:
-        centroids, kinds = annotations(args.data, image.stem)
-        centroids = centroids.reshape(-1, 2)
-        pd.DataFrame({"x": centroids[:, 0], "y": centroids[:, 1],
-                      "label": [TYPES[k] for k in kinds]}).to_csv(args.out / f"{image.stem}.csv",
-                                                                   index=False)
+    write_points(args.data, args.out, images)
     print(f"points_files: {len(images)}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from wsicell.config import WsicellConfig, segmentation_preset
+from wsicell.config import SEGMENTATION_PRESETS, WsicellConfig, segmentation_preset
 
 EPILOG = """\b
 Examples:
@@ -48,7 +48,8 @@ def ingest_options(command):
 @ingest_options
 @click.option("--config", "config_file", type=click.Path(), default=None,
               help="JSON configuration file (wsicell.config.WsicellConfig).")
-@click.option("--preset", default=None, help="Segmentation preset: paper or split.")
+@click.option("--preset", type=click.Choice(sorted(SEGMENTATION_PRESETS)), default=None,
+              help="Segmentation preset [default: the configuration's, paper].")
 @click.option("--tile-size", type=int, default=None,
               help="Tile side in pixels at the reference resolution [default: config].")
 @click.option("--overwrite", is_flag=True, help="Redo slides the store already holds complete.")

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from wsicell.errors import WsicellError
-from wsicell.evaluation import evaluate_slide_predictions, matched_cells, read_points
+from wsicell.evaluation import evaluate_slide_predictions, matched_cells
+from wsicell.files import read_points
 
 
 def test_read_points(tmp_path):

@@ -7,7 +7,7 @@ from scipy.spatial import cKDTree
 
 from conftest import TEST_DATA, shared_data_path
 from wsicell.config import IngestConfig, WsicellConfig
-from wsicell.ingest import cell_blocks, ingest
+from wsicell.ingest import cell_blocks, ingest, plan_slide
 from wsicell.segment import segment_image
 from wsicell.slide import ReferenceGrid, open_slide, read_reference_region
 from wsicell.stain import StainParameters
@@ -88,11 +88,14 @@ def test_tiled_ingest_equals_whole_image_segmentation(store, slide_id, path):
     whole = read_reference_region(slide, grid, 0, 0, grid.width, grid.height)
     nuclei, _ = segment_image(whole, CONFIG, stain=StainParameters.from_json(attrs["stain"]))
     cells = slide_cells(root, slide_id)
-    # the whole image has nuclei on glass tiles too: keep those whose centroid is in a
-    # processed tile (tile_id = row * grid_cols + col on the reference grid)
-    size = CONFIG.ingest.tile_size
-    tile_of = (nuclei.y // size).astype(int) * attrs["grid_cols"] + (nuclei.x // size).astype(int)
-    inside = np.isin(tile_of, root[f"slides/{slide_id}/tiles/tile_id"][:])
+    # the whole image has nuclei on glass too: keep those whose centroid is in the tissue
+    # region of a processed tile (reference px, as ingest plans them)
+    _, _, _, _, tiles = plan_slide(path, store, CONFIG, None)
+    regions = tiles["region"]
+    assert len(regions) == root[f"slides/{slide_id}/tiles/tile_id"].shape[0]
+    x, y = nuclei.x[:, None], nuclei.y[:, None]
+    inside = ((x >= regions[:, 0]) & (x < regions[:, 2])
+              & (y >= regions[:, 1]) & (y < regions[:, 3])).any(axis=1)
     expected = np.stack([grid.to_level0(nuclei.x), grid.to_level0(nuclei.y)], axis=1)[inside]
     found = cells[["x", "y"]].to_numpy()
     assert len(found) == len(expected) > 100

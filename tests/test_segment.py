@@ -6,7 +6,7 @@ import pandas as pd
 import scipy.ndimage
 import skimage.measure
 
-from conftest import TEST_DATA, bm_graz_images, htk_reference
+from conftest import TEST_DATA, bm_graz_images, htk_reference, shared_data_path
 from wsicell import segment
 from wsicell.config import SegmentationConfig, StainConfig, WsicellConfig, segmentation_preset
 from wsicell.metrics import detection_score
@@ -109,6 +109,27 @@ def test_sensitive_preset_beats_paper_on_vendored_annotations():
         scores[name] = total.f1
     assert scores["paper"] > 0.75
     assert scores["sensitive"] > max(0.80, scores["paper"])
+
+
+def test_tissue_preset_finds_the_colorectal_nuclei_the_paper_recipe_misses():
+    import scipy.io
+
+    from wsicell.images import segment_file
+
+    data = shared_data_path("consep_patches")
+    scores = {}
+    for name in ("paper", "tissue"):
+        config = WsicellConfig(segmentation=segmentation_preset(name))
+        total = None
+        for image in sorted((data / "images" / "test").glob("*.jpg"))[::25]:
+            truth = scipy.io.loadmat(data / "type_mat" / "test" / f"{image.stem}.mat")
+            found = segment_file(image, config, mpp=0.25).centroids()
+            score = detection_score(found, truth["inst_centroid"].reshape(-1, 2), 16)  # 4 um
+            total = score if total is None else total + score
+        scores[name] = total
+    assert scores["paper"].recall < 0.3
+    assert scores["tissue"].recall > 2 * scores["paper"].recall
+    assert scores["tissue"].f1 > 0.5 and scores["tissue"].precision > 0.6
 
 
 def iou(a, b):

@@ -4,7 +4,7 @@ import numpy as np
 
 from conftest import TEST_DATA
 from wsicell.slide import open_slide
-from wsicell.tissue import detect_tissue, stained_pixels, tile_tissue_fractions
+from wsicell.tissue import detect_tissue, stained_pixels, tile_tissue_fractions, tissue_boxes
 
 
 def test_tissue_is_found_on_the_stained_piece_only():
@@ -43,3 +43,15 @@ def test_tile_fractions_use_the_mask_under_each_tile():
 def test_stained_pixels_exclude_glass_and_keep_pale_eosin():
     pixels = np.array([[242, 242, 240], [255, 255, 255], [225, 185, 215], [90, 60, 140]], np.uint8)
     np.testing.assert_array_equal(stained_pixels(pixels), [False, False, True, True])
+
+
+def test_tissue_boxes_hug_the_tissue_of_each_tile():
+    mask = np.zeros((8, 8), bool)
+    mask[1:3, 2:4] = True  # tissue in the top-left tile only, mask px 2..3 x 1..2
+    tiles = np.array([[0, 0, 40, 40], [40, 0, 80, 40], [0, 40, 80, 80]])
+    boxes = tissue_boxes(mask, tiles, tile_to_mask=0.1)  # 10 tile px per mask px
+    # grown by one mask pixel on each side, clipped to the tile
+    np.testing.assert_array_equal(boxes[0], [10, 0, 40, 40])
+    # tiles without tissue keep their whole box
+    np.testing.assert_array_equal(boxes[1:], tiles[1:])
+    assert tissue_boxes(mask, tiles[:0], 0.1).shape == (0, 4)

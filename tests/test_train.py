@@ -209,3 +209,10 @@ def test_bf16_autocast_steps_are_finite(crops):
     losses = trainer.iteration(batches)
     assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_the_q_step_has_its_own_learning_rate():
+    config = WsicellConfig(train=TrainConfig(width=8, lr=1e-4, lr_info=1e-3))
+    trainer = Trainer(build_model(5, 32, 8, seed=0), config, torch.device("cpu"))
+    rates = {name: {g["lr"] for g in opt.param_groups} for name, opt in trainer.optimizers.items()}
+    assert rates == {"critic": {1e-4}, "generator": {1e-4}, "info": {1e-3}}

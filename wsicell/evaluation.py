@@ -18,37 +18,10 @@ from sklearn.metrics import precision_recall_fscore_support
 
 from wsicell.baseline import baseline_clusters
 from wsicell.errors import WsicellError
+from wsicell.files import read_points
 from wsicell.metrics import clustering_score, match_points
 from wsicell.slide_classes import read_slide_labels
 from wsicell.store import complete_slides, open_store, slide_cells, slide_crops
-
-
-def read_points(path: str | Path) -> pd.DataFrame:
-    """Read an ``x,y,label`` CSV of annotated cells.
-
-    Returns
-    -------
-    DataFrame with ``x``, ``y`` (float, level-0 pixels) and ``label`` (str).
-
-    Raises
-    ------
-    WsicellError
-        Unreadable file, missing columns or non-numeric coordinates.
-    """
-    path = Path(path)
-    try:
-        table = pd.read_csv(path, dtype={"label": str}, keep_default_na=False)
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise WsicellError(f"{path}: not a readable points CSV ({err})") from None
-    table.columns = [str(c).strip() for c in table.columns]
-    if not {"x", "y", "label"} <= set(table.columns):
-        raise WsicellError(f"{path}: needs columns x,y,label; found {list(table.columns)}")
-    try:
-        table = table.assign(x=table.x.astype(float), y=table.y.astype(float),
-                             label=table.label.astype(str).str.strip())
-    except ValueError:
-        raise WsicellError(f"{path}: x and y must be numbers") from None
-    return table[["x", "y", "label"]]
 
 
 def matched_cells(store: str | Path, points_dir: str | Path, radius: float

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from wsicell import __version__
 from wsicell.config import WsicellConfig, load_config
 from wsicell.errors import WsicellError
+from wsicell.files import read_points
 from wsicell.metrics import DetectionScore, detection_score
 from wsicell.report import crop_mosaic
 from wsicell.segment import Nuclei, is_grayscale, segment_image
@@ -175,17 +176,6 @@ def segment_files(paths: list[Path], out_dir: str | Path, config: WsicellConfig,
             for p in tqdm(paths, desc="segment", unit="image", disable=not progress)]
 
 
-def read_points(path: Path) -> np.ndarray:
-    """Centre points of a ``x,y`` CSV file, shape (N, 2), float64."""
-    try:
-        table = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise WsicellError(f"{path}: unreadable points file ({err})") from None
-    if not {"x", "y"} <= set(table.columns):
-        raise WsicellError(f"{path}: points file needs 'x' and 'y' columns")
-    return table[["x", "y"]].to_numpy(dtype=np.float64)
-
-
 def annotated_images(image_dir: Path, points_dir: Path) -> list[tuple[Path, Path]]:
     """(image, points CSV) pairs matched by file stem; images without a CSV are skipped."""
     for folder in (image_dir, points_dir):
@@ -218,7 +208,7 @@ def evaluate_detection(image_dir: str | Path, points_dir: str | Path, presets: l
     configs = {name: load_config(config_file, name) for name in presets}
     per_image = {name: {} for name in presets}
     for image, points_file in tqdm(pairs, desc="evaluate", unit="image", disable=not progress):
-        reference = read_points(points_file)
+        reference = read_points(points_file, ("x", "y")).to_numpy()
         for name, config in configs.items():
             found = segment_file(image, config, mpp)
             per_image[name][image.stem] = detection_score(found.centroids(), reference, radius)

@@ -8,12 +8,13 @@ touches tile pixels runs inside Dask workers:
    enough tissue are kept.  The slide group is created with ``status="ingesting"``.
 2. **Pass 1.** A seeded sample of tissue tiles gives a pixel sample from which the slide's
    :class:`~wsicell.stain.StainParameters` are fitted once and recorded.
-3. **Pass 2.** Each task segments a few tiles, each read with a halo so that a nucleus on a
-   border is found whole; a nucleus belongs to the tile holding its centroid.  A finished
+3. **Pass 2.** Each task segments a few tiles: only a tile's tissue region (the box of the
+   tissue mask inside it) is read, with a halo so that a nucleus on a border is found
+   whole; a nucleus belongs to the tile whose region holds its centroid.  A finished
    tile is written atomically to the staging directory, so a killed run loses at most the
    tiles in flight and a rerun skips what is staged.
 4. **Consolidation.** Cells are numbered in tile order; each task writes one block of
-   whole chunks of the final arrays (no two tasks write the same chunk).  ``status`` is set
+   whole chunks of the cell columns or of the crops (no two tasks write the same chunk).  ``status`` is set
    to ``"complete"`` last, then the staging files are removed.
 
 The result depends only on the slide and the configuration, so a run that was killed and
@@ -29,8 +30,10 @@ import logging
 import math
 import re
 import sys
+import threading
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +53,15 @@ from wsicell.store import (
     finish_slide, open_store, read_staged_tile, remove_staging, slide_status, staged_tiles,
     staging_dir, store_lock, write_staged_tile,
 )
-from wsicell.tissue import detect_tissue, stained_pixels, tile_tissue_fractions
+from wsicell.tissue import detect_tissue, stained_pixels, tile_tissue_fractions, tissue_boxes
 
 STAIN_PIXELS_PER_TILE = 1 << 16
 #: Tissue pixels (reference grid) from which a slide's colours go through a StainLookup:
 #: building the table costs about as much as computing ~40 MP directly, per worker.
 LOOKUP_MIN_PIXELS = 64_000_000
 STAIN_WINDOW = 1024  # reference px read per sampled tile in pass 1
+CROP_CHUNKS_PER_TASK = 4  # crop chunks written by one consolidation task
+SLIDES_IN_FLIGHT = 4  # slides ingested at the same time by a multi-slide run
 _STAGED_COLUMNS = [c for c in CELL_COLUMNS if c not in ("cell_id", "tile_id")]
 
 
@@ -65,6 +70,8 @@ class SlidePlan:
     """Everything a worker needs to process a slide's tiles (small and picklable).
 
     Coordinates of tiles are reference-grid pixels; ``tile_id = row * grid_cols + col``.
+    A tile's *region* is the part of it that holds tissue (:func:`wsicell.tissue.tissue_boxes`):
+    the tile owns the nuclei whose centroid lies in its region.
     """
 
     slide_id: str
@@ -87,9 +94,9 @@ class SlidePlan:
         return x0, y0, min(x0 + self.tile_size, self.grid.width), min(y0 + self.tile_size,
                                                                       self.grid.height)
 
-    def window(self, tile_id: int) -> tuple[int, int, int, int]:
-        """The tile grown by the halo, clipped to the slide (reference px)."""
-        x0, y0, x1, y1 = self.core(tile_id)
+    def window(self, region) -> tuple[int, int, int, int]:
+        """A region ``[x0, y0, x1, y1)`` grown by the halo, clipped to the slide (reference px)."""
+        x0, y0, x1, y1 = region
         return (max(x0 - self.halo, 0), max(y0 - self.halo, 0),
                 min(x1 + self.halo, self.grid.width), min(y1 + self.halo, self.grid.height))
 
@@ -135,12 +142,12 @@ def read_tile(plan: SlidePlan, box: tuple[int, int, int, int]) -> np.ndarray:
     return read_reference_region(slide, plan.grid, x0, y0, x1 - x0, y1 - y0)
 
 
-def sample_stain_pixels(plan: SlidePlan, tile_id: int) -> np.ndarray:
+def sample_stain_pixels(plan: SlidePlan, region) -> np.ndarray:
     """The stained pixels among a regular subsample (at most ``STAIN_PIXELS_PER_TILE``) of
-    the central ``STAIN_WINDOW`` square of a tile, (n, 3) uint8: glass would bias the
-    slide's Reinhard statistics by how much of it the sampled windows happen to hold."""
+    the central ``STAIN_WINDOW`` square of a tile's region, (n, 3) uint8: glass would bias
+    the slide's Reinhard statistics by how much of it the sampled windows happen to hold."""
     _limit_threads()
-    x0, y0, x1, y1 = plan.core(tile_id)
+    x0, y0, x1, y1 = region
     cx, cy, half = (x0 + x1) // 2, (y0 + y1) // 2, STAIN_WINDOW // 2
     rgb = read_tile(plan, (max(x0, cx - half), max(y0, cy - half),
                            min(x1, cx + half), min(y1, cy + half)))
@@ -150,16 +157,17 @@ def sample_stain_pixels(plan: SlidePlan, tile_id: int) -> np.ndarray:
 
 
 def segment_tile(plan: SlidePlan, colours: StainLookup | StainParameters, config: WsicellConfig,
-                 tile_id: int) -> dict[str, np.ndarray]:
-    """The nuclei owned by one tile, in level-0 pixels, as staged columns plus ``crops``."""
+                 region) -> dict[str, np.ndarray]:
+    """The nuclei owned by one tile region ``[x0, y0, x1, y1)`` (reference px), in level-0
+    pixels, as staged columns plus ``crops``."""
     from wsicell.segment import measure_nuclei, segment_hematoxylin
 
-    wx0, wy0, wx1, wy1 = window = plan.window(tile_id)
+    wx0, wy0, wx1, wy1 = window = plan.window(region)
     normalised, hematoxylin = colours.apply(read_tile(plan, window))
     nuclei = measure_nuclei(segment_hematoxylin(hematoxylin, config.segmentation),
                             hematoxylin, normalised, config.segmentation)
     x, y = nuclei.x + wx0, nuclei.y + wy0
-    x0, y0, x1, y1 = plan.core(tile_id)
+    x0, y0, x1, y1 = region
     # A nucleus touching a window edge inside the slide is cut by the window: it is
     # longer than the halo, so segment_hematoxylin drops it in a whole-image pass too.
     bx0, by0, bx1, by1 = nuclei.bbox.T
@@ -183,60 +191,56 @@ def segment_tile(plan: SlidePlan, colours: StainLookup | StainParameters, config
 
 
 def segment_tiles(plan: SlidePlan, stain: dict, config: WsicellConfig,
-                  tile_ids: list[int]) -> int:
-    """Dask task: segment tiles and stage each one atomically; returns the tile count."""
+                  tiles: list[tuple[int, tuple[int, int, int, int]]]) -> int:
+    """Dask task: segment ``(tile_id, region)`` tiles and stage each one atomically; returns
+    the tile count."""
     _limit_threads()
     colours = (_worker_lookup(json.dumps(stain, sort_keys=True)) if plan.stain_lookup
                else StainParameters.from_json(stain))
     plan.staging.mkdir(parents=True, exist_ok=True)
-    for tile_id in tile_ids:
-        write_staged_tile(plan.staging, tile_id, segment_tile(plan, colours, config, tile_id))
-    return len(tile_ids)
+    for tile_id, region in tiles:
+        write_staged_tile(plan.staging, tile_id, segment_tile(plan, colours, config, region))
+    return len(tiles)
 
 
-def write_cell_block(plan: SlidePlan, start: int, pieces: list[tuple[int, int, int]],
-                     crops_per_chunk: int) -> int:
-    """Dask task: write cells ``start..start+sum(counts)`` from staged tiles.
+def _staged_rows(plan: SlidePlan, pieces: list[tuple[int, int, int]], name: str) -> np.ndarray:
+    """Rows ``first:stop`` of staged array ``name`` of each piece's tile, concatenated."""
+    return np.concatenate([read_staged_tile(plan.staging, tile_id, [name])[name][first:stop]
+                           for tile_id, first, stop in pieces])
 
-    ``pieces`` are ``(tile_id, first, stop)``: rows ``first:stop`` of that tile's staged
-    cells, in order.  ``start`` is a multiple of every chunk size of the arrays, and the
-    block ends at a chunk boundary or at the end, so the block owns its chunks.
-    """
+
+def write_cell_columns(plan: SlidePlan, start: int, pieces: list[tuple[int, int, int]]) -> int:
+    """Dask task: write the cell table rows ``start..`` of ``pieces`` (see :func:`cell_blocks`);
+    ``start`` and the end of the block fall on chunk boundaries of the columns (or the end)."""
     import zarr
 
     _limit_threads()
-    group = zarr.open_group(Path(plan.store) / "slides" / plan.slide_id, mode="r+")
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in _STAGED_COLUMNS + ["tile_id"]}
-    for tile_id, first, stop in pieces:
-        staged = read_staged_tile(plan.staging, tile_id, _STAGED_COLUMNS)
-        for name in _STAGED_COLUMNS:
-            columns[name].append(staged[name][first:stop])
-        columns["tile_id"].append(np.full(stop - first, tile_id, dtype=np.int32))
-    stop_row = start + sum(stop - first for _, first, stop in pieces)
-    group["cells/cell_id"][start:stop_row] = np.arange(start, stop_row, dtype=np.int64)
-    for name, parts in columns.items():
-        group[f"cells/{name}"][start:stop_row] = np.concatenate(parts)
+    columns = zarr.open_group(Path(plan.store) / "slides" / plan.slide_id / "cells", mode="r+")
+    stop = start + sum(b - a for _, a, b in pieces)
+    columns["cell_id"][start:stop] = np.arange(start, stop, dtype=np.int64)
+    columns["tile_id"][start:stop] = np.concatenate(
+        [np.full(b - a, tile_id, dtype=np.int32) for tile_id, a, b in pieces])
+    for name in _STAGED_COLUMNS:
+        columns[name][start:stop] = _staged_rows(plan, pieces, name)
+    return stop - start
 
-    crops, buffer, row = group["crops"], [], start
-    for tile_id, first, stop in pieces:
-        tile_crops = read_staged_tile(plan.staging, tile_id, ["crops"])["crops"][first:stop]
-        while len(tile_crops):
-            take = min(len(tile_crops), crops_per_chunk - sum(len(b) for b in buffer))
-            buffer.append(tile_crops[:take])
-            tile_crops = tile_crops[take:]
-            if sum(len(b) for b in buffer) == crops_per_chunk:
-                crops[row:row + crops_per_chunk] = np.concatenate(buffer)
-                row, buffer = row + crops_per_chunk, []
-    if buffer:
-        crops[row:stop_row] = np.concatenate(buffer)
-    return stop_row - start
+
+def write_crops(plan: SlidePlan, start: int, pieces: list[tuple[int, int, int]]) -> int:
+    """Dask task: write the crops rows ``start..`` of ``pieces``, a block of whole chunks."""
+    import zarr
+
+    _limit_threads()
+    crops = zarr.open_array(Path(plan.store) / "slides" / plan.slide_id / "crops", mode="r+")
+    block = _staged_rows(plan, pieces, "crops")
+    crops[start:start + len(block)] = block
+    return len(block)
 
 
 def cell_blocks(counts: np.ndarray, tile_ids: np.ndarray, block: int):
     """Split the cells of the tiles (in order) into blocks of ``block`` rows.
 
     Yields ``(start, pieces)`` with pieces ``(tile_id, first, stop)`` as
-    :func:`write_cell_block` takes them.
+    :func:`write_cell_columns` and :func:`write_crops` take them.
     """
     offsets = np.concatenate([[0], np.cumsum(counts)])
     total = int(offsets[-1])
@@ -286,8 +290,44 @@ def dask_client(workers: int, threads_per_worker: int, memory_limit: str,
             cluster.close()
 
 
-def _run_tasks(client, submissions, total: int, desc: str, progress: bool, initial: int = 0):
-    """Submit ``(key, weight, fn, args)`` tasks, wait for all with a progress bar.
+class TileProgress:
+    """One progress bar of tissue tiles over all the slides of a run, shared by the threads
+    that ingest them: its total grows as slides are planned."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.enabled = enabled
+        self._bar = tqdm(total=0, desc=desc, unit="tile", disable=not enabled, file=sys.stderr,
+                         dynamic_ncols=True)
+        self._lock = threading.Lock()
+
+    def add(self, total: int, done: int = 0) -> None:
+        """Count ``total`` more tiles, ``done`` of them already finished."""
+        with self._lock:
+            self._bar.total += total
+            self._bar.update(done)
+            self._bar.refresh()
+
+    def update(self, n: int) -> None:
+        with self._lock:
+            self._bar.update(n)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            with self._lock:
+                self._bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _phase_bar(total: int, desc: str, enabled: bool):
+    return tqdm(total=total, desc=desc, unit="tile", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, leave=False)
+
+
+def _run_tasks(client, submissions, bar):
+    """Submit ``(key, weight, fn, args)`` tasks and wait for all, adding the weights of the
+    finished ones to ``bar`` (anything with ``update(n)``).
 
     Returns the results in submission order.  A task's exception (e.g. a
     :class:`WsicellError` from an unreadable region) cancels the rest and is raised here.
@@ -297,15 +337,13 @@ def _run_tasks(client, submissions, total: int, desc: str, progress: bool, initi
     token = uuid.uuid4().hex[:8]
     futures = {client.submit(fn, *args, key=f"wsicell-{key}-{token}", pure=False): weight
                for key, weight, fn, args in submissions}
-    with tqdm(total=total, initial=initial, desc=desc, unit="tile", disable=not progress,
-              file=sys.stderr, dynamic_ncols=True) as bar:
-        try:
-            for future in as_completed(futures):
-                future.result()
-                bar.update(futures[future])
-        except BaseException:
-            client.cancel(list(futures))
-            raise
+    try:
+        for future in as_completed(futures):
+            future.result()
+            bar.update(futures[future])
+    except BaseException:
+        client.cancel(list(futures))
+        raise
     return [future.result() for future in futures]
 
 
@@ -318,6 +356,9 @@ def _thumbnail_and_tissue(slide, mpp: float, config: WsicellConfig):
 
 def plan_slide(path: Path, store: Path, config: WsicellConfig, mpp: float | None):
     """Open a slide on the client: its plan, attributes, thumbnail, tissue and tiles.
+
+    ``tiles`` holds the manifest columns (level-0 boxes of the tile regions) and
+    ``region``, (T, 4) int64 regions in reference px.
 
     Raises
     ------
@@ -349,12 +390,16 @@ def plan_slide(path: Path, store: Path, config: WsicellConfig, mpp: float | None
     if not keep.any():
         raise WsicellError(f"{path}: no tissue found (tissue detection on a "
                            f"{thumb.shape[1]}x{thumb.shape[0]} thumbnail)")
-    tissue_pixels = int(np.prod(cores[keep, 2:] - cores[keep, :2], axis=1).sum())
+    regions = tissue_boxes(tissue, cores[keep], config.segmentation.reference_mpp / thumb_mpp)
+    tissue_pixels = int(np.prod(regions[:, 2:] - regions[:, :2], axis=1).sum())
     plan = dataclasses.replace(plan, stain_lookup=tissue_pixels >= LOOKUP_MIN_PIXELS)
-    level0 = np.round(cores[keep] * grid.scale).astype(np.int32)
+    level0 = np.round(regions * grid.scale).astype(np.int32)
     tiles = {"tile_id": all_ids[keep], "x0": level0[:, 0], "y0": level0[:, 1],
-             "x1": level0[:, 2], "y1": level0[:, 3], "tissue_fraction": fractions[keep],
-             "n_cells": np.zeros(keep.sum()), "cell_offset": np.zeros(keep.sum())}
+             "x1": level0[:, 2], "y1": level0[:, 3],
+             "tissue_fraction": tile_tissue_fractions(
+                 tissue, regions, config.segmentation.reference_mpp / thumb_mpp),
+             "n_cells": np.zeros(keep.sum()), "cell_offset": np.zeros(keep.sum()),
+             "region": regions}
     attrs = {
         "source_path": str(path), "fingerprint": fingerprint,
         "width": slide.width, "height": slide.height, "mpp": slide_mpp,
@@ -380,17 +425,18 @@ def _resumable(root, plan: SlidePlan, attrs: dict) -> bool:
 
 
 def _stain_parameters(client, plan: SlidePlan, tiles: dict, config: WsicellConfig,
-                      progress: bool) -> dict:
+                      bars: bool) -> dict:
     """Pass 1: fit the slide's stain parameters on a seeded sample of tissue tiles."""
-    ids, fractions = tiles["tile_id"], tiles["tissue_fraction"]
-    candidates = ids[fractions >= 0.5] if (fractions >= 0.5).any() else ids
+    rows = np.arange(len(tiles["tile_id"]))
+    fractions = tiles["tissue_fraction"]
+    candidates = rows[fractions >= 0.5] if (fractions >= 0.5).any() else rows
     rng = np.random.default_rng(config.ingest.seed)
     sample = np.sort(rng.choice(candidates, min(len(candidates), config.ingest.stain_sample_tiles),
                                 replace=False))
-    submissions = [(f"stain-{plan.slide_id}-{t}", 1, sample_stain_pixels, (plan, int(t)))
-                   for t in sample]
-    pixels = np.concatenate(
-        _run_tasks(client, submissions, len(submissions), f"{plan.slide_id} stain", progress))
+    submissions = [(f"stain-{plan.slide_id}-{tiles['tile_id'][r]}", 1, sample_stain_pixels,
+                    (plan, tuple(int(v) for v in tiles["region"][r]))) for r in sample]
+    with _phase_bar(len(submissions), f"{plan.slide_id} stain", bars) as bar:
+        pixels = np.concatenate(_run_tasks(client, submissions, bar))
     if len(pixels) < 1000:
         raise WsicellError(f"{plan.path}: too few stained pixels ({len(pixels)}) in the "
                            "sampled tissue tiles to estimate the stain")
@@ -401,7 +447,7 @@ def _stain_parameters(client, plan: SlidePlan, tiles: dict, config: WsicellConfi
 
 
 def _consolidate(client, plan: SlidePlan, tile_ids: np.ndarray, config: WsicellConfig,
-                 progress: bool) -> np.ndarray:
+                 bars: bool) -> np.ndarray:
     """Write the final arrays from the staged tiles; returns cells per tile."""
     import zarr
 
@@ -411,26 +457,34 @@ def _consolidate(client, plan: SlidePlan, tile_ids: np.ndarray, config: WsicellC
     ingest = config.ingest
     create_cell_arrays(group, int(counts.sum()), config.segmentation.crop_size,
                        ingest.crops_per_chunk, ingest.cells_per_chunk)
-    block = math.lcm(ingest.crops_per_chunk, ingest.cells_per_chunk)
-    submissions = [(f"write-{plan.slide_id}-{start}", len(pieces), write_cell_block,
-                    (plan, start, pieces, ingest.crops_per_chunk))
+    # Crops are most of the bytes: blocks of a few chunks spread them over the workers.
+    blocks = [("columns", write_cell_columns, ingest.cells_per_chunk),
+              ("crops", write_crops, ingest.crops_per_chunk * CROP_CHUNKS_PER_TASK)]
+    submissions = [(f"write-{what}-{plan.slide_id}-{start}", len(pieces), write,
+                    (plan, start, pieces))
+                   for what, write, block in blocks
                    for start, pieces in cell_blocks(counts, tile_ids, block)]
-    _run_tasks(client, submissions, sum(w for _, w, _, _ in submissions),
-               f"{plan.slide_id} write", progress)
+    with _phase_bar(sum(w for _, w, _, _ in submissions), f"{plan.slide_id} write",
+                    bars) as bar:
+        _run_tasks(client, submissions, bar)
     return counts
 
 
 def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *,
-                 mpp: float | None, overwrite: bool, progress: bool) -> str:
-    """Ingest one slide into an open store (the caller holds the store lock)."""
+                 mpp: float | None, overwrite: bool, tiles_bar: TileProgress,
+                 phase_bars: bool) -> str:
+    """Ingest one slide into an open store (the caller holds the store lock).
+
+    ``client`` returns the Dask client; the segmented tiles count on ``tiles_bar``, and
+    ``phase_bars`` adds bars of the stain and write phases.
+    """
     plan, attrs, thumb, tissue, tiles = plan_slide(path, store, config, mpp)
     if slide_status(root, plan.slide_id) == STATUS_COMPLETE and not overwrite:
         existing = root["slides"][plan.slide_id].attrs
         if existing.get("fingerprint") != attrs["fingerprint"]:
             raise WsicellError(f"{path}: the store already holds a different slide "
                                f"{plan.slide_id!r}; pass --overwrite to replace it")
-        if progress:
-            print(f"{plan.slide_id}: already complete, skipped", file=sys.stderr)
+        tiles_bar.message(f"{plan.slide_id}: already complete, skipped")
         remove_staging(store, plan.slide_id)
         return plan.slide_id
     if overwrite or not _resumable(root, plan, attrs):
@@ -439,24 +493,24 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
     group = root["slides"][plan.slide_id]
     stain = group.attrs.get("stain")
     if stain is None:
-        stain = _stain_parameters(client(), plan, tiles, config, progress)
+        stain = _stain_parameters(client(), plan, tiles, config, phase_bars)
         group.attrs["stain"] = stain
     tile_ids = tiles["tile_id"]
     done = staged_tiles(plan.staging)
-    todo = [int(t) for t in tile_ids if int(t) not in done]
+    todo = [(int(t), tuple(int(v) for v in region))
+            for t, region in zip(tile_ids, tiles["region"]) if int(t) not in done]
     per_task = config.ingest.tiles_per_task
-    submissions = [(f"segment-{plan.slide_id}-{todo[i]}", len(todo[i:i + per_task]),
+    submissions = [(f"segment-{plan.slide_id}-{todo[i][0]}", len(todo[i:i + per_task]),
                     segment_tiles, (plan, stain, config, todo[i:i + per_task]))
                    for i in range(0, len(todo), per_task)]
+    tiles_bar.add(len(tile_ids), done=len(tile_ids) - len(todo))
     if submissions:
-        _run_tasks(client(), submissions, len(tile_ids), f"{plan.slide_id} tiles", progress,
-                   initial=len(tile_ids) - len(todo))
-    counts = _consolidate(client(), plan, tile_ids, config, progress)
+        _run_tasks(client(), submissions, tiles_bar)
+    counts = _consolidate(client(), plan, tile_ids, config, phase_bars)
     finish_slide(group, counts, {"n_tiles": int(len(tile_ids))})
     remove_staging(store, plan.slide_id)
-    if progress:
-        print(f"{plan.slide_id}: {int(counts.sum())} cells from {len(tile_ids)} tissue tiles",
-              file=sys.stderr)
+    tiles_bar.message(f"{plan.slide_id}: {int(counts.sum())} cells from {len(tile_ids)} "
+                      "tissue tiles")
     return plan.slide_id
 
 
@@ -496,6 +550,11 @@ def ingest(paths, store, config: WsicellConfig = WsicellConfig(), *, mpp=None, w
         ingest running into the same store.  With several slides, one that fails is
         reported as a warning and the others are still ingested; the error, raised at
         the end, counts the failures.
+
+    Notes
+    -----
+    Several slides are ingested ``SLIDES_IN_FLIGHT`` at a time (small slides alone cannot
+    keep the workers busy), with one progress bar of tissue tiles for all of them.
     """
     files = [p.resolve() for p in find_slide_files(paths)]
     ids = [slide_id_for(p) for p in files]
@@ -505,23 +564,48 @@ def ingest(paths, store, config: WsicellConfig = WsicellConfig(), *, mpp=None, w
                            "ingest them into separate stores or rename one")
     store = Path(store).resolve()
     open_store(store, mode="a")  # refuse a file or foreign directory before locking
+    one = len(files) == 1
+    tiles_bar = TileProgress(files[0].stem if one else "tiles", progress)
     with store_lock(store), _lazy_client(workers, threads_per_worker, memory_limit,
                                          scheduler, progress) as client:
         root = open_store(store, mode="r+")
-        done, failed = [], []
-        for path in files:
+
+        def run(path: Path) -> str:
+            return ingest_slide(client, root, path, store, config, mpp=mpp,
+                                overwrite=overwrite, tiles_bar=tiles_bar,
+                                phase_bars=progress and one)
+
+        if one:
             try:
-                done.append(ingest_slide(client, root, path, store, config, mpp=mpp,
-                                         overwrite=overwrite, progress=progress))
-            except WsicellError as err:
-                if len(files) == 1:
-                    raise
-                warnings.warn(str(err), stacklevel=2)
-                failed.append(err)
+                return [run(files[0])]
+            finally:
+                tiles_bar.close()
+        done, failed = _ingest_concurrently(run, files)
+        tiles_bar.close()
+    for err in failed:
+        warnings.warn(str(err), stacklevel=2)
     if failed:
         raise WsicellError(f"{len(failed)} of {len(files)} slides failed, the other "
                            f"{len(done)} are complete in {store}; first failure: {failed[0]}")
     return done
+
+
+def _ingest_concurrently(run, files: list[Path]) -> tuple[list[str], list[WsicellError]]:
+    """Run ``run(path)`` for every slide, ``SLIDES_IN_FLIGHT`` at a time, so that the tasks
+    of small slides keep every worker busy.  Returns the ids of the slides done (in input
+    order) and the errors of those that failed."""
+    pool = ThreadPoolExecutor(SLIDES_IN_FLIGHT, thread_name_prefix="wsicell-slide")
+    try:
+        futures = [pool.submit(run, path) for path in files]
+        done, failed = [], []
+        for future in futures:
+            try:
+                done.append(future.result())
+            except WsicellError as err:
+                failed.append(err)
+    finally:  # on an interrupt: start no more slides; the client's closing stops the rest
+        pool.shutdown(wait=False, cancel_futures=True)
+    return done, failed
 
 
 @contextmanager
@@ -529,10 +613,12 @@ def _lazy_client(*args):
     """A callable returning the Dask client, started on first use (skipped slides need none)."""
     with ExitStack() as stack:
         holder: list = []
+        lock = threading.Lock()
 
         def get():
-            if not holder:
-                holder.append(stack.enter_context(dask_client(*args)))
-            return holder[0]
+            with lock:
+                if not holder:
+                    holder.append(stack.enter_context(dask_client(*args)))
+                return holder[0]
 
         yield get

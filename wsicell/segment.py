@@ -327,7 +327,10 @@ def measure_nuclei(
         Ordered by label.
     """
     n = len(objects.area)
-    hema_sum = np.bincount(objects.labels.ravel(), weights=hematoxylin.ravel(), minlength=n + 1)
+    labels = objects.labels.ravel()
+    foreground = np.flatnonzero(labels)  # nuclei cover a small part of a tile
+    hema_sum = np.bincount(labels[foreground], weights=hematoxylin.ravel()[foreground],
+                           minlength=n + 1)
     mean_h = (hema_sum[1:] / np.maximum(objects.area, 1)).astype(np.float32)
     crops = cell_crops(objects.labels, normalised, objects.bbox, config.crop_size)
     return Nuclei(objects.x, objects.y, objects.bbox, objects.area, mean_h, crops)

@@ -69,6 +69,17 @@ def detect_tissue(thumbnail: np.ndarray, min_object_px: int = 16) -> np.ndarray:
     return mask
 
 
+def _mask_boxes(mask_shape: tuple[int, int], tile_boxes: np.ndarray, tile_to_mask: float):
+    """The mask pixels ``[x0, y0, x1, y1)`` each tile touches (at least one), as 4 int arrays."""
+    h, w = mask_shape
+    boxes = np.asarray(tile_boxes, dtype=np.float64).reshape(-1, 4) * tile_to_mask
+    x0 = np.clip(np.floor(boxes[:, 0]), 0, w - 1).astype(int)
+    y0 = np.clip(np.floor(boxes[:, 1]), 0, h - 1).astype(int)
+    x1 = np.clip(np.ceil(boxes[:, 2]), x0 + 1, w).astype(int)
+    y1 = np.clip(np.ceil(boxes[:, 3]), y0 + 1, h).astype(int)
+    return x0, y0, x1, y1
+
+
 def tile_tissue_fractions(
     mask: np.ndarray, tile_boxes: np.ndarray, tile_to_mask: float
 ) -> np.ndarray:
@@ -88,12 +99,32 @@ def tile_tissue_fractions(
     ndarray, shape (T,), float32
         Mean of the mask over the mask pixels each tile touches.
     """
-    h, w = mask.shape
     integral = cv2.integral(mask.astype(np.uint8)).astype(np.float64)
-    boxes = np.asarray(tile_boxes, dtype=np.float64) * tile_to_mask
-    x0 = np.clip(np.floor(boxes[:, 0]), 0, w - 1).astype(int)
-    y0 = np.clip(np.floor(boxes[:, 1]), 0, h - 1).astype(int)
-    x1 = np.clip(np.ceil(boxes[:, 2]), x0 + 1, w).astype(int)
-    y1 = np.clip(np.ceil(boxes[:, 3]), y0 + 1, h).astype(int)
+    x0, y0, x1, y1 = _mask_boxes(mask.shape, tile_boxes, tile_to_mask)
     covered = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     return (covered / ((x1 - x0) * (y1 - y0))).astype(np.float32)
+
+
+def tissue_boxes(mask: np.ndarray, tile_boxes: np.ndarray, tile_to_mask: float) -> np.ndarray:
+    """The part of each tile that holds tissue: the bounding box of its tissue pixels.
+
+    The box is grown by one mask pixel (the mask is coarse) and clipped to the tile; a tile
+    without a tissue pixel keeps its whole box.  Parameters as :func:`tile_tissue_fractions`.
+
+    Returns
+    -------
+    ndarray, shape (T, 4), int64
+        ``[x0, y0, x1, y1)`` of the tissue of each tile, in tile pixels, inside the tile.
+    """
+    tiles = np.asarray(tile_boxes, dtype=np.int64).reshape(-1, 4)
+    boxes = tiles.copy()
+    for box, tile, mx0, my0, mx1, my1 in zip(boxes, tiles,
+                                             *_mask_boxes(mask.shape, tiles, tile_to_mask)):
+        rows = np.flatnonzero(mask[my0:my1, mx0:mx1].any(axis=1))
+        cols = np.flatnonzero(mask[my0:my1, mx0:mx1].any(axis=0))
+        if len(rows):
+            grown = np.array([mx0 + cols[0] - 1, my0 + rows[0] - 1,
+                              mx0 + cols[-1] + 2, my0 + rows[-1] + 2]) / tile_to_mask
+            box[:2] = np.maximum(tile[:2], np.floor(grown[:2]))
+            box[2:] = np.minimum(tile[2:], np.ceil(grown[2:]))
+    return boxes

@@ -114,7 +114,8 @@ class Trainer:
         cfg = config.train
         self.model, self.cfg, self.device, self.world_size = model, cfg, device, world_size
         self.groups = model.parameter_groups()
-        self.optimizers = {name: torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))
+        rates = {"critic": cfg.lr, "generator": cfg.lr, "info": cfg.lr_info}
+        self.optimizers = {name: torch.optim.Adam(params, lr=rates[name], betas=tuple(cfg.betas))
                            for name, params in self.groups.items()}
         seed = int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0])
         self.generator = torch.Generator(device).manual_seed(seed)
