@@ -14,8 +14,8 @@ touches tile pixels runs inside Dask workers:
    tile is written atomically to the staging directory, so a killed run loses at most the
    tiles in flight and a rerun skips what is staged.
 4. **Consolidation.** Cells are numbered in tile order; each task writes one block of
-   whole chunks of the cell columns or of the crops (no two tasks write the same chunk).  ``status`` is set
-   to ``"complete"`` last, then the staging files are removed.
+   whole chunks of the cell columns or of the crops (no two tasks write the same chunk).
+   ``status`` is set to ``"complete"`` last, then the staging files are removed.
 
 The result depends only on the slide and the configuration, so a run that was killed and
 restarted produces the same store as an uninterrupted one.
@@ -209,6 +209,12 @@ def _staged_rows(plan: SlidePlan, pieces: list[tuple[int, int, int]], name: str)
                            for tile_id, first, stop in pieces])
 
 
+def _every_chunk(array):
+    """``array`` writing every chunk, skipping zarr's costly check for chunks that equal the
+    fill value (measured: it doubled the time of writing crops)."""
+    return array.with_config({"write_empty_chunks": True})
+
+
 def write_cell_columns(plan: SlidePlan, start: int, pieces: list[tuple[int, int, int]]) -> int:
     """Dask task: write the cell table rows ``start..`` of ``pieces`` (see :func:`cell_blocks`);
     ``start`` and the end of the block fall on chunk boundaries of the columns (or the end)."""
@@ -217,11 +223,11 @@ def write_cell_columns(plan: SlidePlan, start: int, pieces: list[tuple[int, int,
     _limit_threads()
     columns = zarr.open_group(Path(plan.store) / "slides" / plan.slide_id / "cells", mode="r+")
     stop = start + sum(b - a for _, a, b in pieces)
-    columns["cell_id"][start:stop] = np.arange(start, stop, dtype=np.int64)
-    columns["tile_id"][start:stop] = np.concatenate(
+    _every_chunk(columns["cell_id"])[start:stop] = np.arange(start, stop, dtype=np.int64)
+    _every_chunk(columns["tile_id"])[start:stop] = np.concatenate(
         [np.full(b - a, tile_id, dtype=np.int32) for tile_id, a, b in pieces])
     for name in _STAGED_COLUMNS:
-        columns[name][start:stop] = _staged_rows(plan, pieces, name)
+        _every_chunk(columns[name])[start:stop] = _staged_rows(plan, pieces, name)
     return stop - start
 
 
@@ -230,7 +236,8 @@ def write_crops(plan: SlidePlan, start: int, pieces: list[tuple[int, int, int]])
     import zarr
 
     _limit_threads()
-    crops = zarr.open_array(Path(plan.store) / "slides" / plan.slide_id / "crops", mode="r+")
+    crops = _every_chunk(zarr.open_array(Path(plan.store) / "slides" / plan.slide_id / "crops",
+                                         mode="r+"))
     block = _staged_rows(plan, pieces, "crops")
     crops[start:start + len(block)] = block
     return len(block)
