@@ -34,7 +34,7 @@ import threading
 import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,10 +203,14 @@ def segment_tiles(plan: SlidePlan, stain: dict, config: WsicellConfig,
     return len(tiles)
 
 
-def _staged_rows(plan: SlidePlan, pieces: list[tuple[int, int, int]], name: str) -> np.ndarray:
-    """Rows ``first:stop`` of staged array ``name`` of each piece's tile, concatenated."""
-    return np.concatenate([read_staged_tile(plan.staging, tile_id, [name])[name][first:stop]
-                           for tile_id, first, stop in pieces])
+def _staged_rows(plan: SlidePlan, pieces: list[tuple[int, int, int]],
+                 names: list[str]) -> dict[str, np.ndarray]:
+    """Rows ``first:stop`` of the staged arrays ``names`` of each piece's tile (one read per
+    tile), concatenated per name."""
+    parts = [(read_staged_tile(plan.staging, tile_id, names), first, stop)
+             for tile_id, first, stop in pieces]
+    return {name: np.concatenate([staged[name][first:stop] for staged, first, stop in parts])
+            for name in names}
 
 
 def _every_chunk(array):
@@ -226,8 +230,8 @@ def write_cell_columns(plan: SlidePlan, start: int, pieces: list[tuple[int, int,
     _every_chunk(columns["cell_id"])[start:stop] = np.arange(start, stop, dtype=np.int64)
     _every_chunk(columns["tile_id"])[start:stop] = np.concatenate(
         [np.full(b - a, tile_id, dtype=np.int32) for tile_id, a, b in pieces])
-    for name in _STAGED_COLUMNS:
-        _every_chunk(columns[name])[start:stop] = _staged_rows(plan, pieces, name)
+    for name, values in _staged_rows(plan, pieces, _STAGED_COLUMNS).items():
+        _every_chunk(columns[name])[start:stop] = values
     return stop - start
 
 
@@ -238,7 +242,7 @@ def write_crops(plan: SlidePlan, start: int, pieces: list[tuple[int, int, int]])
     _limit_threads()
     crops = _every_chunk(zarr.open_array(Path(plan.store) / "slides" / plan.slide_id / "crops",
                                          mode="r+"))
-    block = _staged_rows(plan, pieces, "crops")
+    block = _staged_rows(plan, pieces, ["crops"])["crops"]
     crops[start:start + len(block)] = block
     return len(block)
 
@@ -392,19 +396,19 @@ def plan_slide(path: Path, store: Path, config: WsicellConfig, mpp: float | None
     )
     all_ids = np.arange(plan.grid_cols * plan.grid_rows)
     cores = np.array([plan.core(t) for t in all_ids])
-    fractions = tile_tissue_fractions(tissue, cores, config.segmentation.reference_mpp / thumb_mpp)
+    to_mask = config.segmentation.reference_mpp / thumb_mpp  # thumbnail px per reference px
+    fractions = tile_tissue_fractions(tissue, cores, to_mask)
     keep = (fractions >= config.ingest.min_tissue_fraction) & (fractions > 0)
     if not keep.any():
         raise WsicellError(f"{path}: no tissue found (tissue detection on a "
                            f"{thumb.shape[1]}x{thumb.shape[0]} thumbnail)")
-    regions = tissue_boxes(tissue, cores[keep], config.segmentation.reference_mpp / thumb_mpp)
+    regions = tissue_boxes(tissue, cores[keep], to_mask)
     tissue_pixels = int(np.prod(regions[:, 2:] - regions[:, :2], axis=1).sum())
     plan = dataclasses.replace(plan, stain_lookup=tissue_pixels >= LOOKUP_MIN_PIXELS)
     level0 = np.round(regions * grid.scale).astype(np.int32)
     tiles = {"tile_id": all_ids[keep], "x0": level0[:, 0], "y0": level0[:, 1],
              "x1": level0[:, 2], "y1": level0[:, 3],
-             "tissue_fraction": tile_tissue_fractions(
-                 tissue, regions, config.segmentation.reference_mpp / thumb_mpp),
+             "tissue_fraction": tile_tissue_fractions(tissue, regions, to_mask),
              "n_cells": np.zeros(keep.sum()), "cell_offset": np.zeros(keep.sum()),
              "region": regions}
     attrs = {
@@ -572,9 +576,9 @@ def ingest(paths, store, config: WsicellConfig = WsicellConfig(), *, mpp=None, w
     store = Path(store).resolve()
     open_store(store, mode="a")  # refuse a file or foreign directory before locking
     one = len(files) == 1
-    tiles_bar = TileProgress(files[0].stem if one else "tiles", progress)
     with store_lock(store), _lazy_client(workers, threads_per_worker, memory_limit,
-                                         scheduler, progress) as client:
+                                         scheduler, progress) as client, \
+            closing(TileProgress(files[0].stem if one else "tiles", progress)) as tiles_bar:
         root = open_store(store, mode="r+")
 
         def run(path: Path) -> str:
@@ -583,12 +587,8 @@ def ingest(paths, store, config: WsicellConfig = WsicellConfig(), *, mpp=None, w
                                 phase_bars=progress and one)
 
         if one:
-            try:
-                return [run(files[0])]
-            finally:
-                tiles_bar.close()
+            return [run(files[0])]
         done, failed = _ingest_concurrently(run, files)
-        tiles_bar.close()
     for err in failed:
         warnings.warn(str(err), stacklevel=2)
     if failed:
