@@ -9,8 +9,8 @@ import tifffile
 from conftest import TEST_DATA, shared_data_path
 from wsicell.errors import WsicellError
 from wsicell.slide import (
-    LargeImageSlide, ReferenceGrid, find_slide_files, open_slide, read_reference_region,
-    resolve_mpp,
+    LargeImageSlide, ReferenceGrid, TiledPageReader, find_slide_files, open_slide,
+    read_reference_region, resolve_mpp,
 )
 
 PYRAMID = TEST_DATA / "bm_graz_pyramid.tif"
@@ -47,6 +47,36 @@ def test_large_image_reads_the_same_pixels_as_openslide():
     window = (0, 300, 200, 333, 250)
     np.testing.assert_array_equal(fallback.read_level_region(*window),
                                   openslide_slide.read_level_region(*window))
+
+
+@pytest.mark.parametrize("path", [
+    PYRAMID, pytest.param("CMU-1-Small-Region.svs", id="aperio"), pytest.param("lzw", id="lzw"),
+])
+def test_tiles_decoded_directly_equal_openslide_reads(path, tmp_path):
+    import openslide
+
+    if path == "lzw":
+        path = tmp_path / "lzw.tif"
+        image = np.random.default_rng(0).integers(0, 256, (700, 900, 3), dtype=np.uint8)
+        tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", compression="lzw")
+    elif path != PYRAMID:
+        path = shared_data_path("slides", path)
+    reference = openslide.OpenSlide(str(path))
+    slide = open_slide(path)
+    assert sorted(slide._tiled_levels) == list(range(reference.level_count))
+    pages = [p for p in tifffile.TiffFile(path).pages if TiledPageReader.supports(p)]
+    rng = np.random.default_rng(1)
+    for level, (width, height) in enumerate(reference.level_dimensions):
+        page = next(p for p in pages if (p.imagewidth, p.imagelength) == (width, height))
+        reader = TiledPageReader(path, page)
+        for _ in range(10):  # windows across tile borders and the page's ragged edge
+            w, h = rng.integers(1, width + 1), rng.integers(1, height + 1)
+            x, y = rng.integers(0, width - w + 1), rng.integers(0, height - h + 1)
+            downsample = reference.level_downsamples[level]
+            expected = np.asarray(reference.read_region(
+                (round(x * downsample), round(y * downsample)), level, (w, h)).convert("RGB"))
+            np.testing.assert_array_equal(reader.read(x, y, w, h), expected)
+        reader.close()
 
 
 def test_plain_image_without_mpp_is_taken_at_reference_with_warning():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -225,8 +226,44 @@ class OpenSlideSlide(Slide):
         props = self._osr.properties
         mpp = _mean_mpp(props.get("openslide.mpp-x"), props.get("openslide.mpp-y"))
         super().__init__(path, self._osr.level_dimensions, self._osr.level_downsamples, mpp)
+        self._tiled_levels: dict[int, TiledPageReader] = {}
+        if props.get("openslide.vendor") in PLAIN_TIFF_VENDORS:
+            self._tiled_levels = self._verified_tiled_levels()
+
+    def _verified_tiled_levels(self) -> dict[int, "TiledPageReader"]:
+        """Readers of the levels stored as plain tiled TIFF pages, each checked to decode
+        its first tile exactly as OpenSlide does (any doubt: OpenSlide reads that level)."""
+        import tifffile
+
+        try:
+            pages = list(tifffile.TiffFile(self.path).pages)
+        except Exception:  # OpenSlide reads it; tifffile's opinion is only an optimisation
+            return {}
+        readers = {}
+        for level, (width, height) in enumerate(self.level_dimensions):
+            page = next((p for p in pages if TiledPageReader.supports(p)
+                         and (p.imagewidth, p.imagelength) == (width, height)), None)
+            if page is None:
+                continue
+            reader = TiledPageReader(self.path, page)
+            side_x, side_y = min(reader.tile_width, width), min(reader.tile_height, height)
+            try:
+                same = np.array_equal(reader.read(0, 0, side_x, side_y),
+                                      self._openslide_read(level, 0, 0, side_x, side_y))
+            except Exception:
+                same = False
+            if same:
+                readers[level] = reader
+            else:
+                reader.close()
+        return readers
 
     def _read(self, level, x, y, width, height):
+        if level in self._tiled_levels:
+            return self._tiled_levels[level].read(x, y, width, height)
+        return self._openslide_read(level, x, y, width, height)
+
+    def _openslide_read(self, level, x, y, width, height):
         from openslide import lowlevel
 
         downsample = self.level_downsamples[level]
@@ -243,7 +280,69 @@ class OpenSlideSlide(Slide):
         return np.asarray(self._osr.get_thumbnail((width, height)).convert("RGB"))
 
     def close(self):
+        for reader in self._tiled_levels.values():
+            reader.close()
         self._osr.close()
+
+
+PLAIN_TIFF_VENDORS = frozenset({"aperio", "generic-tiff"})  # levels are plain tiled pages
+
+
+class TiledPageReader:
+    """Regions of one tiled TIFF page, its tiles decoded straight from the file.
+
+    OpenSlide decodes a JPEG tile to premultiplied ARGB and paints it through cairo; here
+    tifffile's codec (libjpeg-turbo) decodes it to RGB directly, about 4x faster on the
+    benchmark slide, with the same pixels.  Reads use ``os.pread``, so threads may share
+    one reader.
+
+    Parameters
+    ----------
+    path : Path
+        The TIFF file.
+    page : tifffile.TiffPage
+        A page for which :meth:`supports` holds.
+    """
+
+    def __init__(self, path: Path, page):
+        self.image_width, self.image_height = page.imagewidth, page.imagelength
+        self.tile_width, self.tile_height = page.tilewidth, page.tilelength
+        self._tiles_across = -(-self.image_width // self.tile_width)
+        self._offsets, self._byte_counts = page.dataoffsets, page.databytecounts
+        self._decode = page.decode
+        self._jpeg_tables = page.jpegtables
+        self._fd = os.open(path, os.O_RDONLY)
+
+    @staticmethod
+    def supports(page) -> bool:
+        """Tiled, one plane of interleaved 8-bit RGB, with a codec tifffile has."""
+        try:
+            page.decode  # raises when the compression has no codec here
+        except Exception:
+            return False
+        return (page.is_tiled and page.samplesperpixel == 3 and page.dtype == np.uint8
+                and page.planarconfig == 1 and page.tiledepth == 1)
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """The window ``[x, x + width) x [y, y + height)`` inside the page, (height, width, 3)
+        uint8; missing (empty) tiles are white."""
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        tw, th = self.tile_width, self.tile_height
+        for row in range(y // th, (y + height - 1) // th + 1):
+            for col in range(x // tw, (x + width - 1) // tw + 1):
+                index = row * self._tiles_across + col
+                if not self._byte_counts[index]:
+                    continue
+                data = os.pread(self._fd, self._byte_counts[index], self._offsets[index])
+                tile = self._decode(data, index, jpegtables=self._jpeg_tables)[0][0]
+                tx, ty = col * tw, row * th
+                x0, y0 = max(x, tx), max(y, ty)
+                x1, y1 = min(x + width, tx + tw), min(y + height, ty + th)
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - ty:y1 - ty, x0 - tx:x1 - tx]
+        return out
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class LargeImageSlide(Slide):

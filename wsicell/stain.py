@@ -15,6 +15,7 @@ float32 and returns uint8 images with HistomicsTK's rounding (clip, then truncat
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import cv2
@@ -419,11 +420,13 @@ class StainLookup:
         normalised : ndarray, shape (H, W, 3), uint8
         hematoxylin : ndarray, shape (H, W), uint8
         """
-        rgb = np.asarray(rgb, dtype=np.uint8)
-        codes = rgb[..., 0].astype(np.uint32) << 16
-        codes |= rgb[..., 1].astype(np.uint32) << 8
-        codes |= rgb[..., 2]
+        red, green, blue = cv2.split(np.asarray(rgb, dtype=np.uint8))
+        zero = np.zeros_like(red)
+        # The bytes of each pixel's 4-byte word, so that the word is (r << 16) | (g << 8) | b
+        little = sys.byteorder == "little"
+        codes = cv2.merge([blue, green, red, zero] if little else [zero, red, green, blue])
+        codes = codes.view(np.uint32)[..., 0]
         # One 4-byte word per colour: a flat gather is ~8x faster than row indexing.
         out = np.take(self.table.view(np.uint32).ravel(), codes).view(np.uint8)
         out = out.reshape(*codes.shape, 4)
-        return np.ascontiguousarray(out[..., :3]), np.ascontiguousarray(out[..., 3])
+        return cv2.cvtColor(out, cv2.COLOR_RGBA2RGB), cv2.extractChannel(out, 3)

@@ -63,7 +63,8 @@ TILE_COLUMNS: dict[str, str] = {
     "n_cells": "int32",
     "cell_offset": "int64",
 }
-_COMPRESSOR = ZstdCodec(level=3)
+# zstd level 1: crops compress 3.80x (level 3: 3.93x) at twice the encoding speed
+_COMPRESSOR = ZstdCodec(level=1)
 
 
 # --------------------------------------------------------------------------- reading
