@@ -99,9 +99,12 @@ def test_hematoxylin_matches_histomicstk_deconvolution(image):
 def test_lookup_equals_direct_computation(image):
     params = stain.fit_stain_parameters(image)
     lookup = stain.StainLookup.build(params)
-    normalised, hematoxylin = lookup.apply(image)
-    np.testing.assert_array_equal(normalised, params.normalise(image))
-    np.testing.assert_array_equal(hematoxylin, params.hematoxylin(params.normalise(image)))
+    np.testing.assert_array_equal(lookup.normalise(image), params.normalise(image))
+    np.testing.assert_array_equal(lookup.hematoxylin_of(image), params.hematoxylin_of(image))
+    pixels = image[::7, ::5].reshape(-1, 3)  # any leading shape
+    np.testing.assert_array_equal(lookup.normalise(pixels), params.normalise(pixels))
+    np.testing.assert_array_equal(lookup.hematoxylin_of(pixels[:, None]),
+                                  params.hematoxylin_of(pixels[:, None]))
 
 
 def test_stain_parameters_json_round_trip(image):

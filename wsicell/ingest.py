@@ -115,13 +115,35 @@ def slide_id_for(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _limit_threads() -> None:
-    """One thread per task for OpenCV and BLAS (parallelism comes from Dask)."""
+def _prepare_worker() -> None:
+    """Once per worker process: one thread for OpenCV and BLAS (parallelism comes from
+    Dask), and glibc's allocator told to keep freed memory for reuse."""
     import cv2
     from threadpoolctl import threadpool_limits
 
     cv2.setNumThreads(1)
     threadpool_limits(1)
+    _reuse_freed_memory()
+
+
+def _reuse_freed_memory() -> None:
+    """Serve large arrays from glibc's heap instead of fresh ``mmap`` pages.
+
+    By default every temporary array of a tile (tens of MB) is a new mapping whose pages
+    the kernel faults in and zeroes, then unmaps; reusing the heap made the tile kernel
+    about 15% faster here.  Memory stays bounded by the largest tile's working set.
+    """
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc only (not musl)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 256 << 20)
+        mallopt(_M_TRIM_THRESHOLD, 512 << 20)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 @functools.lru_cache(maxsize=2)
@@ -146,7 +168,7 @@ def sample_stain_pixels(plan: SlidePlan, region) -> np.ndarray:
     """The stained pixels among a regular subsample (at most ``STAIN_PIXELS_PER_TILE``) of
     the central ``STAIN_WINDOW`` square of a tile's region, (n, 3) uint8: glass would bias
     the slide's Reinhard statistics by how much of it the sampled windows happen to hold."""
-    _limit_threads()
+    _prepare_worker()
     x0, y0, x1, y1 = region
     cx, cy, half = (x0 + x1) // 2, (y0 + y1) // 2, STAIN_WINDOW // 2
     rgb = read_tile(plan, (max(x0, cx - half), max(y0, cy - half),
@@ -163,9 +185,10 @@ def segment_tile(plan: SlidePlan, colours: StainLookup | StainParameters, config
     from wsicell.segment import measure_nuclei, segment_hematoxylin
 
     wx0, wy0, wx1, wy1 = window = plan.window(region)
-    normalised, hematoxylin = colours.apply(read_tile(plan, window))
+    rgb = read_tile(plan, window)
+    hematoxylin = colours.hematoxylin_of(rgb)
     nuclei = measure_nuclei(segment_hematoxylin(hematoxylin, config.segmentation),
-                            hematoxylin, normalised, config.segmentation)
+                            hematoxylin, rgb, config.segmentation, colours.normalise)
     x, y = nuclei.x + wx0, nuclei.y + wy0
     x0, y0, x1, y1 = region
     # A nucleus touching a window edge inside the slide is cut by the window: it is
@@ -194,7 +217,7 @@ def segment_tiles(plan: SlidePlan, stain: dict, config: WsicellConfig,
                   tiles: list[tuple[int, tuple[int, int, int, int]]]) -> int:
     """Dask task: segment ``(tile_id, region)`` tiles and stage each one atomically; returns
     the tile count."""
-    _limit_threads()
+    _prepare_worker()
     colours = (_worker_lookup(json.dumps(stain, sort_keys=True)) if plan.stain_lookup
                else StainParameters.from_json(stain))
     plan.staging.mkdir(parents=True, exist_ok=True)
@@ -224,7 +247,7 @@ def write_cell_columns(plan: SlidePlan, start: int, pieces: list[tuple[int, int,
     ``start`` and the end of the block fall on chunk boundaries of the columns (or the end)."""
     import zarr
 
-    _limit_threads()
+    _prepare_worker()
     columns = zarr.open_group(Path(plan.store) / "slides" / plan.slide_id / "cells", mode="r+")
     stop = start + sum(b - a for _, a, b in pieces)
     _every_chunk(columns["cell_id"])[start:stop] = np.arange(start, stop, dtype=np.int64)
@@ -239,7 +262,7 @@ def write_crops(plan: SlidePlan, start: int, pieces: list[tuple[int, int, int]])
     """Dask task: write the crops rows ``start..`` of ``pieces``, a block of whole chunks."""
     import zarr
 
-    _limit_threads()
+    _prepare_worker()
     crops = _every_chunk(zarr.open_array(Path(plan.store) / "slides" / plan.slide_id / "crops",
                                          mode="r+"))
     block = _staged_rows(plan, pieces, ["crops"])["crops"]

@@ -341,11 +341,11 @@ class StainParameters:
         """Hematoxylin channel (uint8, leading shape) of a normalised image."""
         return hematoxylin_intensity(normalised, np.asarray(self.stain_matrix))
 
-    def apply(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised image and its hematoxylin channel, computed directly (the same as
-        :meth:`StainLookup.apply`, cheaper below a few tens of megapixels)."""
-        normalised = self.normalise(rgb)
-        return normalised, self.hematoxylin(normalised)
+    def hematoxylin_of(self, rgb: np.ndarray) -> np.ndarray:
+        """Hematoxylin channel (uint8, leading shape) of a raw image, after normalising it
+        (the same as :meth:`StainLookup.hematoxylin_of`, cheaper below a few tens of
+        megapixels)."""
+        return self.hematoxylin(self.normalise(rgb))
 
 
 def fit_stain_parameters(
@@ -384,49 +384,70 @@ def fit_stain_parameters(
 class StainLookup:
     """A :class:`StainParameters` tabulated for all 2^24 RGB colours.
 
-    ``table[(r << 16) | (g << 8) | b]`` holds the normalised colour and its hematoxylin
-    intensity as 4 bytes (64 MiB).  Building costs about a second; applying it is one
-    gather per pixel, independent of the colour maths.
+    ``colour_table[(r << 16) | (g << 8) | b]`` holds the normalised colour as a 4-byte word
+    (64 MiB) and ``hematoxylin_table`` its hematoxylin intensity (16 MiB).  Building costs
+    about a second; applying it is one gather per pixel, independent of the colour maths.
+    Segmentation needs only the hematoxylin of every pixel, the small table; crops need
+    the colour of a third as many pixels.
     """
 
     N_COLOURS = 1 << 24
     _BUILD_BLOCK = 1 << 20
 
-    def __init__(self, table: np.ndarray):
-        if table.shape != (self.N_COLOURS, 4) or table.dtype != np.uint8:
-            raise ValueError("a stain lookup table has shape (2**24, 4) and dtype uint8")
-        self.table = table
+    def __init__(self, colour_table: np.ndarray, hematoxylin_table: np.ndarray):
+        if colour_table.shape != (self.N_COLOURS, 4) or colour_table.dtype != np.uint8:
+            raise ValueError("a colour lookup table has shape (2**24, 4) and dtype uint8")
+        if hematoxylin_table.shape != (self.N_COLOURS,) or hematoxylin_table.dtype != np.uint8:
+            raise ValueError("a hematoxylin lookup table has shape (2**24,) and dtype uint8")
+        self.colour_table = colour_table
+        self.hematoxylin_table = hematoxylin_table
 
     @classmethod
     def build(cls, params: StainParameters) -> "StainLookup":
-        table = np.empty((cls.N_COLOURS, 4), dtype=np.uint8)
+        colours = np.zeros((cls.N_COLOURS, 4), dtype=np.uint8)
+        hematoxylin = np.empty(cls.N_COLOURS, dtype=np.uint8)
         for start in range(0, cls.N_COLOURS, cls._BUILD_BLOCK):
+            block = slice(start, start + cls._BUILD_BLOCK)
             codes = np.arange(start, start + cls._BUILD_BLOCK, dtype=np.uint32)
             rgb = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=1).astype(np.uint8)
-            normalised = params.normalise(rgb)
-            table[start:start + cls._BUILD_BLOCK, :3] = normalised
-            table[start:start + cls._BUILD_BLOCK, 3] = params.hematoxylin(normalised)
-        return cls(table)
+            colours[block, :3] = params.normalise(rgb)
+            hematoxylin[block] = params.hematoxylin(colours[block, :3])
+        return cls(colours, hematoxylin)
 
-    def apply(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised image and hematoxylin channel of a uint8 RGB image.
-
-        Parameters
-        ----------
-        rgb : ndarray, shape (H, W, 3), uint8
-
-        Returns
-        -------
-        normalised : ndarray, shape (H, W, 3), uint8
-        hematoxylin : ndarray, shape (H, W), uint8
-        """
-        red, green, blue = cv2.split(np.asarray(rgb, dtype=np.uint8))
-        zero = np.zeros_like(red)
-        # The bytes of each pixel's 4-byte word, so that the word is (r << 16) | (g << 8) | b
-        little = sys.byteorder == "little"
-        codes = cv2.merge([blue, green, red, zero] if little else [zero, red, green, blue])
-        codes = codes.view(np.uint32)[..., 0]
+    def normalise(self, rgb: np.ndarray) -> np.ndarray:
+        """Normalised colours of uint8 RGB pixels, shape (..., 3) -> (..., 3)."""
+        codes = colour_codes(rgb)
         # One 4-byte word per colour: a flat gather is ~8x faster than row indexing.
-        out = np.take(self.table.view(np.uint32).ravel(), codes).view(np.uint8)
-        out = out.reshape(*codes.shape, 4)
-        return cv2.cvtColor(out, cv2.COLOR_RGBA2RGB), cv2.extractChannel(out, 3)
+        words = np.take(self.colour_table.view(np.uint32).ravel(), codes)
+        normalised = cv2.cvtColor(words.view(np.uint8).reshape(*codes.shape, 4),
+                                  cv2.COLOR_RGBA2RGB)
+        return normalised.reshape(np.shape(rgb))
+
+    def hematoxylin_of(self, rgb: np.ndarray) -> np.ndarray:
+        """Hematoxylin intensity of the normalised colours of uint8 RGB pixels, shape
+        (..., 3) -> (...) uint8."""
+        codes = colour_codes(rgb)
+        return np.take(self.hematoxylin_table, codes).reshape(np.shape(rgb)[:-1])
+
+
+def colour_codes(rgb: np.ndarray) -> np.ndarray:
+    """24-bit colour codes ``(r << 16) | (g << 8) | b`` of uint8 RGB pixels.
+
+    Parameters
+    ----------
+    rgb : ndarray, shape (..., 3), uint8
+
+    Returns
+    -------
+    ndarray, shape (rows, columns), uint32
+        The pixels as a 2-D image (an (H, W, 3) image keeps its shape; other shapes are
+        folded to rows of their second-to-last axis).
+    """
+    rgb = np.asarray(rgb, dtype=np.uint8)
+    image = rgb.reshape(-1, rgb.shape[-2] if rgb.ndim > 2 else 1, 3)
+    red, green, blue = cv2.split(image)
+    zero = np.zeros_like(red)
+    # The bytes of each pixel's 4-byte word, so that the word is (r << 16) | (g << 8) | b
+    little = sys.byteorder == "little"
+    codes = cv2.merge([blue, green, red, zero] if little else [zero, red, green, blue])
+    return codes.view(np.uint32).reshape(image.shape[:2])
