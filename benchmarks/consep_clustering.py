@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--lr-info", type=float, default=1e-3,
                         help="learning rate of the Q step (the paper's 1e-4 is too slow for a "
                         "CPU-length run)")
+    parser.add_argument("--lambda-cluster", type=float, default=0.0,
+                        help="weight of the real-crop clustering term of the Q step (0 = paper)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="tissue",
                         help="segmentation preset of the ingest (a new --work per preset)")
@@ -150,9 +152,9 @@ def main() -> None:
 
     config = WsicellConfig(train=TrainConfig(
         categories=5, width=args.width, epochs=args.epochs, stain_augment=args.stain_augment,
-        lr_info=args.lr_info, seed=args.seed))
+        lr_info=args.lr_info, lambda_cluster=args.lambda_cluster, seed=args.seed))
     name = (f"model-w{args.width}-e{args.epochs:g}-s{args.stain_augment:g}-q{args.lr_info:g}"
-            f"-seed{args.seed}"
+            f"-c{args.lambda_cluster:g}-seed{args.seed}"
             f"-n{len(slides)}" + (f"-it{args.max_iters}" if args.max_iters else ""))
     model_dir = args.work / name
     started = time.perf_counter()

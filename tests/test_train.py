@@ -16,8 +16,8 @@ from wsicell.data import prepare_batch
 from wsicell.errors import WsicellError
 from wsicell.model import build_model, weights_id
 from wsicell.store import open_store, slide_crops
-from wsicell.train import (Trainer, gradient_penalty, load_trained_model, resolve_device,
-                           train)
+from wsicell.train import (Trainer, gradient_penalty, invariant_information,
+                           load_trained_model, resolve_device, train)
 
 TINY = WsicellConfig(train=TrainConfig(width=8, batch_size=16, critic_steps=2, shuffle_buffer=64))
 RUN = dict(device="cpu", checkpoint_every=2, sample_every=2, workers=0, progress=False)
@@ -84,13 +84,35 @@ def test_each_step_updates_its_own_parameters(crops):
              "Q": model.q_head}
     expected = {"critic": {"trunk", "critic"}, "generator": {"G"}, "info": {"G", "trunk", "Q"}}
     steps = {"critic": lambda: trainer.critic_step(real), "generator": trainer.generator_step,
-             "info": trainer.info_step}
+             "info": lambda: trainer.info_step(real)}
     for name, step in steps.items():
         before = {p: snapshot(m) for p, m in parts.items()}
         losses = step()
         assert all(torch.isfinite(loss) for loss in (losses if isinstance(losses, tuple)
                                                       else (losses,)))
         assert {p for p, m in parts.items() if changed(m, before[p])} == expected[name], name
+
+
+def test_invariant_information_is_ln_k_for_confident_balanced_agreement_and_0_for_none():
+    confident = torch.eye(5).repeat(4, 1) * 50  # 20 images, each category 4 times
+    assert invariant_information(confident, confident).item() == pytest.approx(np.log(5), abs=1e-4)
+    assert invariant_information(torch.zeros(20, 5), confident).item() == pytest.approx(0, abs=1e-6)
+    one_category = torch.zeros(20, 5)
+    one_category[:, 0] = 50
+    assert invariant_information(one_category, one_category).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_clustering_term_trains_the_trunk_and_q_on_real_crops(crops):
+    config = TINY.model_copy(update={"train": TINY.train.model_copy(
+        update={"lambda_info": 0.0, "lambda_cluster": 1.0})})
+    model = build_model(5, 32, 8, seed=0)
+    trainer = Trainer(model, config, torch.device("cpu"))
+    real = prepare_batch(torch.from_numpy(crops[:16]), trainer.generator, rotate=True)
+    before = {name: snapshot(part) for name, part in
+              {"G": model.generator, "trunk": model.trunk, "Q": model.q_head}.items()}
+    assert trainer.info_step(real).item() == 0  # L_Q logs the paper's term only
+    assert changed(model.trunk, before["trunk"]) and changed(model.q_head, before["Q"])
+    assert not changed(model.generator, before["G"])
 
 
 def test_training_writes_a_complete_model_dir(trained, crops):

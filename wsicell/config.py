@@ -164,6 +164,12 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = Field((0.5, 0.9), description="Adam betas.")
     lambda_gp: float = Field(10.0, ge=0, description="Gradient-penalty weight lambda1.")
     lambda_info: float = Field(1.0, ge=0, description="Mutual-information weight lambda2.")
+    lambda_cluster: float = Field(
+        0.0, ge=0, description="Beyond the paper: weight of a clustering term in the Q step, "
+        "the mutual information of Q's categories between two random rotations / flips of "
+        "each real crop (IIC, Ji et al. 2019), so that Q also splits real cells and not only "
+        "G's samples (0 = the paper)."
+    )
     epochs: PositiveFloat = Field(10, description="Passes over the training crops.")
     width: PositiveInt = Field(128, description="Channels of the residual networks.")
     rotate: bool = Field(True, description="Augment by rotations of 90/180/270 degrees.")

@@ -267,6 +267,14 @@ def random_rotation(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return out
 
 
+def random_dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image of (B, C, H, W) rotated by a random multiple of 90 degrees and mirrored
+    with probability 1/2: a random one of the square's 8 symmetries."""
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    return random_rotation(x, generator)
+
+
 def prepare_batch(batch: torch.Tensor, generator: torch.Generator | None = None,
                   rotate: bool = False, stain_sigma: float = 0.0) -> torch.Tensor:
     """uint8 crops (B, 32, 32, 3) on the device -> augmented float (B, 3, 32, 32) in [-1, 1].

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 import wsicell
 from wsicell.config import WsicellConfig
-from wsicell.data import CropStream, crop_loader, prepare_batch
+from wsicell.data import CropStream, crop_loader, prepare_batch, random_dihedral
 from wsicell.errors import WsicellError
 from wsicell.model import (InfoWGAN, TrainedModel, build_model, generator_grid,
                            load_trained_model, save_trained_model)
@@ -167,23 +167,55 @@ class Trainer:
             self._step("generator", loss)
         return loss.detach()
 
-    def info_step(self) -> torch.Tensor:
-        """One Q step, ``L_Q = lambda2 * CE(Q(G(z, c)), c)`` on G, the trunk and the Q head;
-        returns L_Q, detached."""
+    def info_step(self, real: torch.Tensor) -> torch.Tensor:
+        """One Q step, ``L_Q = lambda2 * CE(Q(G(z, c)), c)`` on G, the trunk and the Q head,
+        plus ``lambda3`` times the negative :func:`invariant_information` of Q on two random
+        symmetries of the real batch when ``lambda_cluster > 0``; returns L_Q, detached."""
         with frozen(self.model.critic_head.parameters()):
             fake, code = self._fake(self.cfg.batch_size)
             with self.amp:
                 logits = self.fast_q(fake).float()
-            loss = self.cfg.lambda_info * F.cross_entropy(logits, code)
+            info = self.cfg.lambda_info * F.cross_entropy(logits, code)
+            loss = info
+            if self.cfg.lambda_cluster > 0:
+                views = torch.cat([random_dihedral(real, self.generator) for _ in range(2)])
+                with self.amp:
+                    view_logits = self.fast_q(views).float()
+                loss = loss - self.cfg.lambda_cluster * invariant_information(
+                    *view_logits.chunk(2))
             self._step("info", loss)
-        return loss.detach()
+        return info.detach()
 
     def iteration(self, batches) -> torch.Tensor:
-        """critic_steps critic steps, one G step, one Q step -> tensor [V, L_D, L_G, L_Q]
-        (V and L_D averaged over the critic steps)."""
-        critic = torch.stack([torch.stack(self.critic_step(next(batches)))
-                              for _ in range(self.cfg.critic_steps)]).mean(dim=0)
-        return torch.cat([critic, torch.stack([self.generator_step(), self.info_step()])])
+        """critic_steps critic steps, one G step, one Q step (on the last critic batch) ->
+        tensor [V, L_D, L_G, L_Q] (V and L_D averaged over the critic steps)."""
+        steps = []
+        for _ in range(self.cfg.critic_steps):
+            real = next(batches)
+            steps.append(torch.stack(self.critic_step(real)))
+        critic = torch.stack(steps).mean(dim=0)
+        return torch.cat([critic, torch.stack([self.generator_step(), self.info_step(real)])])
+
+
+def invariant_information(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Mutual information between the categories Q gives two views of the same images (IIC).
+
+    Parameters
+    ----------
+    logits_a, logits_b : Tensor, shape (B, k)
+        Q's logits of view a and view b of the same B images.
+
+    Returns
+    -------
+    Tensor, scalar
+        ``I(c_a; c_b)`` in nats, from the symmetrised joint distribution of the two views'
+        categories; at most ``ln k``, reached when every image gets one confident category
+        in both views and the k categories are used equally.
+    """
+    joint = torch.softmax(logits_a, dim=1).T @ torch.softmax(logits_b, dim=1)
+    joint = ((joint + joint.T) / (2 * logits_a.shape[0])).clamp_min(1e-12)
+    marginal = joint.sum(dim=1)
+    return (joint * (joint.log() - marginal.log()[:, None] - marginal.log()[None, :])).sum()
 
 
 # --- checkpoints -------------------------------------------------------------------------
