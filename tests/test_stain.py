@@ -101,7 +101,9 @@ def test_lookup_equals_direct_computation(image):
     lookup = stain.StainLookup.build(params)
     np.testing.assert_array_equal(lookup.normalise(image), params.normalise(image))
     np.testing.assert_array_equal(lookup.hematoxylin_of(image), params.hematoxylin_of(image))
-    pixels = image[::7, ::5].reshape(-1, 3)  # any leading shape
+    pixels = np.concatenate([  # any leading shape; every part of the colour cube
+        image[::7, ::5].reshape(-1, 3),
+        np.random.default_rng(0).integers(0, 256, (5000, 3), dtype=np.uint8)])
     np.testing.assert_array_equal(lookup.normalise(pixels), params.normalise(pixels))
     np.testing.assert_array_equal(lookup.hematoxylin_of(pixels[:, None]),
                                   params.hematoxylin_of(pixels[:, None]))

@@ -406,10 +406,13 @@ class StainLookup:
     def build(cls, params: StainParameters) -> "StainLookup":
         colours = np.zeros((cls.N_COLOURS, 4), dtype=np.uint8)
         hematoxylin = np.empty(cls.N_COLOURS, dtype=np.uint8)
+        codes = np.arange(cls._BUILD_BLOCK, dtype=np.uint32)
+        first_block = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=1)
+        first_block = first_block.astype(np.uint8)  # the other blocks differ in red only
         for start in range(0, cls.N_COLOURS, cls._BUILD_BLOCK):
             block = slice(start, start + cls._BUILD_BLOCK)
-            codes = np.arange(start, start + cls._BUILD_BLOCK, dtype=np.uint32)
-            rgb = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=1).astype(np.uint8)
+            rgb = first_block.copy()
+            rgb[:, 0] += start >> 16
             colours[block, :3] = params.normalise(rgb)
             hematoxylin[block] = params.hematoxylin(colours[block, :3])
         return cls(colours, hematoxylin)
