@@ -318,9 +318,9 @@ def cell_crops(labels: np.ndarray, image: np.ndarray, bbox: np.ndarray, size: in
 
 def _fitting_crops(labels: np.ndarray, image: np.ndarray, bbox: np.ndarray, ids: np.ndarray,
                    size: int, normalise) -> np.ndarray:
-    """:func:`cell_crops` of the nuclei ``ids`` (labels) whose ``bbox`` fits in ``size``, all
-    at once: (N, size, size, 3) uint8."""
-    x0, y0, x1, y1 = np.asarray(bbox, dtype=np.int64).T
+    """:func:`cell_crops` of the nuclei ``ids`` (labels) whose ``bbox`` (N, 4) int64 fits in
+    ``size``, all at once: (N, size, size, 3) uint8."""
+    x0, y0, x1, y1 = bbox.T
     offsets = np.arange(size)
     # Source row / column of every crop pixel: the box centred as cell_crop centres it.
     rows = (y0 - (size - (y1 - y0)) // 2)[:, None] + offsets

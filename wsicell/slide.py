@@ -236,27 +236,30 @@ class OpenSlideSlide(Slide):
         import tifffile
 
         try:
-            pages = list(tifffile.TiffFile(self.path).pages)
+            tif = tifffile.TiffFile(self.path)
         except Exception:  # OpenSlide reads it; tifffile's opinion is only an optimisation
             return {}
         readers = {}
-        for level, (width, height) in enumerate(self.level_dimensions):
-            page = next((p for p in pages if TiledPageReader.supports(p)
-                         and (p.imagewidth, p.imagelength) == (width, height)), None)
-            if page is None:
-                continue
-            reader = TiledPageReader(self.path, page)
-            side_x, side_y = min(reader.tile_width, width), min(reader.tile_height, height)
-            try:
-                same = np.array_equal(reader.read(0, 0, side_x, side_y),
-                                      self._openslide_read(level, 0, 0, side_x, side_y))
-            except Exception:
-                same = False
-            if same:
-                readers[level] = reader
-            else:
-                reader.close()
+        with tif:  # a reader keeps what it needs of its page, and its own file descriptor
+            for level, size in enumerate(self.level_dimensions):
+                page = next((p for p in tif.pages if TiledPageReader.supports(p)
+                             and (p.imagewidth, p.imagelength) == size), None)
+                reader = page and TiledPageReader(self.path, page)
+                if reader and self._reads_like_openslide(reader, level):
+                    readers[level] = reader
+                elif reader:
+                    reader.close()
         return readers
+
+    def _reads_like_openslide(self, reader: "TiledPageReader", level: int) -> bool:
+        """Whether ``reader`` decodes the first tile of ``level`` exactly as OpenSlide does."""
+        width, height = self.level_dimensions[level]
+        side_x, side_y = min(reader.tile_width, width), min(reader.tile_height, height)
+        try:
+            return np.array_equal(reader.read(0, 0, side_x, side_y),
+                                  self._openslide_read(level, 0, 0, side_x, side_y))
+        except Exception:  # a tile tifffile cannot decode: OpenSlide reads that level
+            return False
 
     def _read(self, level, x, y, width, height):
         if level in self._tiled_levels:
@@ -305,9 +308,8 @@ class TiledPageReader:
     """
 
     def __init__(self, path: Path, page):
-        self.image_width, self.image_height = page.imagewidth, page.imagelength
         self.tile_width, self.tile_height = page.tilewidth, page.tilelength
-        self._tiles_across = -(-self.image_width // self.tile_width)
+        self._tiles_across = -(-page.imagewidth // self.tile_width)
         self._offsets, self._byte_counts = page.dataoffsets, page.databytecounts
         self._decode = page.decode
         self._jpeg_tables = page.jpegtables
