@@ -97,13 +97,20 @@ def test_split_touching_separates_overlapping_discs():
     assert (labels > 0).sum() == mask.sum()
 
 
-def test_nuclei_select_and_concatenate():
+def test_measuring_some_nuclei_and_concatenating_them_gives_all():
     rgb = read_rgb_image(TEST_DATA / "BM_GRAZ_HE_0001_01.png")[:300, :300]
-    nuclei, _ = segment.segment_image(rgb)
-    first, rest = nuclei.select(slice(0, 3)), nuclei.select(np.arange(3, len(nuclei)))
-    joined = segment.Nuclei.concatenate([first, rest])
-    np.testing.assert_array_equal(joined.crops, nuclei.crops)
-    np.testing.assert_array_equal(joined.x, nuclei.x)
+    params = fit_stain_parameters(rgb)
+    hematoxylin = params.hematoxylin_of(rgb)
+    config = SegmentationConfig()
+    objects = segment.segment_hematoxylin(hematoxylin, config)
+    every = segment.measure_nuclei(objects, hematoxylin, rgb, config, params.normalise)
+    first = np.arange(len(every)) < 3
+    parts = [segment.measure_nuclei(objects, hematoxylin, rgb, config, params.normalise, which=w)
+             for w in (first, ~first)]
+    assert [len(p) for p in parts] == [3, len(every) - 3]
+    joined = segment.Nuclei.concatenate(parts)
+    for name in ("x", "y", "bbox", "area", "mean_hematoxylin", "crops"):
+        np.testing.assert_array_equal(getattr(joined, name), getattr(every, name))
 
 
 def test_sensitive_preset_beats_paper_on_vendored_annotations():
@@ -196,6 +203,10 @@ def test_vectorised_crops_equal_one_by_one():
         np.testing.assert_array_equal(crops[i], segment.cell_crop(normalised[box], labels[box] == i + 1, 32))
     edge = (bbox[:, 0] == 0) | (bbox[:, 1] == 0)
     assert edge.any()  # nuclei on the image border too
+    assert ((bbox[:, 0] < 16) | (bbox[:, 2] > labels.shape[1] - 16)).any()  # windows cross it
+    some = np.arange(0, len(bbox), 3)
+    np.testing.assert_array_equal(segment.cell_crops(labels, normalised, bbox[some], 32,
+                                                     ids=some + 1), crops[some])
     # normalising only the nucleus pixels equals cutting from the normalised image
     np.testing.assert_array_equal(segment.cell_crops(labels, rgb, bbox, 32, params.normalise),
                                   crops)

@@ -392,7 +392,7 @@ class StainLookup:
     """
 
     N_COLOURS = 1 << 24
-    _BUILD_BLOCK = 1 << 20
+    _BUILD_BLOCK = 1 << 17  # colours per step of the build: its float32 temporaries fit L2
 
     def __init__(self, colour_table: np.ndarray, hematoxylin_table: np.ndarray):
         if colour_table.shape != (self.N_COLOURS, 4) or colour_table.dtype != np.uint8:
@@ -404,17 +404,20 @@ class StainLookup:
 
     @classmethod
     def build(cls, params: StainParameters) -> "StainLookup":
-        colours = np.zeros((cls.N_COLOURS, 4), dtype=np.uint8)
+        colours = np.empty((cls.N_COLOURS, 4), dtype=np.uint8)
         hematoxylin = np.empty(cls.N_COLOURS, dtype=np.uint8)
         codes = np.arange(cls._BUILD_BLOCK, dtype=np.uint32)
         first_block = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=1)
         first_block = first_block.astype(np.uint8)  # the other blocks differ in red only
         for start in range(0, cls.N_COLOURS, cls._BUILD_BLOCK):
-            block = slice(start, start + cls._BUILD_BLOCK)
             rgb = first_block.copy()
             rgb[:, 0] += start >> 16
-            colours[block, :3] = params.normalise(rgb)
-            hematoxylin[block] = params.hematoxylin(colours[block, :3])
+            normalised = params.normalise(rgb)
+            # whole 4-byte rows: writing 3 of every 4 bytes cost a quarter of the build
+            colours[start:start + cls._BUILD_BLOCK] = cv2.cvtColor(
+                normalised[:, None], cv2.COLOR_RGB2RGBA)[:, 0]
+            hematoxylin[start:start + cls._BUILD_BLOCK] = params.hematoxylin(normalised)
+        colours[:, 3] = 0
         return cls(colours, hematoxylin)
 
     def normalise(self, rgb: np.ndarray) -> np.ndarray:
