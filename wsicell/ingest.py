@@ -61,7 +61,6 @@ STAIN_PIXELS_PER_TILE = 1 << 16
 #: building the table costs about as much as computing ~40 MP directly, per worker.
 LOOKUP_MIN_PIXELS = 64_000_000
 STAIN_WINDOW = 1024  # reference px read per sampled tile in pass 1
-CROP_CHUNKS_PER_TASK = 4  # crop chunks written by one consolidation task
 SLIDES_IN_FLIGHT = 4  # slides ingested at the same time by a multi-slide run
 _STAGED_COLUMNS = [c for c in CELL_COLUMNS if c not in ("cell_id", "tile_id")]
 
@@ -519,9 +518,10 @@ def _consolidate(client, plan: SlidePlan, tile_ids: np.ndarray, config: WsicellC
     ingest = config.ingest
     create_cell_arrays(group, int(counts.sum()), config.segmentation.crop_size,
                        ingest.crops_per_chunk, ingest.cells_per_chunk)
-    # Crops are most of the bytes: blocks of a few chunks spread them over the workers.
+    # Crops are most of the bytes: one chunk per task spreads them evenly over the workers
+    # (blocks of 4 chunks left one worker writing alone at the end: 1.0 -> 0.87 s here).
     blocks = [("columns", write_cell_columns, ingest.cells_per_chunk),
-              ("crops", write_crops, ingest.crops_per_chunk * CROP_CHUNKS_PER_TASK)]
+              ("crops", write_crops, ingest.crops_per_chunk)]
     submissions = [(f"write-{what}-{plan.slide_id}-{start}", len(pieces), write,
                     (plan, start, pieces))
                    for what, write, block in blocks
@@ -549,13 +549,20 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
         tiles_bar.message(f"{plan.slide_id}: already complete, skipped")
         remove_staging(store, plan.slide_id)
         return plan.slide_id
-    if overwrite or not _resumable(root, plan, attrs):
+    fresh = overwrite or not _resumable(root, plan, attrs)
+    if fresh:
         remove_staging(store, plan.slide_id)
-        begin_slide(root, plan.slide_id, attrs, thumb, tissue, tiles)
+    with ThreadPoolExecutor(1, thread_name_prefix="wsicell-begin") as pool:
+        # A new slide's group is written while the workers sample its stain.
+        begun = (pool.submit(begin_slide, root, plan.slide_id, attrs, thumb, tissue, tiles)
+                 if fresh else None)
+        stain = None if fresh else root["slides"][plan.slide_id].attrs.get("stain")
+        if stain is None:
+            stain = _stain_parameters(client(), plan, tiles, config, phase_bars)
+        if begun is not None:
+            begun.result()
     group = root["slides"][plan.slide_id]
-    stain = group.attrs.get("stain")
-    if stain is None:
-        stain = _stain_parameters(client(), plan, tiles, config, phase_bars)
+    if "stain" not in group.attrs:
         group.attrs["stain"] = stain
     tile_ids = tiles["tile_id"]
     done = staged_tiles(plan.staging)
