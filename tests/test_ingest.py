@@ -1,5 +1,9 @@
 """Ingest through a real LocalCluster (2 worker processes) into one store of two slides."""
 
+import json
+import multiprocessing
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -7,10 +11,10 @@ from scipy.spatial import cKDTree
 
 from conftest import TEST_DATA, shared_data_path
 from wsicell.config import IngestConfig, WsicellConfig
-from wsicell.ingest import cell_blocks, ingest, plan_slide
+from wsicell.ingest import cell_blocks, ingest, plan_slide, shared_lookup_blocks
 from wsicell.segment import segment_image
-from wsicell.slide import ReferenceGrid, open_slide, read_reference_region
-from wsicell.stain import StainParameters
+from wsicell.slide import ReferenceGrid, open_slide, read_reference_region, read_rgb_image
+from wsicell.stain import StainLookup, StainParameters, fit_stain_parameters
 from wsicell.store import complete_slides, open_store, slide_cells, slide_crops, validate_store
 
 CONFIG = WsicellConfig(ingest=IngestConfig(tile_size=512, crops_per_chunk=128,
@@ -118,3 +122,38 @@ def test_cell_blocks_cover_every_cell_once_in_chunk_aligned_blocks():
     rows = [(t, r) for _, pieces in blocks for t, a, b in pieces for r in range(a, b)]
     assert rows == [(t, r) for t, n in zip(tile_ids, counts) for r in range(n)]
     assert all(sum(b - a for _, a, b in pieces) == 4 for _, pieces in blocks[:-1])
+
+
+
+@pytest.fixture(scope="module")
+def stain_json():
+    rgb = read_rgb_image(TEST_DATA / "BM_GRAZ_HE_0001_01.png")[:400, :400]
+    return json.dumps(fit_stain_parameters(rgb).to_json(), sort_keys=True)
+
+
+def _shared_lookup(directory, stain_json, wait_s=10.0):
+    params = StainParameters.from_json(json.loads(stain_json))
+    lookup = StainLookup.from_blocks(shared_lookup_blocks(Path(directory), params, wait_s))
+    return lookup.colour_table, lookup.hematoxylin_table
+
+
+def test_workers_share_the_lookup_build(tmp_path, stain_json):
+    expected = StainLookup.build(StainParameters.from_json(json.loads(stain_json)))
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        tables = pool.starmap(_shared_lookup, [(tmp_path, stain_json)] * 2)
+    for colours, hematoxylin in tables:
+        np.testing.assert_array_equal(colours, expected.colour_table)
+        np.testing.assert_array_equal(hematoxylin, expected.hematoxylin_table)
+    assert len(list(tmp_path.glob("*.npy"))) == StainLookup.N_BLOCKS  # each block built once
+    # a later worker only loads the published blocks
+    colours, hematoxylin = _shared_lookup(tmp_path, stain_json)
+    np.testing.assert_array_equal(hematoxylin, expected.hematoxylin_table)
+
+
+def test_a_block_whose_claimer_died_is_built_by_the_waiting_worker(tmp_path, stain_json):
+    (tmp_path / "03.claim").touch()  # claimed, never published
+    colours, hematoxylin = _shared_lookup(tmp_path, stain_json, wait_s=0.05)
+    expected = StainLookup.build(StainParameters.from_json(json.loads(stain_json)))
+    np.testing.assert_array_equal(colours, expected.colour_table)
+    np.testing.assert_array_equal(hematoxylin, expected.hematoxylin_table)
+    assert not (tmp_path / "03.npy").exists()

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
 import re
+import shutil
 import sys
 import threading
 import uuid
@@ -50,9 +52,9 @@ from wsicell.slide import (
 )
 from wsicell.stain import StainLookup, StainParameters, fit_stain_parameters
 from wsicell.store import (
-    CELL_COLUMNS, STATUS_COMPLETE, begin_slide, create_cell_arrays, file_fingerprint,
+    CELL_COLUMNS, STATUS_COMPLETE, begin_slide, claim, create_cell_arrays, file_fingerprint,
     finish_slide, open_store, read_staged_tile, remove_staging, slide_status, staged_tiles,
-    staging_dir, store_lock, write_staged_tile,
+    staging_dir, store_lock, wait_for_array, write_array, write_staged_tile,
 )
 from wsicell.tissue import detect_tissue, stained_pixels, tile_tissue_fractions, tissue_boxes
 
@@ -62,6 +64,9 @@ STAIN_PIXELS_PER_TILE = 1 << 16
 LOOKUP_MIN_PIXELS = 64_000_000
 STAIN_WINDOW = 1024  # reference px read per sampled tile in pass 1
 SLIDES_IN_FLIGHT = 4  # slides ingested at the same time by a multi-slide run
+#: Seconds a worker waits for a look-up block another worker claimed (one takes ~0.04 s)
+#: before building it itself.
+LOOKUP_BLOCK_WAIT_S = 10.0
 _STAGED_COLUMNS = [c for c in CELL_COLUMNS if c not in ("cell_id", "tile_id")]
 
 
@@ -153,8 +158,40 @@ def _worker_slide(path: str, fingerprint: str):
 
 
 @functools.lru_cache(maxsize=1)
-def _worker_lookup(stain_json: str) -> StainLookup:
-    return StainLookup.build(StainParameters.from_json(json.loads(stain_json)))
+def _worker_lookup(staging: Path, stain_json: str) -> StainLookup:
+    """The slide's StainLookup, its blocks built once per slide by the workers together."""
+    params = StainParameters.from_json(json.loads(stain_json))
+    return StainLookup.from_blocks(shared_lookup_blocks(_lookup_dir(staging, stain_json), params))
+
+
+def _lookup_dir(staging: Path, stain_json: str) -> Path:
+    return staging / f"lookup-{hashlib.sha1(stain_json.encode()).hexdigest()[:16]}"
+
+
+def shared_lookup_blocks(directory: Path, params: StainParameters,
+                         wait_s: float = LOOKUP_BLOCK_WAIT_S):
+    """Yield ``(index, colours, hematoxylin)`` for every block of the StainLookup of
+    ``params`` (:meth:`StainLookup.build_block`), sharing the work through ``directory``.
+
+    A process first builds and publishes every block it can claim, then loads the blocks
+    other processes claimed, building one itself if it has not appeared within ``wait_s``
+    (its claimer may have died).  A block is the same whoever builds it, so a lost race
+    costs time only.  With N workers on a slide, each builds about 1/N of the tables.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    claimed_elsewhere = []
+    for index in range(StainLookup.N_BLOCKS):
+        if not claim(directory / f"{index:02d}.claim"):
+            claimed_elsewhere.append(index)
+            continue
+        colours, hematoxylin = StainLookup.build_block(params, index)
+        # one (BLOCK, 5) array per block: the 4-byte colour words, then the hematoxylin
+        write_array(directory / f"{index:02d}.npy", np.column_stack([colours, hematoxylin]))
+        yield index, colours, hematoxylin
+    for index in claimed_elsewhere:
+        block = wait_for_array(directory / f"{index:02d}.npy", wait_s)
+        yield (index, block[:, :4], block[:, 4]) if block is not None else (
+            index, *StainLookup.build_block(params, index))
 
 
 def read_tile(plan: SlidePlan, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -218,9 +255,9 @@ def segment_tiles(plan: SlidePlan, stain: dict, config: WsicellConfig,
     """Dask task: segment ``(tile_id, region)`` tiles and stage each one atomically; returns
     the tile count."""
     _prepare_worker()
-    colours = (_worker_lookup(json.dumps(stain, sort_keys=True)) if plan.stain_lookup
-               else StainParameters.from_json(stain))
     plan.staging.mkdir(parents=True, exist_ok=True)
+    colours = (_worker_lookup(plan.staging, json.dumps(stain, sort_keys=True))
+               if plan.stain_lookup else StainParameters.from_json(stain))
     for tile_id, region in tiles:
         write_staged_tile(plan.staging, tile_id, segment_tile(plan, colours, config, region))
     return len(tiles)
@@ -571,6 +608,8 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
     # Largest regions first (Dask runs tasks in submission order): the last tasks, which
     # decide how long workers wait for each other at the end, are the smallest.
     todo.sort(key=lambda tile: -_area(tile[1]))
+    for stale in plan.staging.glob("lookup-*"):  # look-up blocks an interrupted run claimed
+        shutil.rmtree(stale, ignore_errors=True)
     per_task = config.ingest.tiles_per_task
     submissions = [(f"segment-{plan.slide_id}-{todo[i][0]}", len(todo[i:i + per_task]),
                     segment_tiles, (plan, stain, config, todo[i:i + per_task]))

@@ -392,7 +392,9 @@ class StainLookup:
     """
 
     N_COLOURS = 1 << 24
-    _BUILD_BLOCK = 1 << 17  # colours per step of the build: its float32 temporaries fit L2
+    N_BLOCKS = 16  #: parts of the tables that can be built apart (e.g. by different workers)
+    BLOCK = N_COLOURS // N_BLOCKS
+    _STEP = 1 << 17  # colours per step of a build: its float32 temporaries fit L2
 
     def __init__(self, colour_table: np.ndarray, hematoxylin_table: np.ndarray):
         if colour_table.shape != (self.N_COLOURS, 4) or colour_table.dtype != np.uint8:
@@ -404,21 +406,46 @@ class StainLookup:
 
     @classmethod
     def build(cls, params: StainParameters) -> "StainLookup":
+        """The tables of ``params``, every block computed here."""
+        return cls.from_blocks((index, *cls.build_block(params, index))
+                               for index in range(cls.N_BLOCKS))
+
+    @classmethod
+    def from_blocks(cls, blocks) -> "StainLookup":
+        """Tables from ``(index, colours, hematoxylin)`` triples (see :meth:`build_block`),
+        one per block index, in any order."""
         colours = np.empty((cls.N_COLOURS, 4), dtype=np.uint8)
         hematoxylin = np.empty(cls.N_COLOURS, dtype=np.uint8)
-        codes = np.arange(cls._BUILD_BLOCK, dtype=np.uint32)
-        first_block = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=1)
-        first_block = first_block.astype(np.uint8)  # the other blocks differ in red only
-        for start in range(0, cls.N_COLOURS, cls._BUILD_BLOCK):
-            rgb = first_block.copy()
-            rgb[:, 0] += start >> 16
+        filled = set()
+        for index, block_colours, block_hematoxylin in blocks:
+            rows = slice(index * cls.BLOCK, (index + 1) * cls.BLOCK)
+            colours[rows], hematoxylin[rows] = block_colours, block_hematoxylin
+            filled.add(index)
+        missing = set(range(cls.N_BLOCKS)) - filled
+        if missing:
+            raise ValueError(f"lookup blocks missing: {sorted(missing)}")
+        return cls(colours, hematoxylin)
+
+    @classmethod
+    def build_block(cls, params: StainParameters, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``index * BLOCK`` to ``(index + 1) * BLOCK`` of the tables: the normalised
+        colours as 4-byte words, (BLOCK, 4) uint8 (the fourth byte 0), and their hematoxylin
+        intensity, (BLOCK,) uint8."""
+        codes = np.arange(cls._STEP, dtype=np.uint32)
+        first_step = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=1)
+        first_step = first_step.astype(np.uint8)  # the other steps differ in red only
+        colours = np.empty((cls.BLOCK, 4), dtype=np.uint8)
+        hematoxylin = np.empty(cls.BLOCK, dtype=np.uint8)
+        for offset in range(0, cls.BLOCK, cls._STEP):
+            rgb = first_step.copy()
+            rgb[:, 0] += (index * cls.BLOCK + offset) >> 16
             normalised = params.normalise(rgb)
             # whole 4-byte rows: writing 3 of every 4 bytes cost a quarter of the build
-            colours[start:start + cls._BUILD_BLOCK] = cv2.cvtColor(
+            colours[offset:offset + cls._STEP] = cv2.cvtColor(
                 normalised[:, None], cv2.COLOR_RGB2RGBA)[:, 0]
-            hematoxylin[start:start + cls._BUILD_BLOCK] = params.hematoxylin(normalised)
+            hematoxylin[offset:offset + cls._STEP] = params.hematoxylin(normalised)
         colours[:, 3] = 0
-        return cls(colours, hematoxylin)
+        return colours, hematoxylin
 
     def normalise(self, rgb: np.ndarray) -> np.ndarray:
         """Normalised colours of uint8 RGB pixels, shape (..., 3) -> (..., 3)."""

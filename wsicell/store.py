@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import warnings
 from contextlib import contextmanager
 from importlib.resources import files
@@ -231,13 +232,43 @@ def _staged_name(tile_id: int) -> str:
     return f"tile_{tile_id:09d}.npz"
 
 
-def write_staged_tile(directory: Path, tile_id: int, columns: dict[str, np.ndarray]) -> None:
-    """Write one tile's cells atomically (temporary file, then rename)."""
-    final = directory / _staged_name(tile_id)
-    tmp = directory / f"{final.name}.{os.getpid()}.tmp"
+def _write_atomically(path: Path, write) -> None:
+    """Create ``path`` with ``write(file)`` through a temporary file and a rename, so that
+    readers see the whole file or none."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as f:
-        np.savez(f, **columns)
-    os.replace(tmp, final)
+        write(f)
+    os.replace(tmp, path)
+
+
+def write_array(path: Path, array: np.ndarray) -> None:
+    """Write an array to a ``.npy`` file atomically."""
+    _write_atomically(path, lambda f: np.save(f, array))
+
+
+def wait_for_array(path: Path, timeout_s: float) -> np.ndarray | None:
+    """The array of a ``.npy`` file another process writes with :func:`write_array`, once
+    it appears; None if it has not within ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.005)
+    return np.load(path)
+
+
+def claim(path: Path) -> bool:
+    """Create the empty file ``path``; True only for the one process that creates it."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def write_staged_tile(directory: Path, tile_id: int, columns: dict[str, np.ndarray]) -> None:
+    """Write one tile's cells atomically."""
+    _write_atomically(directory / _staged_name(tile_id), lambda f: np.savez(f, **columns))
 
 
 def read_staged_tile(directory: Path, tile_id: int, names=None) -> dict[str, np.ndarray]:
