@@ -4,6 +4,7 @@ import json
 import multiprocessing
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,7 +12,9 @@ from scipy.spatial import cKDTree
 
 from conftest import TEST_DATA, shared_data_path
 from wsicell.config import IngestConfig, WsicellConfig
-from wsicell.ingest import cell_blocks, ingest, plan_slide, shared_lookup_blocks
+from wsicell.ingest import (
+    LOCAL_CLUSTER_POLLING, cell_blocks, ingest, local_cluster, plan_slide, shared_lookup_blocks,
+)
 from wsicell.segment import segment_image
 from wsicell.slide import ReferenceGrid, open_slide, read_reference_region, read_rgb_image
 from wsicell.stain import StainLookup, StainParameters, fit_stain_parameters
@@ -157,3 +160,11 @@ def test_a_block_whose_claimer_died_is_built_by_the_waiting_worker(tmp_path, sta
     np.testing.assert_array_equal(colours, expected.colour_table)
     np.testing.assert_array_equal(hematoxylin, expected.hematoxylin_table)
     assert not (tmp_path / "03.npy").exists()
+
+
+def test_embedded_cluster_workers_poll_less():
+    from distributed import Client
+
+    with local_cluster(1, 1, "1GB") as cluster, Client(cluster) as client:
+        seen = client.run(lambda: {key: dask.config.get(key) for key in LOCAL_CLUSTER_POLLING})
+    assert list(seen.values()) == [LOCAL_CLUSTER_POLLING]

@@ -165,7 +165,11 @@ def _worker_lookup(staging: Path, stain_json: str) -> StainLookup:
 
 
 def _lookup_dir(staging: Path, stain_json: str) -> Path:
-    return staging / f"lookup-{hashlib.sha1(stain_json.encode()).hexdigest()[:16]}"
+    """Where the workers of a slide share the blocks of its look-up (in its staging dir)."""
+    return staging / f"{_LOOKUP_DIR_PREFIX}{hashlib.sha1(stain_json.encode()).hexdigest()[:16]}"
+
+
+_LOOKUP_DIR_PREFIX = "lookup-"
 
 
 def shared_lookup_blocks(directory: Path, params: StainParameters,
@@ -608,7 +612,7 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
     # Largest regions first (Dask runs tasks in submission order): the last tasks, which
     # decide how long workers wait for each other at the end, are the smallest.
     todo.sort(key=lambda tile: -_area(tile[1]))
-    for stale in plan.staging.glob("lookup-*"):  # look-up blocks an interrupted run claimed
+    for stale in plan.staging.glob(f"{_LOOKUP_DIR_PREFIX}*"):  # blocks an interrupted run claimed
         shutil.rmtree(stale, ignore_errors=True)
     per_task = config.ingest.tiles_per_task
     submissions = [(f"segment-{plan.slide_id}-{todo[i][0]}", len(todo[i:i + per_task]),
