@@ -34,6 +34,22 @@ def test_fill_holes_matches_scipy(density):
         np.testing.assert_array_equal(segment.fill_holes(mask, 2), mask | small[labels])
 
 
+def test_more_labels_than_16_bits_hold():
+    # 180,000 one-pixel holes, then 90,000 one-pixel objects: past 16-bit labels
+    checkerboard = np.indices((600, 600)).sum(axis=0) % 2 == 0
+    checkerboard[[0, -1], :] = checkerboard[:, [0, -1]] = True
+    np.testing.assert_array_equal(segment.fill_holes(checkerboard),
+                                  scipy.ndimage.binary_fill_holes(checkerboard))
+    dots = np.zeros((600, 600), bool)
+    dots[::2, ::2] = True
+    dots[:40, :40] = True
+    labels, n = scipy.ndimage.label(dots, structure=np.ones((3, 3)))
+    assert n > 65535
+    large = np.bincount(labels.ravel()) >= 2
+    large[0] = False
+    np.testing.assert_array_equal(segment.remove_small_objects(dots, 2), large[labels])
+
+
 def test_remove_small_objects_keeps_large_only():
     mask = disc((100, 100), (30, 30), 10) | disc((100, 100), (80, 80), 3)
     kept = segment.remove_small_objects(mask, 100)
