@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -67,6 +66,7 @@ SLIDES_IN_FLIGHT = 4  # slides ingested at the same time by a multi-slide run
 #: Seconds a worker waits for a look-up block another worker claimed (one takes ~0.04 s)
 #: before building it itself.
 LOOKUP_BLOCK_WAIT_S = 10.0
+LOOKUP_DIR = "lookup"  # in a slide's staging directory: the blocks its workers share
 _STAGED_COLUMNS = [c for c in CELL_COLUMNS if c not in ("cell_id", "tile_id")]
 
 
@@ -161,15 +161,7 @@ def _worker_slide(path: str, fingerprint: str):
 def _worker_lookup(staging: Path, stain_json: str) -> StainLookup:
     """The slide's StainLookup, its blocks built once per slide by the workers together."""
     params = StainParameters.from_json(json.loads(stain_json))
-    return StainLookup.from_blocks(shared_lookup_blocks(_lookup_dir(staging, stain_json), params))
-
-
-def _lookup_dir(staging: Path, stain_json: str) -> Path:
-    """Where the workers of a slide share the blocks of its look-up (in its staging dir)."""
-    return staging / f"{_LOOKUP_DIR_PREFIX}{hashlib.sha1(stain_json.encode()).hexdigest()[:16]}"
-
-
-_LOOKUP_DIR_PREFIX = "lookup-"
+    return StainLookup.from_blocks(shared_lookup_blocks(staging / LOOKUP_DIR, params))
 
 
 def shared_lookup_blocks(directory: Path, params: StainParameters,
@@ -612,8 +604,8 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
     # Largest regions first (Dask runs tasks in submission order): the last tasks, which
     # decide how long workers wait for each other at the end, are the smallest.
     todo.sort(key=lambda tile: -_area(tile[1]))
-    for stale in plan.staging.glob(f"{_LOOKUP_DIR_PREFIX}*"):  # blocks an interrupted run claimed
-        shutil.rmtree(stale, ignore_errors=True)
+    # look-up blocks an interrupted run claimed (a slide's stain never changes in its staging)
+    shutil.rmtree(plan.staging / LOOKUP_DIR, ignore_errors=True)
     per_task = config.ingest.tiles_per_task
     submissions = [(f"segment-{plan.slide_id}-{todo[i][0]}", len(todo[i:i + per_task]),
                     segment_tiles, (plan, stain, config, todo[i:i + per_task]))
