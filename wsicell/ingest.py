@@ -51,9 +51,9 @@ from wsicell.slide import (
 )
 from wsicell.stain import StainLookup, StainParameters, fit_stain_parameters
 from wsicell.store import (
-    CELL_COLUMNS, STATUS_COMPLETE, begin_slide, claim, create_cell_arrays, file_fingerprint,
-    finish_slide, open_store, read_staged_tile, remove_staging, slide_status, staged_tiles,
-    staging_dir, store_lock, wait_for_array, write_array, write_staged_tile,
+    CELL_COLUMNS, STATUS_COMPLETE, begin_slide, claim, create_cell_arrays, discard_slide,
+    file_fingerprint, finish_slide, open_store, read_staged_tile, remove_staging, slide_status,
+    staged_tiles, staging_dir, store_lock, wait_for_array, write_array, write_staged_tile,
 )
 from wsicell.tissue import detect_tissue, stained_pixels, tile_tissue_fractions, tissue_boxes
 
@@ -590,8 +590,14 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
         begun = (pool.submit(begin_slide, root, plan.slide_id, attrs, thumb, tissue, tiles)
                  if fresh else None)
         stain = None if fresh else root["slides"][plan.slide_id].attrs.get("stain")
-        if stain is None:
-            stain = _stain_parameters(client(), plan, tiles, config, phase_bars)
+        try:
+            if stain is None:
+                stain = _stain_parameters(client(), plan, tiles, config, phase_bars)
+        except WsicellError:  # a slide refused before any cell: take its new group away
+            if begun is not None:
+                begun.result()
+                discard_slide(root, plan.slide_id)
+            raise
         if begun is not None:
             begun.result()
     group = root["slides"][plan.slide_id]

@@ -313,6 +313,14 @@ def begin_slide(
     return group
 
 
+def discard_slide(root: zarr.Group, slide_id: str) -> None:
+    """Remove a slide group this run began but could not ingest (a refused slide leaves
+    nothing behind, not an incomplete slide that every reader warns about)."""
+    slides = _slides(root)
+    if slide_id in slides:
+        del slides[slide_id]
+
+
 def create_cell_arrays(
     group: zarr.Group, n_cells: int, crop_size: int, crops_per_chunk: int, cells_per_chunk: int
 ) -> None:
