@@ -8,8 +8,9 @@ import tifffile
 
 from conftest import TEST_DATA, shared_data_path
 from wsicell.errors import WsicellError
+from wsicell import slide as slide_module
 from wsicell.slide import (
-    LargeImageSlide, ReferenceGrid, TiledPageReader, find_slide_files, open_slide,
+    DecodedTiles, LargeImageSlide, ReferenceGrid, TiledPageReader, find_slide_files, open_slide,
     read_reference_region, resolve_mpp,
 )
 
@@ -77,6 +78,41 @@ def test_tiles_decoded_directly_equal_openslide_reads(path, tmp_path):
                 (round(x * downsample), round(y * downsample)), level, (w, h)).convert("RGB"))
             np.testing.assert_array_equal(reader.read(x, y, w, h), expected)
         reader.close()
+
+
+def test_decoded_tiles_keep_the_most_recent_within_their_capacity():
+    tiles = DecodedTiles(capacity=3 * 100)
+    for key in "abc":
+        tiles.put(key, np.zeros(100, np.uint8))
+    assert tiles.get("a") is not None  # a is now the most recent
+    tiles.put("d", np.zeros(100, np.uint8))
+    assert tiles.get("b") is None and all(tiles.get(k) is not None for k in "acd")
+    assert tiles.size == 300
+    tiles.put("huge", np.zeros(301, np.uint8))  # larger than the whole cache: not kept
+    assert tiles.get("huge") is None and tiles.size == 300
+
+
+def test_overlapping_reads_decode_each_tile_once(monkeypatch):
+    monkeypatch.setattr(slide_module, "DECODED_TILES", DecodedTiles(64 << 20))
+    page = next(p for p in tifffile.TiffFile(PYRAMID).pages if TiledPageReader.supports(p))
+    reader, fresh = TiledPageReader(PYRAMID, page), TiledPageReader(PYRAMID, page)
+    decode, decoded = reader._decode, []
+
+    def counting_decode(data, index, **kwargs):
+        decoded.append(index)
+        return decode(data, index, **kwargs)
+
+    reader._decode = counting_decode
+    side = reader.tile_width
+    first = reader.read(side // 2, 0, side, side)  # two tiles
+    second = reader.read(side // 2 + 7, 3, side, side - 3)  # the same two, from the cache
+    assert sorted(decoded) == [0, 1]
+    np.testing.assert_array_equal(second, fresh.read(side // 2 + 7, 3, side, side - 3))
+    np.testing.assert_array_equal(first, fresh.read(side // 2, 0, side, side))
+    with pytest.raises(ValueError):  # cached tiles cannot be changed through a read's result
+        reader._tile(0)[0, 0] = 0
+    reader.close()
+    fresh.close()
 
 
 def test_plain_image_without_mpp_is_taken_at_reference_with_warning():

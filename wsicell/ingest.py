@@ -247,16 +247,19 @@ def segment_tile(plan: SlidePlan, colours: StainLookup | StainParameters, config
 
 
 def segment_tiles(plan: SlidePlan, stain: dict, config: WsicellConfig,
-                  tiles: list[tuple[int, tuple[int, int, int, int]]]) -> int:
+                  tiles: list[tuple[int, tuple[int, int, int, int]]]) -> dict[int, int]:
     """Dask task: segment ``(tile_id, region)`` tiles and stage each one atomically; returns
-    the tile count."""
+    the number of cells of each tile."""
     _prepare_worker()
     plan.staging.mkdir(parents=True, exist_ok=True)
     colours = (_worker_lookup(plan.staging, json.dumps(stain, sort_keys=True))
                if plan.stain_lookup else StainParameters.from_json(stain))
+    counts = {}
     for tile_id, region in tiles:
-        write_staged_tile(plan.staging, tile_id, segment_tile(plan, colours, config, region))
-    return len(tiles)
+        cells = segment_tile(plan, colours, config, region)
+        write_staged_tile(plan.staging, tile_id, cells)
+        counts[tile_id] = len(cells["x"])
+    return counts
 
 
 def _staged_rows(plan: SlidePlan, pieces: list[tuple[int, int, int]],
@@ -541,12 +544,14 @@ def _stain_parameters(client, plan: SlidePlan, tiles: dict, config: WsicellConfi
 
 
 def _consolidate(client, plan: SlidePlan, tile_ids: np.ndarray, config: WsicellConfig,
-                 bars: bool) -> np.ndarray:
-    """Write the final arrays from the staged tiles; returns cells per tile."""
+                 bars: bool, known: dict[int, int]) -> np.ndarray:
+    """Write the final arrays from the staged tiles; returns cells per tile (``known``:
+    the counts this run's tasks returned; the tiles of an earlier run are read)."""
     import zarr
 
-    counts = np.array([len(read_staged_tile(plan.staging, int(t), ["x"])["x"]) for t in tile_ids],
-                      dtype=np.int64)
+    counts = np.array([known[t] if t in known else
+                       len(read_staged_tile(plan.staging, t, ["x"])["x"])
+                       for t in map(int, tile_ids)], dtype=np.int64)
     group = zarr.open_group(Path(plan.store) / "slides" / plan.slide_id, mode="r+")
     ingest = config.ingest
     create_cell_arrays(group, int(counts.sum()), config.segmentation.crop_size,
@@ -617,9 +622,11 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
                     segment_tiles, (plan, stain, config, todo[i:i + per_task]))
                    for i in range(0, len(todo), per_task)]
     tiles_bar.add(len(tile_ids), done=len(tile_ids) - len(todo))
+    known = {}
     if submissions:
-        _run_tasks(client(), submissions, tiles_bar)
-    counts = _consolidate(client(), plan, tile_ids, config, phase_bars)
+        for task_counts in _run_tasks(client(), submissions, tiles_bar):
+            known.update(task_counts)
+    counts = _consolidate(client(), plan, tile_ids, config, phase_bars, known)
     finish_slide(group, counts, {"n_tiles": int(len(tile_ids))})
     remove_staging(store, plan.slide_id)
     tiles_bar.message(f"{plan.slide_id}: {int(counts.sum())} cells from {len(tile_ids)} "

@@ -128,8 +128,11 @@ class Objects:
 
     Attributes
     ----------
-    labels : ndarray, shape (H, W), int32
-        Object ``i`` has label ``i + 1``; 0 is background.
+    label_image : ndarray, shape (H, W), int
+        Object ``i`` has the label ``ids[i]``; 0 is background.  Dropped objects may keep
+        their labels here (:meth:`keep` does not rewrite the image).
+    ids : ndarray, shape (N,), int64
+        Label of each object, increasing.
     bbox : ndarray, shape (N, 4), int32
         ``[x0, y0, x1, y1)`` of each object.
     area : ndarray, shape (N,), int32
@@ -138,11 +141,22 @@ class Objects:
         Centroid column and row.
     """
 
-    labels: np.ndarray
+    label_image: np.ndarray
+    ids: np.ndarray
     bbox: np.ndarray
     area: np.ndarray
     x: np.ndarray
     y: np.ndarray
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Label image of these objects only, object ``i`` labelled ``i + 1``, (H, W) int32."""
+        if np.array_equal(self.ids, np.arange(1, len(self.ids) + 1)) and (
+                len(self.ids) == int(self.label_image.max(initial=0))):
+            return self.label_image
+        new_ids = np.zeros(int(self.label_image.max(initial=0)) + 1, dtype=np.int32)
+        new_ids[self.ids] = np.arange(1, len(self.ids) + 1, dtype=np.int32)
+        return new_ids[self.label_image]
 
     @classmethod
     def from_labels(cls, labels: np.ndarray) -> "Objects":
@@ -160,7 +174,7 @@ class Objects:
         with np.errstate(invalid="ignore", divide="ignore"):
             x = np.bincount(label, weights=cols, minlength=n + 1)[1:] / area
             y = np.bincount(label, weights=rows, minlength=n + 1)[1:] / area
-        return cls(labels, bbox, area.astype(np.int32), x, y)
+        return cls(labels, np.arange(1, n + 1), bbox, area.astype(np.int32), x, y)
 
     @classmethod
     def components(cls, mask: np.ndarray) -> "Objects":
@@ -168,13 +182,13 @@ class Objects:
         labels, stats, centroids = _components(mask)
         left, top, width, height, area = stats[1:].T
         bbox = np.stack([left, top, left + width, top + height], axis=1).astype(np.int32)
-        return cls(labels, bbox, area.astype(np.int32), centroids[1:, 0], centroids[1:, 1])
+        return cls(labels, np.arange(1, len(area) + 1), bbox, area.astype(np.int32),
+                   centroids[1:, 0], centroids[1:, 1])
 
     def keep(self, which: np.ndarray) -> "Objects":
-        """The objects flagged in the bool array ``which`` (N,), renumbered in order."""
-        new_ids = np.zeros(len(which) + 1, dtype=np.int32)
-        new_ids[1:][which] = np.arange(1, which.sum() + 1, dtype=np.int32)
-        return Objects(new_ids[self.labels], self.bbox[which], self.area[which],
+        """The objects flagged in the bool array ``which`` (N,), in order (the label image
+        is shared, not rewritten: a gather over every pixel cost 2.7 ms per megapixel)."""
+        return Objects(self.label_image, self.ids[which], self.bbox[which], self.area[which],
                        self.x[which], self.y[which])
 
 
@@ -398,16 +412,15 @@ def measure_nuclei(
     Nuclei
         Ordered by label.
     """
-    n = len(objects.area)
-    picked = np.arange(n) if which is None else np.flatnonzero(which)
-    labels = objects.labels.ravel()
+    picked = np.arange(len(objects.area)) if which is None else np.flatnonzero(which)
+    labels = objects.label_image.ravel()
     foreground = np.flatnonzero(labels != 0)  # nuclei cover a small part of a tile
-    hema_sum = np.bincount(labels[foreground], weights=hematoxylin.ravel()[foreground],
-                           minlength=n + 1)
+    hema_sum = np.bincount(labels[foreground], weights=hematoxylin.ravel()[foreground])
+    ids = objects.ids[picked]
     area = objects.area[picked]
-    mean_h = (hema_sum[1:][picked] / np.maximum(area, 1)).astype(np.float32)
+    mean_h = (hema_sum[ids] / np.maximum(area, 1)).astype(np.float32)
     bbox = objects.bbox[picked]
-    crops = cell_crops(objects.labels, rgb, bbox, config.crop_size, normalise, ids=picked + 1)
+    crops = cell_crops(objects.label_image, rgb, bbox, config.crop_size, normalise, ids=ids)
     return Nuclei(objects.x[picked], objects.y[picked], bbox, area, mean_h, crops)
 
 
