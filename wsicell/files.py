@@ -1,8 +1,9 @@
-"""Checks and reads of user-named files that fail with one clear line."""
+"""Checks and reads of user-named files that fail with one clear line, and atomic writes."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -70,3 +71,13 @@ def read_points(path: str | Path, columns: tuple[str, ...] = ("x", "y", "label")
     if "label" in columns:
         table = table.assign(label=table.label.astype(str).str.strip())
     return table[list(columns)]
+
+
+def write_atomically(path: str | Path, write) -> None:
+    """Create or replace ``path`` with ``write(binary_file)`` through a temporary file in the
+    same directory and a rename, so that readers see the whole old or new file, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        write(f)
+    os.replace(tmp, path)

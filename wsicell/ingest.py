@@ -590,21 +590,21 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
     fresh = overwrite or not _resumable(root, plan, attrs)
     if fresh:
         remove_staging(store, plan.slide_id)
-    with ThreadPoolExecutor(1, thread_name_prefix="wsicell-begin") as pool:
-        # A new slide's group is written while the workers sample its stain.
-        begun = (pool.submit(begin_slide, root, plan.slide_id, attrs, thumb, tissue, tiles)
-                 if fresh else None)
-        stain = None if fresh else root["slides"][plan.slide_id].attrs.get("stain")
-        try:
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="wsicell-begin") as pool:
+            # A new slide's group is written while the workers sample its stain (leaving
+            # the block waits for it).
+            begun = (pool.submit(begin_slide, root, plan.slide_id, attrs, thumb, tissue, tiles)
+                     if fresh else None)
+            stain = None if fresh else root["slides"][plan.slide_id].attrs.get("stain")
             if stain is None:
                 stain = _stain_parameters(client(), plan, tiles, config, phase_bars)
-        except WsicellError:  # a slide refused before any cell: take its new group away
             if begun is not None:
                 begun.result()
-                discard_slide(root, plan.slide_id)
-            raise
-        if begun is not None:
-            begun.result()
+    except WsicellError:  # a slide refused before any cell: take its new group away
+        if fresh:
+            discard_slide(root, plan.slide_id)
+        raise
     group = root["slides"][plan.slide_id]
     if "stain" not in group.attrs:
         group.attrs["stain"] = stain

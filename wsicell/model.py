@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from torch import nn
 import wsicell
 from wsicell.config import WsicellConfig
 from wsicell.errors import WsicellError
+from wsicell.files import write_atomically
 
 CROP_SIZE = 32
 
@@ -267,15 +267,13 @@ def save_trained_model(out_dir: Path, model: InfoWGAN, config: WsicellConfig,
     out_dir = Path(out_dir)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     model_id = weights_id(state)
-    tmp = out_dir / f".{MODEL_FILE}.tmp-{os.getpid()}"
-    torch.save({"format": MODEL_FORMAT, "state_dict": state}, tmp)
-    os.replace(tmp, out_dir / MODEL_FILE)
+    write_atomically(out_dir / MODEL_FILE,
+                     lambda f: torch.save({"format": MODEL_FORMAT, "state_dict": state}, f))
     meta = {"wsicell_version": wsicell.__version__, "model_id": model_id,
             "k": model.categories, "crop_size": CROP_SIZE, "config": config.to_json(),
             **provenance}
-    tmp = out_dir / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out_dir / CONFIG_FILE)
+    write_atomically(out_dir / CONFIG_FILE,
+                     lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
     return model_id
 
 

@@ -151,9 +151,6 @@ class Objects:
     @property
     def labels(self) -> np.ndarray:
         """Label image of these objects only, object ``i`` labelled ``i + 1``, (H, W) int32."""
-        if np.array_equal(self.ids, np.arange(1, len(self.ids) + 1)) and (
-                len(self.ids) == int(self.label_image.max(initial=0))):
-            return self.label_image
         new_ids = np.zeros(int(self.label_image.max(initial=0)) + 1, dtype=np.int32)
         new_ids[self.ids] = np.arange(1, len(self.ids) + 1, dtype=np.int32)
         return new_ids[self.label_image]

@@ -37,6 +37,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from wsicell.errors import WsicellError
+from wsicell.files import write_atomically
 
 STORE_VERSION = 1
 STATUS_INGESTING = "ingesting"
@@ -232,18 +233,9 @@ def _staged_name(tile_id: int) -> str:
     return f"tile_{tile_id:09d}.npz"
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Create ``path`` with ``write(file)`` through a temporary file and a rename, so that
-    readers see the whole file or none."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def write_array(path: Path, array: np.ndarray) -> None:
     """Write an array to a ``.npy`` file atomically."""
-    _write_atomically(path, lambda f: np.save(f, array))
+    write_atomically(path, lambda f: np.save(f, array))
 
 
 def wait_for_array(path: Path, timeout_s: float) -> np.ndarray | None:
@@ -268,7 +260,7 @@ def claim(path: Path) -> bool:
 
 def write_staged_tile(directory: Path, tile_id: int, columns: dict[str, np.ndarray]) -> None:
     """Write one tile's cells atomically."""
-    _write_atomically(directory / _staged_name(tile_id), lambda f: np.savez(f, **columns))
+    write_atomically(directory / _staged_name(tile_id), lambda f: np.savez(f, **columns))
 
 
 def read_staged_tile(directory: Path, tile_id: int, names=None) -> dict[str, np.ndarray]:

@@ -40,6 +40,7 @@ import wsicell
 from wsicell.config import WsicellConfig
 from wsicell.data import CropStream, crop_loader, prepare_batch, random_dihedral
 from wsicell.errors import WsicellError
+from wsicell.files import write_atomically
 from wsicell.model import (InfoWGAN, TrainedModel, build_model, generator_grid,
                            load_trained_model, save_trained_model)
 
@@ -251,20 +252,13 @@ def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """Write ``obj`` with ``torch.save`` to a temporary file, then rename it onto ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(path: Path, trainer: Trainer, iteration: int, config: WsicellConfig,
                     fingerprint: str, slides: list[str], rank: int) -> None:
     """Atomically write the full training state (collective under DDP: all ranks call it)."""
     rng = _rng_state(trainer)
     if rank != 0:
         return
-    atomic_torch_save({
+    checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "wsicell_version": wsicell.__version__,
         "iteration": iteration,
@@ -275,7 +269,8 @@ def save_checkpoint(path: Path, trainer: Trainer, iteration: int, config: Wsicel
         "store_fingerprint": fingerprint,
         "slides": slides,
         "world_size": trainer.world_size,
-    }, path)
+    }
+    write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -332,9 +327,8 @@ class LossLog:
         if active and path.exists():  # drop lines written after the checkpoint we resume from
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["iteration"] <= start]
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            text = "".join(line + "\n" for line in kept)
+            write_atomically(path, lambda f: f.write(text.encode()))
 
     def add(self, losses: torch.Tensor) -> None:
         self.pending.append(losses)
@@ -408,10 +402,8 @@ def plot_generator_grid(grid: np.ndarray, png: Path) -> None:
 def _save_figure(fig, png: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = png.with_name(f".{png.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    write_atomically(png, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, png)
 
 
 # --- the run -----------------------------------------------------------------------------
