@@ -40,10 +40,13 @@ demo: $(VENV)/.installed
 	$(WSICELL) predict --slides $(SAMPLE) --model $(DEMO)/model --store $(DEMO)/cells.zarr \
 	    --out $(DEMO)/results --mpp 0.4 --region-size 100
 
+# The layering contract (pyproject.toml, [tool.importlinter]) first, then the tests.
 test: $(VENV)/.reference
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 test-all: $(VENV)/.reference
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -m ''
 
 bench: $(VENV)/.reference

@@ -40,14 +40,16 @@ from _common import headline, single_threaded
 
 single_threaded()
 
+import make_benchmark_slide  # noqa: E402
 import numpy as np  # noqa: E402
 
-import make_benchmark_slide  # noqa: E402
 from wsicell.config import IngestConfig, WsicellConfig  # noqa: E402
-from wsicell.ingest import ingest, local_cluster, plan_slide, segment_tile  # noqa: E402
-from wsicell.slide import open_slide, read_reference_region  # noqa: E402
-from wsicell.stain import StainLookup, StainParameters  # noqa: E402
-from wsicell.store import open_store  # noqa: E402
+from wsicell.io.slide import open_slide, read_reference_region  # noqa: E402
+from wsicell.io.store import open_store  # noqa: E402
+from wsicell.pipeline.cluster import local_cluster  # noqa: E402
+from wsicell.pipeline.ingest import ingest  # noqa: E402
+from wsicell.pipeline.tiles import plan_slide, segment_tile  # noqa: E402
+from wsicell.segmentation.stain import StainLookup, StainParameters  # noqa: E402
 
 
 def build_slide(path: Path, gigapixels: float) -> Path:
@@ -92,10 +94,10 @@ def timed_ingest(slide: Path, store: Path, config: WsicellConfig, workers: int) 
 
     shutil.rmtree(store, ignore_errors=True)
     with local_cluster(workers, 1, "6GB") as cluster, Client(cluster) as client:
-        client.run(lambda: __import__("wsicell.ingest"))  # imports are not ingest time
+        client.run(lambda: __import__("wsicell.pipeline.ingest"))  # imports are not ingest time
         cpu_before = sum(client.run(_worker_cpu_s).values())
         start = time.perf_counter()
-        (slide_id,) = ingest([slide], store, config, scheduler=cluster.scheduler_address,
+        (slide_id,) = ingest(store, [slide], config, scheduler=cluster.scheduler_address,
                              progress=True)
         wall = time.perf_counter() - start
         cpu = sum(client.run(_worker_cpu_s).values()) - cpu_before

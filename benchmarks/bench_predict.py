@@ -20,15 +20,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import VENDORED_DATA, headline
 
 
 def build_store(path: Path, n_cells: int, config) -> str:
     """A store with one slide of ``n_cells`` real crops (segmented vendored images, repeated)."""
-    from wsicell import store as st
-    from wsicell.segment import Nuclei, segment_image
-    from wsicell.slide import read_rgb_image
+    from wsicell.io import store as st
+    from wsicell.io.slide import read_rgb_image
+    from wsicell.segmentation.nuclei import Nuclei, segment_image
 
     images = sorted((VENDORED_DATA / "bm_graz" / "images").glob("*.png"))
     nuclei = Nuclei.concatenate([segment_image(read_rgb_image(p), config)[0] for p in images])
@@ -41,17 +40,17 @@ def build_store(path: Path, n_cells: int, config) -> str:
                            np.full((75, 75, 3), 200, np.uint8), np.ones((75, 75), bool), tiles)
     st.create_cell_arrays(group, n_cells, 32, config.ingest.crops_per_chunk,
                           config.ingest.crops_per_chunk)
-    group["crops"][:] = nuclei.crops[repeat]
-    group["cells/cell_id"][:] = np.arange(n_cells)
-    group["cells/x"][:] = nuclei.x[repeat]
-    group["cells/y"][:] = nuclei.y[repeat]
+    st.write_crop_rows(path, "bench", 0, nuclei.crops[repeat])
+    st.write_cell_rows(path, "bench", 0, {"cell_id": np.arange(n_cells),
+                                          "x": nuclei.x[repeat], "y": nuclei.y[repeat]})
     st.finish_slide(group, np.array([n_cells]), {})
     return "bench"
 
 
 def save_model(path: Path, width: int, config):
     from wsicell.config import TrainConfig, WsicellConfig
-    from wsicell.model import build_model, save_trained_model
+    from wsicell.learning.model import build_model
+    from wsicell.learning.saved_model import save_trained_model
 
     config = WsicellConfig.model_validate(
         {**config.to_json(), "train": TrainConfig(width=width).model_dump(mode="json")})
@@ -63,16 +62,15 @@ def save_model(path: Path, width: int, config):
 
 def time_labelling(store: Path, model_dir: Path, config, device: str, workers: int) -> float:
     """Cells per second of one ``label_slides`` call (labels deleted first)."""
-    from wsicell.ingest import dask_client
-    from wsicell.predict import label_slides
-    from wsicell.store import open_store
-    from wsicell.train import load_trained_model
+    from wsicell.io.store import discard_labels, open_store, slide_crops
+    from wsicell.learning.saved_model import load_trained_model
+    from wsicell.pipeline.cluster import dask_client
+    from wsicell.pipeline.labelling import label_slides
 
     root = open_store(store, mode="r+")
-    if "labels" in root["slides/bench"]:
-        del root["slides/bench/labels"]
-    n = root["slides/bench/crops"].shape[0]
     model = load_trained_model(model_dir, device=device)
+    discard_labels(root, "bench", model.model_id)
+    n = slide_crops(root, "bench").shape[0]
     if device == "cpu":
         with dask_client(workers, 1, "4GB", None, progress=False) as client:
             start = time.perf_counter()
@@ -85,8 +83,14 @@ def time_labelling(store: Path, model_dir: Path, config, device: str, workers: i
 
 def time_proportions(n_cells: int = 1_000_000, k: int = 5, repeats: int = 3) -> float:
     """Best-of-``repeats`` seconds of the proportion step of a synthetic slide."""
-    from wsicell.proportions import (PolygonRegion, RegionGrid, cluster_counts,
-                                     counts_to_proportions, grid_counts, polygon_counts)
+    from wsicell.analysis.proportions import (
+        PolygonRegion,
+        RegionGrid,
+        cluster_counts,
+        counts_to_proportions,
+        grid_counts,
+        polygon_counts,
+    )
 
     rng = np.random.default_rng(0)
     width, height, mpp = 100_000, 80_000, 0.25  # a 25 x 20 mm slide at 40x

@@ -19,10 +19,11 @@ single_threaded()
 
 
 from htk_reference import htk_recipe  # noqa: E402
+
 from wsicell.config import WsicellConfig  # noqa: E402
-from wsicell.segment import segment_image  # noqa: E402
-from wsicell.slide import read_rgb_image  # noqa: E402
-from wsicell.stain import fit_stain_parameters  # noqa: E402
+from wsicell.io.slide import read_rgb_image  # noqa: E402
+from wsicell.segmentation.nuclei import segment_image  # noqa: E402
+from wsicell.segmentation.stain import fit_stain_parameters  # noqa: E402
 
 
 def timed(repeat, function, *args):

@@ -4,7 +4,7 @@
         [--width 32] [--iters 3] [--workers 2] [--threads N]
 
 Without ``--store`` the vendored bone-marrow image is ingested into a temporary store.
-``loader_crops_per_s`` streams uint8 batches through :class:`wsicell.data.CropStream` and a
+``loader_crops_per_s`` streams uint8 batches through :class:`wsicell.learning.data.CropStream` and a
 DataLoader (``--workers`` processes, pinned memory on a GPU) and copies them to the device;
 ``gen_iters_per_s`` times full iterations (5 critic steps with gradient penalty, one G step,
 one Q step, batch 64) on batches from that loader.  On a GPU it also compares bf16 autocast
@@ -21,21 +21,23 @@ from pathlib import Path
 import torch
 
 from wsicell.config import IngestConfig, TrainConfig, WsicellConfig
-from wsicell.data import CropStream, crop_loader, prepare_batch
-from wsicell.model import build_model
-from wsicell.store import complete_slides, open_store
-from wsicell.train import Trainer, resolve_device
+from wsicell.io.store import complete_slides, open_store
+from wsicell.learning.augment import prepare_batch
+from wsicell.learning.data import CropStream, crop_loader
+from wsicell.learning.device import resolve_device
+from wsicell.learning.model import build_model
+from wsicell.learning.trainer import Trainer
 
 VENDORED = Path(__file__).resolve().parents[1] / "tests" / "data" / "BM_GRAZ_HE_0001_01.png"
 
 
 def vendored_store(directory: Path) -> Path:
     """Ingest the vendored image (small chunks, so that the loader reads several)."""
-    from wsicell.ingest import ingest
+    from wsicell.pipeline.ingest import ingest
 
     store = directory / "bench.zarr"
     config = WsicellConfig(ingest=IngestConfig(tile_size=512, crops_per_chunk=128))
-    ingest([VENDORED], store, config, mpp=0.4, workers=1, progress=False)
+    ingest(store, [VENDORED], config, mpp=0.4, workers=1, progress=False)
     return store
 
 

@@ -19,7 +19,7 @@
 3. Match the segmented cells one-to-one to the annotated centroids (``type_mat/*.mat``:
    ``inst_centroid`` x, y; ``inst_type`` 1 miscellaneous, 2 inflammatory, 3 epithelial,
    4 spindle-shaped; written as points CSVs) within ``--radius-um`` by
-   ``wsicell.evaluation.matched_cells``, cluster the matched cells with Q's argmax and
+   ``wsicell.analysis.evaluation.matched_cells``, cluster the matched cells with Q's argmax and
    score purity / entropy / F-score against the types (method section 4).  The final model
    is scored; no checkpoint is chosen by these labels.
 4. Baselines on the same crops: k-means (k=5) on a 50-component PCA of the raw pixels
@@ -45,12 +45,13 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
-from wsicell.baseline import baseline_clusters
+from wsicell.analysis.evaluation import matched_cells
+from wsicell.analysis.metrics import clustering_score
 from wsicell.config import IngestConfig, TrainConfig, WsicellConfig
-from wsicell.evaluation import matched_cells
-from wsicell.metrics import clustering_score
-from wsicell.store import complete_slides, open_store
-from wsicell.train import load_trained_model, train
+from wsicell.io.store import complete_slides, open_store
+from wsicell.learning.baseline import baseline_clusters
+from wsicell.learning.saved_model import load_trained_model
+from wsicell.pipeline.training import train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "consep_patches"
 MPP = 0.25  # the patches are 40x
@@ -74,12 +75,13 @@ def ingest_patches(images: list[Path], store: Path, workers: int,
     number of patches ingest refused (no tissue, too few stained pixels), each reported.
     The thumbnail for tissue detection is made fine enough for 64 um patches."""
     from wsicell.errors import WsicellError
-    from wsicell.ingest import ingest, slide_id_for
+    from wsicell.pipeline.ingest import ingest
+    from wsicell.pipeline.tiles import slide_id_for
 
     config = WsicellConfig(ingest=IngestConfig(tissue_mpp=1.0, min_tissue_fraction=0.0)
-                           ).with_preset(preset)
+                           ).with_options(preset)
     try:
-        ingest(images, store, config, mpp=MPP, workers=workers)
+        ingest(store, images, config, mpp=MPP, workers=workers)
     except WsicellError as err:  # the refused patches, each warned about
         print(err)
     complete = set(complete_slides(open_store(store)))

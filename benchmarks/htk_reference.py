@@ -6,13 +6,12 @@ HistomicsTK is a test-only dependency (``pip install --no-deps histomicstk==1.4.
 
 from __future__ import annotations
 
+import histomicstk as htk
 import numpy as np
 import scipy.ndimage
 import skimage.measure
 import skimage.morphology
 import skimage.transform
-
-import histomicstk as htk
 
 PAPER_TARGET_MEAN = (8.98, 0.08, 0.02)
 PAPER_TARGET_STD = (0.64, 0.11, 0.03)

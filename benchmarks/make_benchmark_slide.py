@@ -24,7 +24,7 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
-from wsicell.slide import read_rgb_image
+from wsicell.io.slide import read_rgb_image
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "bm_graz" / "images"
 

@@ -7,7 +7,15 @@ import pytest
 
 from wsicell import __version__
 from wsicell.config import WsicellConfig
-from wsicell.store import TILE_COLUMNS, begin_slide, create_cell_arrays, file_fingerprint, finish_slide
+from wsicell.io.store import (
+    TILE_COLUMNS,
+    begin_slide,
+    create_cell_arrays,
+    file_fingerprint,
+    finish_slide,
+    write_cell_rows,
+    write_crop_rows,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEST_DATA = Path(__file__).resolve().parent / "data"
@@ -63,15 +71,13 @@ def write_test_slide(root, slide_id, tmp_path, n_cells, complete=True):
     group = begin_slide(root, slide_id, attrs, np.full((5, 6, 3), 255, np.uint8),
                         np.zeros((5, 6), bool), tiles)
     create_cell_arrays(group, n_cells, 32, crops_per_chunk=4, cells_per_chunk=8)
-    group["cells/cell_id"][:] = np.arange(n_cells)
-    group["cells/x"][:] = 10.0 * np.arange(n_cells)
-    group["cells/y"][:] = 5.0 * np.arange(n_cells)
-    group["cells/bbox_x0"][:] = 10 * np.arange(n_cells) - 3
-    group["cells/bbox_y0"][:] = 5 * np.arange(n_cells) - 2
-    group["cells/bbox_x1"][:] = 10 * np.arange(n_cells) + 4
-    group["cells/bbox_y1"][:] = 5 * np.arange(n_cells) + 3
-    group["cells/area"][:] = 30.5
-    group["crops"][:] = np.arange(n_cells, dtype=np.uint8)[:, None, None, None]
+    i = np.arange(n_cells)
+    store = root.store.root
+    write_cell_rows(store, slide_id, 0, {
+        "cell_id": i, "x": 10.0 * i, "y": 5.0 * i, "bbox_x0": 10 * i - 3, "bbox_y0": 5 * i - 2,
+        "bbox_x1": 10 * i + 4, "bbox_y1": 5 * i + 3, "area": np.full(n_cells, 30.5)})
+    write_crop_rows(store, slide_id, 0, np.broadcast_to(
+        i.astype(np.uint8)[:, None, None, None], (n_cells, 32, 32, 3)))
     group.attrs["stain"] = STAIN
     if complete:
         finish_slide(group, [n_cells - 2, 2], {"n_tiles": 2})
@@ -86,11 +92,11 @@ def train_store(tmp_path_factory) -> Path:
     """A real cell store the trainer tests share: the vendored bone-marrow image ingested
     once per session (small tiles and chunks so that several chunks and streams exist)."""
     from wsicell.config import IngestConfig
-    from wsicell.ingest import ingest
+    from wsicell.pipeline.ingest import ingest
 
     path = tmp_path_factory.mktemp("train_store") / "cells.zarr"
     config = WsicellConfig(ingest=IngestConfig(tile_size=512, crops_per_chunk=128))
-    ids = ingest([TEST_DATA / f"{TRAIN_SLIDE}.png"], path, config, mpp=0.4, workers=1,
+    ids = ingest(path, [TEST_DATA / f"{TRAIN_SLIDE}.png"], config, mpp=0.4, workers=1,
                  progress=False)
     assert ids == [TRAIN_SLIDE]
     return path

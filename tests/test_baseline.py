@@ -3,7 +3,8 @@ import pytest
 from skimage.color import rgb2gray
 from skimage.feature import hog, local_binary_pattern
 
-from wsicell.baseline import (
+from wsicell.analysis.metrics import clustering_score
+from wsicell.learning.baseline import (
     baseline_clusters,
     colour_histograms,
     grayscale,
@@ -11,7 +12,6 @@ from wsicell.baseline import (
     hog_features,
     uniform_lbp,
 )
-from wsicell.metrics import clustering_score
 
 
 def _nucleus_crops(n, colour, radius, seed):

@@ -7,9 +7,8 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-
 from conftest import TEST_DATA, shared_data_path
+from PIL import Image
 
 SAMPLE = TEST_DATA / "BM_GRAZ_HE_0001_01.png"
 WSICELL = [sys.executable, "-m", "wsicell.cli.main"]

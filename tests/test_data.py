@@ -4,12 +4,20 @@ on-device conversion and augmentation."""
 import numpy as np
 import pytest
 import torch
-
 from conftest import TRAIN_SLIDE as SLIDE
-from wsicell.data import (CropStream, batches_before, check_crops, crop_loader, deal_units,
-                          group_units, plan_units, prepare_batch, stain_jitter, to_unit_range)
+
 from wsicell.errors import WsicellError
-from wsicell.store import open_store, slide_crops
+from wsicell.io.store import open_store, slide_crops
+from wsicell.learning.augment import prepare_batch, stain_jitter, to_unit_range
+from wsicell.learning.data import (
+    CropStream,
+    batches_before,
+    check_crops,
+    crop_loader,
+    deal_units,
+    group_units,
+    plan_units,
+)
 
 BATCH = 16
 

@@ -8,15 +8,17 @@ import textwrap
 
 import pytest
 
-
 SCRIPT = textwrap.dedent('''
     import sys
     import torch
     import torch.distributed as dist
     from wsicell.config import TrainConfig, WsicellConfig
-    from wsicell.data import CropStream, crop_loader, prepare_batch
-    from wsicell.model import build_model, weights_id
-    from wsicell.train import Trainer, train
+    from wsicell.learning.augment import prepare_batch
+    from wsicell.learning.data import CropStream, crop_loader
+    from wsicell.learning.model import build_model
+    from wsicell.learning.saved_model import weights_id
+    from wsicell.learning.trainer import Trainer
+    from wsicell.pipeline.training import train
 
     store, out = sys.argv[1], sys.argv[2]
     config = WsicellConfig(train=TrainConfig(width=8, batch_size=16, critic_steps=2,

@@ -4,9 +4,9 @@ evaluation runs end to end in test_predict.py)."""
 import pandas as pd
 import pytest
 
+from wsicell.analysis.evaluation import evaluate_slide_predictions, matched_cells
 from wsicell.errors import WsicellError
-from wsicell.evaluation import evaluate_slide_predictions, matched_cells
-from wsicell.files import read_points
+from wsicell.io.points import read_points
 
 
 def test_read_points(tmp_path):

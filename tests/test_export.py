@@ -7,11 +7,21 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import write_test_slide
+
 from wsicell.errors import WsicellError
-from wsicell.export import export_cells
-from wsicell.store import open_store
+from wsicell.io.export import export_cells
+from wsicell.io.store import begin_labels, finish_labels, open_store, write_label_rows
+
+CLUSTERS = np.array([0, 1, 2, 0, 1, 2])
+
+
+def write_labels(root, slide_id, model_id, clusters, complete=True):
+    """Labels of a model written with the store's writers: one-hot probabilities."""
+    begin_labels(root, slide_id, model_id, 3, {})
+    write_label_rows(root, slide_id, model_id, 0, np.eye(3, dtype=np.float32)[clusters])
+    if complete:
+        finish_labels(root, slide_id, model_id)
 
 
 @pytest.fixture
@@ -21,8 +31,7 @@ def store(tmp_path):
     write_test_slide(root, "s1", tmp_path, 6)
     write_test_slide(root, "s2", tmp_path, 4)
     write_test_slide(root, "s3", tmp_path, 5, complete=False)
-    labels = root["slides/s1"].create_group("labels").create_group("m1")
-    labels.create_array("cluster", data=np.array([0, 1, 2, 0, 1, 2], np.int16))
+    write_labels(root, "s1", "m1", CLUSTERS)
     return path
 
 
@@ -67,6 +76,29 @@ def test_bad_requests_fail_before_writing(store, tmp_path):
     with pytest.raises(WsicellError, match="no labels 'm9'"):
         export_cells(store, out, "csv", ["s1"], labels="m9")
     assert list(tmp_path.glob("*.geojson")) == [] and list(tmp_path.glob(".*tmp")) == []
+
+
+def test_labels_columns_are_the_stored_labels(store, tmp_path):
+    out = tmp_path / "s1.csv"
+    export_cells(store, out, "csv", ["s1"], labels="m1")
+    table = pd.read_csv(out)
+    np.testing.assert_array_equal(table.cluster, CLUSTERS)
+    np.testing.assert_array_equal(table[["proba_0", "proba_1", "proba_2"]].to_numpy(),
+                                  np.eye(3)[CLUSTERS])
+
+
+def test_incomplete_labels_are_refused(store, tmp_path):
+    """Labels an interrupted predict left unfinished (only their first rows written) are
+    never exported: asked for, they are refused; by default, no cluster column appears."""
+    root = open_store(store, mode="r+")
+    begin_labels(root, "s2", "m2", 3, {})
+    write_label_rows(root, "s2", "m2", 0, np.eye(3, dtype=np.float32)[[0, 1]])
+    out = tmp_path / "s2.csv"
+    with pytest.raises(WsicellError, match="no labels 'm2' that are complete"):
+        export_cells(store, out, "csv", ["s2"], labels="m2")
+    assert not out.exists()
+    assert export_cells(store, out, "csv", ["s2"]) == 4
+    assert "cluster" not in pd.read_csv(out).columns
 
 
 def test_command_line(store, tmp_path):

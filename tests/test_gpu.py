@@ -5,13 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import TRAIN_SLIDE
+
 from wsicell.config import TrainConfig, WsicellConfig
-from wsicell.data import prepare_batch
-from wsicell.model import build_model
-from wsicell.store import open_store, slide_crops
-from wsicell.train import Trainer, gradient_penalty, load_trained_model, train
+from wsicell.io.store import open_store, slide_crops
+from wsicell.learning.augment import prepare_batch
+from wsicell.learning.model import build_model
+from wsicell.learning.saved_model import load_trained_model
+from wsicell.learning.trainer import Trainer, gradient_penalty
+from wsicell.pipeline.training import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 

@@ -7,18 +7,33 @@ from pathlib import Path
 import dask
 import numpy as np
 import pytest
+from conftest import TEST_DATA, shared_data_path
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from conftest import TEST_DATA, shared_data_path
 from wsicell.config import IngestConfig, WsicellConfig
-from wsicell.ingest import (
-    LOCAL_CLUSTER_POLLING, cell_blocks, ingest, local_cluster, plan_slide, shared_lookup_blocks,
+from wsicell.io.slide import (
+    ReferenceGrid,
+    open_slide,
+    read_reference_region,
+    read_rgb_image,
 )
-from wsicell.segment import segment_image
-from wsicell.slide import ReferenceGrid, open_slide, read_reference_region, read_rgb_image
-from wsicell.stain import StainLookup, StainParameters, fit_stain_parameters
-from wsicell.store import complete_slides, open_store, slide_cells, slide_crops, validate_store
+from wsicell.io.store import (
+    complete_slides,
+    open_store,
+    slide_cells,
+    slide_crops,
+    validate_store,
+)
+from wsicell.pipeline.cluster import LOCAL_CLUSTER_POLLING, local_cluster
+from wsicell.pipeline.ingest import ingest
+from wsicell.pipeline.tiles import cell_blocks, plan_slide, shared_lookup_blocks
+from wsicell.segmentation.nuclei import segment_image
+from wsicell.segmentation.stain import (
+    StainLookup,
+    StainParameters,
+    fit_stain_parameters,
+)
 
 CONFIG = WsicellConfig(ingest=IngestConfig(tile_size=512, crops_per_chunk=128,
                                            cells_per_chunk=512, stain_sample_tiles=6))
@@ -34,7 +49,7 @@ def store(tmp_path_factory):
     pink = np.array([235, 150, 200]) + np.random.default_rng(0).normal(0, 8, (500, 600, 3))
     Image.fromarray(pink.clip(0, 255).astype(np.uint8)).save(eosin_only)
     with pytest.warns(UserWarning, match="no microns-per-pixel metadata"):
-        ids = ingest([aperio, PYRAMID, PLAIN, eosin_only], path, CONFIG, workers=2,
+        ids = ingest(path, [aperio, PYRAMID, PLAIN, eosin_only], CONFIG, workers=2,
                      progress=False)
     assert ids == ["CMU-1-Small-Region", "bm_graz_pyramid", "BM_GRAZ_HE_0001_01", "eosin_only"]
     return path
@@ -114,7 +129,7 @@ def test_tiled_ingest_equals_whole_image_segmentation(store, slide_id, path):
 
 def test_rerun_skips_complete_slides(store):
     before = open_store(store)["slides/bm_graz_pyramid/cells/x"][:]
-    assert ingest([PYRAMID], store, CONFIG, progress=False) == ["bm_graz_pyramid"]
+    assert ingest(store, [PYRAMID], CONFIG, progress=False) == ["bm_graz_pyramid"]
     np.testing.assert_array_equal(open_store(store)["slides/bm_graz_pyramid/cells/x"][:], before)
 
 

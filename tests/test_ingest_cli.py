@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 import tifffile
+from conftest import TEST_DATA, shared_data_path
 from PIL import Image
 
-from conftest import TEST_DATA, shared_data_path
-from wsicell.store import open_store, store_lock
+from wsicell.io.store import open_store, store_lock
 
 
 def run_ingest(*args):

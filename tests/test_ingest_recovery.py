@@ -15,11 +15,12 @@ import numpy as np
 import psutil
 import pytest
 import zarr
-
 from conftest import TEST_DATA
+
 from wsicell.config import IngestConfig, WsicellConfig
-from wsicell.ingest import ingest
-from wsicell.store import staging_dir, validate_store
+from wsicell.io.staging import staging_dir
+from wsicell.io.store import validate_store
+from wsicell.pipeline.ingest import ingest
 
 CONFIG = WsicellConfig(ingest=IngestConfig(tile_size=128, tiles_per_task=1, crops_per_chunk=64,
                                            cells_per_chunk=256, stain_sample_tiles=4))
@@ -42,7 +43,7 @@ def config_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, slide):
     store = tmp_path_factory.mktemp("reference") / "cells.zarr"
-    ingest([slide], store, CONFIG, workers=2, progress=False)
+    ingest(store, [slide], CONFIG, workers=2, progress=False)
     return store
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from wsicell.metrics import clustering_score, detection_score, match_points
+from wsicell.analysis.metrics import clustering_score, detection_score, match_points
 
 
 def test_matching_is_one_to_one_and_within_radius():

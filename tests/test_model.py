@@ -6,8 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsicell.model import (InfoWGAN, build_model, generator_grid, init_gain, init_weights,
-                           weights_id)
+from wsicell.learning.model import (
+    InfoWGAN,
+    build_model,
+    generator_grid,
+    init_gain,
+    init_weights,
+)
+from wsicell.learning.saved_model import weights_id
 
 K, NOISE, WIDTH = 5, 32, 16
 

@@ -7,18 +7,26 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import TEST_DATA, shared_data_path
 from PIL import Image
 
-from conftest import TEST_DATA, shared_data_path
+from wsicell.analysis.slide_classes import SlideClassifier
 from wsicell.cli.main import main
 from wsicell.config import PredictConfig, SegmentationConfig, TrainConfig, WsicellConfig
 from wsicell.errors import WsicellError
-from wsicell.ingest import ingest
-from wsicell.predict import labelled_models, labels_complete, read_labels, run_prediction
-from wsicell.report import image_is_blank
-from wsicell.slide_classes import SlideClassifier
-from wsicell.store import complete_slides, open_store, validate_store
-from wsicell.train import load_trained_model, train
+from wsicell.io.store import (
+    complete_slides,
+    labelled_models,
+    labels_complete,
+    open_store,
+    read_labels,
+    validate_store,
+)
+from wsicell.learning.saved_model import load_trained_model
+from wsicell.pipeline.ingest import ingest
+from wsicell.pipeline.predict import predict
+from wsicell.pipeline.training import train
+from wsicell.viz.figures import image_is_blank
 
 DASK = {"workers": 2, "threads_per_worker": 1, "memory_limit": "2GB", "progress": False}
 
@@ -49,13 +57,13 @@ def world(tmp_path_factory):
     store = base / "cells.zarr"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # plain PNGs carry no mpp
-        ingest([slides], store, WsicellConfig(), **DASK)
+        ingest(store, [slides], WsicellConfig(), **DASK)
     model = _train(store, base / "model", 5)
     other = _train(store, base / "model3", 3, seed=1)
     labels = base / "labels.csv"
     pd.DataFrame({"slide_id": [p.stem for p in sorted(slides.glob("*.png"))],
                   "label": ["a"] * 4 + ["b"] * 4}).to_csv(labels, index=False)
-    report = run_prediction(slides, model, store, base / "out", labels=labels,
+    report = predict(store, slides, model, base / "out", labels=labels,
                             device="cpu", **DASK)
     return {"base": base, "slides": slides, "store": store, "model": model, "other": other,
             "labels": labels, "out": base / "out", "report": report}
@@ -140,12 +148,26 @@ def test_report_and_pictures_are_not_blank(world):
         assert picture.name in report.read_text()
 
 
+def test_report_shows_the_configuration_the_model_was_trained_with(world):
+    """The model was trained with width 16, batch 32, 1 critic step and k=5 (not the
+    defaults 128, 64, 5): the report and prediction.json say so."""
+    trained = load_trained_model(world["model"]).config.train
+    assert (trained.width, trained.batch_size, trained.critic_steps) == (16, 32, 1)
+    page = world["report"].read_text()
+    model_section = page[page.index("<h2>Model</h2>"):page.index("<h2>Provenance</h2>")]
+    for setting, value in [("width", "16"), ("batch_size", "32"), ("critic_steps", "1"),
+                           ("categories", "5")]:
+        assert f"<td>{setting}</td>\n      <td>{value}</td>" in model_section, setting
+    summary = json.loads((world["out"] / "prediction.json").read_text())
+    assert summary["model_config"]["train"] == trained.model_dump(mode="json")
+
+
 def test_rerun_is_a_no_op_and_another_model_writes_beside(world):
     before = _label_files(world["store"])
-    run_prediction(world["slides"], world["model"], world["store"], world["out"],
+    predict(world["store"], world["slides"], world["model"], world["out"],
                    labels=world["labels"], device="cpu", **DASK)
     assert _label_files(world["store"]) == before
-    run_prediction(world["slides"], world["other"], world["store"], world["base"] / "out3",
+    predict(world["store"], world["slides"], world["other"], world["base"] / "out3",
                    device="cpu", **DASK)
     after = _label_files(world["store"])
     assert {k: v for k, v in after.items() if k in before} == before
@@ -158,12 +180,12 @@ def test_rerun_is_a_no_op_and_another_model_writes_beside(world):
 
 def test_saved_classifier_is_reused_and_k_must_match(world):
     out = world["base"] / "reuse"
-    run_prediction(world["slides"], world["model"], world["store"], out,
+    predict(world["store"], world["slides"], world["model"], out,
                    classifier=world["out"] / "slide_classifier.json", device="cpu", **DASK)
     predictions = pd.read_csv(out / "slide_predictions.csv")
     assert set(predictions.svm_class) <= {"a", "b"}
     with pytest.raises(WsicellError, match="trained on 5 cell types"):
-        run_prediction(world["slides"], world["other"], world["store"], out,
+        predict(world["store"], world["slides"], world["other"], out,
                        classifier=world["out"] / "slide_classifier.json", device="cpu", **DASK)
 
 
@@ -175,7 +197,7 @@ def test_annotated_regions(world, tmp_path):
             "type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
             "properties": {"objectType": "annotation", "name": "corner"}}]}))
     out = tmp_path / "out"
-    run_prediction(world["slides"], world["model"], world["store"], out,
+    predict(world["store"], world["slides"], world["model"], out,
                    regions=tmp_path / f"{slide_id}.geojson", device="cpu", **DASK)
     table = pd.read_csv(out / "annotation_proportions.csv")
     assert table.slide_id.tolist() == [slide_id] and table.region.tolist() == ["corner"]
@@ -193,7 +215,7 @@ def test_bad_labels_leave_the_store_untouched(world, unlabelled_model, tmp_path,
     fresh = unlabelled_model
     before = _label_files(world["store"])
     with pytest.raises(WsicellError, match=message):
-        run_prediction(world["slides"], fresh, world["store"], tmp_path / "out", labels=labels,
+        predict(world["store"], world["slides"], fresh, tmp_path / "out", labels=labels,
                        device="cpu", **DASK)
     assert _label_files(world["store"]) == before
 
@@ -206,7 +228,7 @@ def test_point_geojson_is_refused_before_labelling(world, unlabelled_model, tmp_
     fresh = unlabelled_model
     before = _label_files(world["store"])
     with pytest.raises(WsicellError, match="Point geometry"):
-        run_prediction(world["slides"], fresh, world["store"], tmp_path / "out", regions=bad,
+        predict(world["store"], world["slides"], fresh, tmp_path / "out", regions=bad,
                        device="cpu", **DASK)
     assert _label_files(world["store"]) == before
 
@@ -220,9 +242,9 @@ def test_crop_size_mismatch_is_refused(world, tmp_path):
     config = WsicellConfig(segmentation=SegmentationConfig(crop_size=24))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ingest([slides], store, config, **DASK)
+        ingest(store, [slides], config, **DASK)
     with pytest.raises(WsicellError, match="crops of shape"):
-        run_prediction(slides, world["model"], store, tmp_path / "out", config=config,
+        predict(store, slides, world["model"], tmp_path / "out", config=config,
                        device="cpu", **DASK)
     root = open_store(store)
     assert "labels" not in root[f"slides/{source.stem}"]
@@ -232,7 +254,7 @@ def test_empty_slides_dir_and_cli_errors(world, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(WsicellError, match="no slide"):
-        run_prediction(empty, world["model"], world["store"], tmp_path / "out")
+        predict(world["store"], empty, world["model"], tmp_path / "out")
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", "--slides", str(empty), "--model", str(world["model"]),
               "--store", str(world["store"]), "--out", str(tmp_path / "out")])
@@ -258,7 +280,7 @@ def test_predict_on_cmu1_slide(world, tmp_path):
         shared_data_path("slides", "CMU-1-Small-Region.svs"))
     store = tmp_path / "cmu.zarr"
     config = WsicellConfig(predict=PredictConfig(region_size_um=250))
-    report = run_prediction(slides, world["model"], store, tmp_path / "out", config=config,
+    report = predict(store, slides, world["model"], tmp_path / "out", config=config,
                             device="cpu", **DASK)
     root = open_store(store)
     model_id = load_trained_model(world["model"]).model_id
@@ -276,7 +298,7 @@ def test_predict_on_cmu1_slide(world, tmp_path):
 
 
 def test_export_includes_clusters_and_probabilities(world, tmp_path):
-    from wsicell.export import export_cells
+    from wsicell.io.export import export_cells
 
     root = open_store(world["store"])
     slide_id = complete_slides(root)[0]
@@ -344,14 +366,14 @@ def test_evaluate_slides_matches_the_prediction_run(world, capsys):
 
 def test_interrupted_labelling_never_looks_complete(world, tmp_path):
     """Labels cut off after part of a chunk are not complete; the next run redoes them."""
-    from wsicell.predict import ChunkTask, _create_labels, label_chunk, label_slides
-    from wsicell.store import slide_crops
+    from wsicell.io.store import begin_labels, slide_crops
+    from wsicell.pipeline.labelling import ChunkTask, label_chunk, label_slides
 
     model_dir = _train(world["store"], tmp_path / "fresh", 4, seed=4)
     model = load_trained_model(model_dir)
     root = open_store(world["store"], mode="r+")
     slide_id = complete_slides(root)[-1]
-    _create_labels(root, slide_id, model, WsicellConfig())
+    begin_labels(root, slide_id, model.model_id, model.k, {})
     label_chunk(ChunkTask(str(world["store"]), slide_id, 0, 7), model, 1024)
     assert not labels_complete(root, slide_id, model.model_id)
     with pytest.raises(WsicellError, match="no complete labels"):

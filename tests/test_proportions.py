@@ -4,8 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from wsicell.errors import WsicellError
-from wsicell.proportions import (
+from wsicell.analysis.proportions import (
     PolygonRegion,
     RegionGrid,
     cluster_counts,
@@ -14,6 +13,7 @@ from wsicell.proportions import (
     polygon_counts,
     read_geojson_regions,
 )
+from wsicell.errors import WsicellError
 
 
 def test_counts_and_proportions_sum_to_one():

@@ -2,9 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wsicell.report import (
-    Section,
-    cluster_colours,
+from wsicell.palette import cluster_colours
+from wsicell.viz.figures import (
     crop_mosaic,
     draw_cluster_gallery,
     draw_generator_grid,
@@ -12,8 +11,8 @@ from wsicell.report import (
     draw_proportion_bars,
     draw_slide_overview,
     image_is_blank,
-    write_html_report,
 )
+from wsicell.viz.report import Section, write_html_report
 
 
 @pytest.fixture(scope="module")

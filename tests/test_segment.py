@@ -6,13 +6,18 @@ import pandas as pd
 import pytest
 import scipy.ndimage
 import skimage.measure
-
 from conftest import TEST_DATA, bm_graz_images, htk_reference, shared_data_path
-from wsicell import segment
-from wsicell.config import SegmentationConfig, StainConfig, WsicellConfig, segmentation_preset
-from wsicell.metrics import detection_score
-from wsicell.slide import read_rgb_image
-from wsicell.stain import fit_stain_parameters
+
+from wsicell.analysis.metrics import detection_score
+from wsicell.config import (
+    SegmentationConfig,
+    StainConfig,
+    WsicellConfig,
+    segmentation_preset,
+)
+from wsicell.io.slide import read_rgb_image
+from wsicell.segmentation import nuclei as segment
+from wsicell.segmentation.stain import fit_stain_parameters
 
 
 def disc(shape, centre, radius):
@@ -147,7 +152,7 @@ def test_sensitive_preset_beats_paper_on_vendored_annotations():
 def test_tissue_preset_finds_the_colorectal_nuclei_the_paper_recipe_misses():
     import scipy.io
 
-    from wsicell.images import segment_file
+    from wsicell.segmentation.fov import segment_file
 
     data = shared_data_path("consep_patches")
     scores = {}

@@ -5,13 +5,19 @@ import warnings
 import numpy as np
 import pytest
 import tifffile
-
 from conftest import TEST_DATA, shared_data_path
+
 from wsicell.errors import WsicellError
-from wsicell import slide as slide_module
-from wsicell.slide import (
-    DecodedTiles, LargeImageSlide, ReferenceGrid, TiledPageReader, find_slide_files, open_slide,
-    read_reference_region, resolve_mpp,
+from wsicell.io import slide as slide_module
+from wsicell.io.slide import (
+    DecodedTiles,
+    LargeImageSlide,
+    ReferenceGrid,
+    TiledPageReader,
+    find_slide_files,
+    open_slide,
+    read_reference_region,
+    resolve_mpp,
 )
 
 PYRAMID = TEST_DATA / "bm_graz_pyramid.tif"

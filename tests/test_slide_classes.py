@@ -3,8 +3,13 @@ import json
 import numpy as np
 import pytest
 
+from wsicell.analysis.slide_classes import (
+    SlideClassifier,
+    SlideKMeans,
+    cross_validate,
+    read_slide_labels,
+)
 from wsicell.errors import WsicellError
-from wsicell.slide_classes import SlideClassifier, SlideKMeans, cross_validate, read_slide_labels
 
 
 def _two_groups(n=12, seed=0):

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-
 from conftest import TEST_DATA, bm_graz_images, htk_reference
-from wsicell import stain
+
 from wsicell.config import StainConfig
-from wsicell.slide import read_rgb_image
+from wsicell.io.slide import read_rgb_image
+from wsicell.segmentation import stain
 
 TARGET = stain.LabStats.target(StainConfig())
 ALL_PIXELS = StainConfig(fit_max_pixels=0)

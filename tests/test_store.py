@@ -3,13 +3,26 @@
 import numpy as np
 import pytest
 import zarr
-
 from conftest import write_test_slide
+
 from wsicell.errors import WsicellError
-from wsicell.store import (
-    CELL_COLUMNS, complete_slides, open_store, read_staged_tile, slide_cells, slide_crops,
-    staged_tiles, staging_dir, store_fingerprint, store_lock, validate_store, write_staged_tile,
+from wsicell.io.staging import (
+    read_staged_tile,
+    staged_tiles,
+    staging_dir,
+    write_staged_tile,
 )
+from wsicell.io.store import (
+    CELL_COLUMNS,
+    complete_slides,
+    open_store,
+    slide_cells,
+    slide_crops,
+    store_fingerprint,
+    store_lock,
+    validate_store,
+)
+
 
 def test_a_new_store_is_valid_and_empty(tmp_path):
     root = open_store(tmp_path / "s.zarr", mode="a")

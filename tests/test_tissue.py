@@ -1,10 +1,15 @@
 """Tissue detection on thumbnails and per-tile tissue fractions."""
 
 import numpy as np
-
 from conftest import TEST_DATA
-from wsicell.slide import open_slide
-from wsicell.tissue import detect_tissue, stained_pixels, tile_tissue_fractions, tissue_boxes
+
+from wsicell.io.slide import open_slide
+from wsicell.segmentation.tissue import (
+    detect_tissue,
+    stained_pixels,
+    tile_tissue_fractions,
+    tissue_boxes,
+)
 
 
 def test_tissue_is_found_on_the_stained_piece_only():

@@ -8,16 +8,18 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-
 from conftest import TRAIN_SLIDE as SLIDE
+
 from wsicell.cli.train import train as train_command
 from wsicell.config import TrainConfig, WsicellConfig
-from wsicell.data import prepare_batch
 from wsicell.errors import WsicellError
-from wsicell.model import build_model, weights_id
-from wsicell.store import open_store, slide_crops
-from wsicell.train import (Trainer, gradient_penalty, invariant_information,
-                           load_trained_model, resolve_device, train)
+from wsicell.io.store import open_store, slide_crops
+from wsicell.learning.augment import prepare_batch
+from wsicell.learning.device import resolve_device
+from wsicell.learning.model import build_model
+from wsicell.learning.saved_model import load_trained_model, weights_id
+from wsicell.learning.trainer import Trainer, gradient_penalty, invariant_information
+from wsicell.pipeline.training import train
 
 TINY = WsicellConfig(train=TrainConfig(width=8, batch_size=16, critic_steps=2, shuffle_buffer=64))
 RUN = dict(device="cpu", checkpoint_every=2, sample_every=2, workers=0, progress=False)

@@ -17,7 +17,13 @@ import json
 from pathlib import Path
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
 )
 
 from wsicell.errors import WsicellError
@@ -236,9 +242,49 @@ class WsicellConfig(_Section):
             where = f" at {where}" if where else ""
             raise WsicellError(f"{path}: invalid configuration{where}: {first['msg']}") from None
 
-    def with_preset(self, name: str) -> "WsicellConfig":
-        """This configuration with the named segmentation preset."""
-        return self.model_copy(update={"segmentation": segmentation_preset(name)})
+    def with_options(self, preset: str | None = None, **sections: dict) -> "WsicellConfig":
+        """This configuration with options given over it (a command line's, a notebook's).
+
+        Parameters
+        ----------
+        preset : str, optional
+            A segmentation preset replacing the ``segmentation`` section.
+        **sections : dict
+            Per section (``stain``, ``segmentation``, ``ingest``, ``train``, ``predict``), the
+            fields to set; a value of None is an option that was not given and changes
+            nothing.
+
+        Returns
+        -------
+        WsicellConfig
+            Validated as a whole (the checks across sections included).
+
+        Raises
+        ------
+        WsicellError
+            An unknown section or field, or a value that fails validation.
+
+        Examples
+        --------
+        >>> config = WsicellConfig().with_options(train={"width": 16, "lr_info": 1e-3,
+        ...                                              "epochs": None})
+        >>> config.train.width, config.train.lr_info, config.train.epochs
+        (16, 0.001, 10.0)
+        """
+        data = self.to_json()
+        if preset:
+            data["segmentation"] = segmentation_preset(preset).model_dump(mode="json")
+        for section, options in sections.items():
+            if section not in type(self).model_fields:
+                raise WsicellError(f"unknown configuration section {section!r}")
+            data[section] = {**data[section],
+                             **{k: v for k, v in options.items() if v is not None}}
+        try:
+            return type(self).model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise WsicellError(f"invalid configuration option {where}: {first['msg']}") from None
 
     def to_json(self) -> dict:
         """The configuration as plain JSON data, as recorded in outputs."""
@@ -271,10 +317,12 @@ def segmentation_preset(name: str) -> SegmentationConfig:
         ) from None
 
 
-def load_config(path: str | Path | None = None, preset: str | None = None) -> WsicellConfig:
-    """The configuration of a command: a JSON file (or the defaults), then a preset."""
+def load_config(path: str | Path | None = None, preset: str | None = None,
+                **sections: dict) -> WsicellConfig:
+    """The configuration of a command: a JSON file (or the defaults), then the command's
+    options over it (:meth:`WsicellConfig.with_options`)."""
     config = WsicellConfig.from_file(path) if path else WsicellConfig()
-    return config.with_preset(preset) if preset else config
+    return config.with_options(preset, **sections)
 
 
 def config_schema() -> dict:

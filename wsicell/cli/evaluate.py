@@ -1,0 +1,105 @@
+"""``wsicell evaluate``: measure results against annotations."""
+
+import json
+
+import click
+
+from wsicell.config import SEGMENTATION_PRESETS
+
+
+@click.group()
+def evaluate():
+    """Compare wsicell's results with annotations."""
+
+
+@evaluate.command()
+@click.argument("image_dir", type=click.Path())
+@click.option("--points", "points_dir", required=True, type=click.Path(),
+              help="Directory of x,y CSV files named like the images.")
+@click.option("--preset", default="paper", show_default=True,
+              type=click.Choice(sorted(SEGMENTATION_PRESETS) + ["all"]),
+              help="Segmentation preset to evaluate, or all of them.")
+@click.option("--radius", type=float, default=12.0, show_default=True,
+              help="Largest centroid-to-point distance of a match (image pixels).")
+@click.option("--config", "config_file", type=click.Path(), default=None,
+              help="JSON configuration file the presets apply to.")
+@click.option("--mpp", type=float, default=None, help="Microns per pixel of the images.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def detection(image_dir, points_dir, preset, radius, config_file, mpp, as_json):
+    """Detection precision / recall / F1 of nucleus centroids against centre points.
+
+    Images in IMAGE_DIR are matched to point CSVs of the same stem (images without one
+    are skipped); centroids and points are matched one-to-one within --radius.
+    """
+    from wsicell.pipeline.fields import evaluate_detection
+
+    presets = sorted(SEGMENTATION_PRESETS) if preset == "all" else [preset]
+    result = evaluate_detection(image_dir, points_dir, presets, radius, config_file, mpp,
+                                progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for name, figures in result["presets"].items():
+        click.echo(f"preset {name} (radius {radius:g} px)")
+        click.echo(f"  {'image':28s} {'precision':>9s} {'recall':>7s} {'F1':>6s}")
+        rows = list(figures["images"].items()) + [("overall", figures)]
+        for stem, s in rows:
+            click.echo(f"  {stem:28s} {s['precision']:9.3f} {s['recall']:7.3f} {s['f1']:6.3f}")
+
+
+def _print_scores(rows: list[tuple[str, dict]], columns: list[str]) -> None:
+    click.echo(f"  {'':18s}" + "".join(f"{c:>10s}" for c in columns))
+    for name, scores in rows:
+        click.echo(f"  {name:18s}" + "".join(f"{scores[c]:10.3f}" for c in columns))
+
+
+@evaluate.command()
+@click.option("--store", required=True, type=click.Path(), help="The cell store.")
+@click.option("--model", "model_dir", required=True, type=click.Path(),
+              help="Trained model directory.")
+@click.option("--points", "points_dir", required=True, type=click.Path(),
+              help="Directory of x,y,label CSV files named by slide id (image stem).")
+@click.option("--radius", type=float, default=12.0, show_default=True,
+              help="Largest cell-to-point distance of a match (level-0 pixels).")
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the baseline.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def clustering(store, model_dir, points_dir, radius, device, seed, as_json):
+    """Purity / entropy / F-score of the model's cell clusters against annotated cell
+    classes, next to the hand-made-feature k-means baseline ("MF + k-means").
+
+    Annotated points are matched one-to-one to detected cells within --radius.
+    """
+    from wsicell.analysis.evaluation import evaluate_clustering
+
+    result = evaluate_clustering(store, model_dir, points_dir, radius, device, seed)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['matched']} matched cells, k = {result['k']}, model {result['model_id']}")
+    _print_scores([("GAN (Q head)", result["gan"]), ("MF + k-means", result["baseline"])],
+                  ["purity", "entropy", "fscore"])
+
+
+@evaluate.command()
+@click.option("--predictions", required=True, type=click.Path(),
+              help="Results directory of wsicell predict (or its slide_predictions.csv).")
+@click.option("--labels", required=True, type=click.Path(), help="CSV slide_id,label.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def slides(predictions, labels, as_json):
+    """Slide labels against slide predictions: purity / entropy / F-score of the slide
+    k-means clusters, precision / recall / F-score of the SVM classes."""
+    from wsicell.analysis.evaluation import evaluate_slide_predictions
+
+    result = evaluate_slide_predictions(predictions, labels)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['n_slides']} labelled slides")
+    if "kmeans" in result:
+        _print_scores([("k-means", result["kmeans"])], ["purity", "entropy", "fscore"])
+    rows = [(name, result[key]) for key, name in (("svm", "SVM (fitted)"),
+                                                  ("cross_validation", "SVM (CV)"))
+            if key in result]
+    if rows:
+        _print_scores(rows, ["precision", "recall", "fscore"])

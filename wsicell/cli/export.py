@@ -1,0 +1,31 @@
+"""``wsicell export``: the cell table of a store as CSV, Parquet or QuPath GeoJSON."""
+
+from __future__ import annotations
+
+import click
+
+from wsicell.io.export import FORMATS, GEOMETRIES
+
+
+@click.command()
+@click.argument("store", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True)
+@click.option("--out", required=True, type=click.Path(), help="Output file.")
+@click.option("--slide", "slide_ids", multiple=True,
+              help="Slide id to export (repeatable) [default: all complete slides].")
+@click.option("--geometry", type=click.Choice(GEOMETRIES), default="box", show_default=True,
+              help="GeoJSON shape of a cell: its bounding box (polygon) or centroid (point).")
+@click.option("--labels", default=None,
+              help="Model id whose cluster labels (wsicell predict) are added as a column / "
+              "QuPath classification.")
+def export(store, fmt, out, slide_ids, geometry, labels):
+    """Export the cells of STORE: one row per cell (slide_id, cell_id, x, y in level-0
+    pixels, bounding box, area in um^2, mean hematoxylin, tile_id).
+
+    GeoJSON is a FeatureCollection of QuPath detections (File > Import objects), one slide
+    per file.
+    """
+    from wsicell.io.export import export_cells
+
+    n = export_cells(store, out, fmt, slide_ids, geometry=geometry, labels=labels)
+    click.echo(f"{out}: {n} cells")

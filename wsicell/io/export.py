@@ -1,0 +1,197 @@
+"""Export the cell table of a store: CSV, Parquet, or GeoJSON that QuPath imports.
+
+One row (or feature) per cell: ``slide_id``, ``cell_id``, ``x``, ``y`` (level-0 pixels of the
+slide), bounding box, ``area`` (um^2), ``mean_hematoxylin``, ``tile_id`` and, when a model's
+labels exist, ``cluster`` and ``proba_0..proba_{k-1}`` (GeoJSON: a QuPath classification
+coloured by cluster).  Files are written to a temporary name and renamed, so an
+interrupted export never leaves a truncated file under the requested name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from wsicell.errors import WsicellError
+from wsicell.io.store import (
+    complete_slides,
+    labelled_models,
+    labels_complete,
+    labels_k,
+    open_store,
+    read_labels,
+    slide_cells,
+    slide_group,
+)
+from wsicell.palette import cluster_colours
+
+FORMATS = ("csv", "parquet", "geojson")
+GEOMETRIES = ("box", "point")
+
+
+def slide_table(root, slide_id: str, labels: str | None = None) -> pd.DataFrame:
+    """The cell table of one slide with a leading ``slide_id`` column and, with ``labels``
+    (a model id), that model's ``cluster`` and ``proba_0..proba_{k-1}`` columns.
+
+    Raises
+    ------
+    WsicellError
+        The slide has no complete labels of that model (none, or an interrupted run's).
+    """
+    cells = slide_cells(root, slide_id)
+    cells.insert(0, "slide_id", slide_id)
+    if labels is not None:
+        cluster, proba = read_labels(root, slide_id, labels)
+        cells["cluster"] = cluster
+        for i in range(proba.shape[1]):
+            cells[f"proba_{i}"] = proba[:, i]
+    return cells
+
+
+def _check_labels(root, slide_id: str, model_id: str) -> None:
+    """Refuse a model whose labels of a slide are missing or were never finished."""
+    if labels_complete(root, slide_id, model_id):
+        return
+    if labels_k(root, slide_id, model_id) is None:
+        raise WsicellError(f"{root.store}: slide {slide_id!r} has no labels {model_id!r} "
+                           "(run wsicell predict first)")
+    raise WsicellError(f"{root.store}: slide {slide_id!r} has no labels {model_id!r} that are "
+                       "complete (an interrupted wsicell predict left them unfinished; rerun it)")
+
+
+def default_labels(root, slide_ids) -> str | None:
+    """The model whose complete labels every slide holds, when there is exactly one."""
+    common = set.intersection(*(set(labelled_models(root, s)) for s in slide_ids))
+    return common.pop() if len(common) == 1 else None
+
+
+def cell_feature(row, geometry: str) -> dict:
+    """A QuPath detection: a GeoJSON Feature with a box polygon or a centroid point."""
+    if geometry == "point":
+        shape = {"type": "Point", "coordinates": [row["x"], row["y"]]}
+    else:
+        x0, y0, x1, y1 = (int(row[c]) for c in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"))
+        shape = {"type": "Polygon",
+                 "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
+    properties = {
+        "objectType": "detection",
+        "slide_id": row["slide_id"],
+        "cell_id": int(row["cell_id"]),
+        "measurements": {"area_um2": float(row["area"]),
+                         "mean_hematoxylin": float(row["mean_hematoxylin"])},
+    }
+    if "cluster" in row:
+        cluster = int(row["cluster"])
+        probabilities = {k: float(v) for k, v in row.items() if k.startswith("proba_")}
+        colour = cluster_colours(max(len(probabilities), cluster + 1))[cluster]
+        properties["classification"] = {"name": f"cluster {cluster}", "color": colour.tolist()}
+        properties["measurements"].update(probabilities)
+    return {"type": "Feature", "geometry": shape, "properties": properties}
+
+
+def _write_csv(tables, tmp: Path) -> None:
+    for i, table in enumerate(tables):
+        table.to_csv(tmp, mode="w" if i == 0 else "a", header=i == 0, index=False)
+
+
+def _write_parquet(tables, tmp: Path) -> None:
+    writer = None
+    try:
+        for table in tables:
+            arrow = pa.Table.from_pandas(table, preserve_index=False)
+            writer = writer or pq.ParquetWriter(tmp, arrow.schema)
+            writer.write_table(arrow)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _write_geojson(tables, tmp: Path, geometry: str) -> None:
+    with tmp.open("w") as f:
+        f.write('{"type": "FeatureCollection", "features": [\n')
+        first = True
+        for table in tables:
+            for row in table.to_dict("records"):
+                f.write(("" if first else ",\n") + json.dumps(cell_feature(row, geometry)))
+                first = False
+        f.write("\n]}\n")
+
+
+def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "box",
+                 labels: str | None = None) -> int:
+    """Write the cells of complete slides of a store to one file.
+
+    Parameters
+    ----------
+    store : str or Path
+    out : str or Path
+        Output file.
+    fmt : {"csv", "parquet", "geojson"}
+    slide_ids : list of str, optional
+        Slides to export (default: every complete slide).  GeoJSON holds one slide's
+        coordinates, so it needs exactly one.
+    geometry : {"box", "point"}
+        GeoJSON geometry: the nucleus bounding box as a polygon, or its centroid.
+    labels : str, optional
+        Model id whose cluster labels (``labels/<model_id>``: cluster and probabilities)
+        are added; by default those of the one model every slide has complete labels of.
+        GeoJSON features are then classified and coloured by cluster.
+
+    Returns
+    -------
+    int
+        Number of cells written.
+
+    Examples
+    --------
+    >>> import wsicell
+    >>> wsicell.export("cells.zarr", "cells.parquet", "parquet")  # doctest: +SKIP
+    81599
+    >>> wsicell.export("cells.zarr", "slide.geojson", "geojson",
+    ...                ["slide"], geometry="point")  # doctest: +SKIP
+    1432
+    """
+    if fmt not in FORMATS:
+        raise WsicellError(f"{out}: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if geometry not in GEOMETRIES:
+        raise WsicellError(f"{out}: unknown geometry {geometry!r}; choose box or point")
+    root = open_store(store)
+    slide_ids = list(slide_ids) if slide_ids else complete_slides(root)
+    if not slide_ids:
+        raise WsicellError(f"{store}: no complete slides to export")
+    if fmt == "geojson" and len(slide_ids) != 1:
+        raise WsicellError(f"{out}: GeoJSON holds the coordinates of one slide; pick one with "
+                           f"--slide (store has {', '.join(slide_ids)})")
+    for slide_id in slide_ids:
+        slide_group(root, slide_id)  # missing or incomplete slides fail before writing
+    labels = labels if labels is not None else default_labels(root, slide_ids)
+    for slide_id in slide_ids if labels is not None else []:
+        _check_labels(root, slide_id, labels)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    counted: list[int] = []
+
+    def each_slide():
+        for slide_id in slide_ids:
+            table = slide_table(root, slide_id, labels)
+            counted.append(len(table))
+            yield table
+
+    tables = each_slide()
+    try:
+        if fmt == "csv":
+            _write_csv(tables, tmp)
+        elif fmt == "parquet":
+            _write_parquet(tables, tmp)
+        else:
+            _write_geojson(tables, tmp, geometry)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return int(np.sum(counted))

@@ -1,0 +1,545 @@
+"""The cell store: one Zarr v3 hierarchy holding the cells of many slides.
+
+This module is the one owner of the store's format: every group, array, attribute name and
+status constant below is defined, written and read here; the rest of wsicell calls these
+functions.  Layout (validated against ``schemas/store*.schema.json``)::
+
+    STORE.zarr/                     attrs {"wsicell_store_version": 1}
+      slides/<slide_id>/            attrs: status, source_path, fingerprint, width, height, mpp,
+                                    stain, config, wsicell_version, n_cells, ...
+        crops                       (N, S, S, 3) uint8, chunks of ingest.crops_per_chunk crops
+        cells/<column>              (N,) one array per column of CELL_COLUMNS
+        tiles/<column>              (T,) the tile manifest, one entry per tissue tile
+        thumbnail                   (h, w, 3) uint8;  tissue_mask (h, w) bool
+        labels/<model_id>/          attrs: status, model_id, k, n_cells, slide_fingerprint,
+                                    config, model_config, wsicell_version (written by predict)
+          cluster                   (N,) int16, argmax of Q;  proba (N, k) float32, Q's softmax
+          region_proportions        (rows, cols, k) float32 grid of proportions (NaN = no cell)
+
+A slide is usable only when its ``status`` is ``"complete"``, which ingest sets last; labels
+likewise, once their last chunk is written: incomplete ones are never read.
+Ingest's own working files live *beside* the store, never inside it: ``STORE.zarr.lock``
+(an advisory lock held by the running writer, :func:`store_lock`) and
+``STORE.zarr.staging/<slide_id>/`` (:mod:`wsicell.io.staging`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import warnings
+from contextlib import contextmanager
+from importlib.resources import files
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import ZstdCodec
+
+from wsicell.errors import WsicellError
+
+STORE_VERSION = 1
+STATUS_INGESTING = "ingesting"
+STATUS_WRITING = "writing"  # labels whose chunks are being written
+STATUS_COMPLETE = "complete"
+SLIDES, CELLS, CROPS, TILES, LABELS = "slides", "cells", "crops", "tiles", "labels"
+THUMBNAIL, TISSUE_MASK, REGION_GRID = "thumbnail", "tissue_mask", "region_proportions"
+
+CELL_COLUMNS: dict[str, str] = {
+    "cell_id": "int64",
+    "x": "float64",
+    "y": "float64",
+    "bbox_x0": "int32",
+    "bbox_y0": "int32",
+    "bbox_x1": "int32",
+    "bbox_y1": "int32",
+    "area": "float32",
+    "mean_hematoxylin": "float32",
+    "tile_id": "int32",
+}
+TILE_COLUMNS: dict[str, str] = {
+    "tile_id": "int32",
+    "x0": "int32",
+    "y0": "int32",
+    "x1": "int32",
+    "y1": "int32",
+    "tissue_fraction": "float32",
+    "n_cells": "int32",
+    "cell_offset": "int64",
+}
+# zstd level 1: crops compress 3.80x (level 3: 3.93x) at twice the encoding speed
+_COMPRESSOR = ZstdCodec(level=1)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _is_store(group: zarr.Group) -> bool:
+    return group.attrs.get("wsicell_store_version") == STORE_VERSION
+
+
+def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
+    """Open a cell store.
+
+    Parameters
+    ----------
+    path : str or Path
+        The store directory (``*.zarr``).
+    mode : {"r", "r+", "a"}
+        ``"r"`` / ``"r+"`` need an existing store; ``"a"`` creates an empty one when the
+        path does not exist yet.
+
+    Returns
+    -------
+    zarr.Group
+        The store's root group, for the reading functions of this module
+        (:func:`complete_slides`, :func:`slide_cells`, :func:`slide_crops`, ...).
+
+    Raises
+    ------
+    WsicellError
+        The path is a file, is missing (``"r"``, ``"r+"``), or is not a wsicell store.
+
+    Examples
+    --------
+    >>> import tempfile, wsicell
+    >>> from wsicell.io.store import complete_slides
+    >>> root = wsicell.open_store(tempfile.mkdtemp() + "/cells.zarr", mode="a")
+    >>> complete_slides(root)
+    []
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise WsicellError(f"{path}: is a file, not a cell store directory")
+    if not path.exists():
+        if mode != "a":
+            raise WsicellError(f"{path}: no such cell store")
+        root = zarr.open_group(path, mode="w", zarr_format=3)
+        root.attrs["wsicell_store_version"] = STORE_VERSION
+        root.create_group(SLIDES)
+        return root
+    if not (path / "zarr.json").is_file():
+        if mode == "a" and not any(path.iterdir()):
+            path.rmdir()
+            return open_store(path, mode)
+        raise WsicellError(f"{path}: not a wsicell cell store (no zarr.json)")
+    try:
+        root = zarr.open_group(path, mode="r" if mode == "r" else "r+", zarr_format=3)
+    except Exception as err:
+        raise WsicellError(f"{path}: not a readable Zarr v3 store ({err})") from None
+    if not _is_store(root):
+        raise WsicellError(f"{path}: not a wsicell cell store (no wsicell_store_version)")
+    return root
+
+
+def _slides(root: zarr.Group) -> zarr.Group:
+    return root[SLIDES]
+
+
+def _slide_ids(root: zarr.Group) -> list[str]:
+    return sorted(_slides(root).group_keys())
+
+
+def slide_status(root: zarr.Group, slide_id: str) -> str | None:
+    """``"complete"``, ``"ingesting"``, or None when the store has no such slide."""
+    slides = _slides(root)
+    if slide_id not in slides:
+        return None
+    return slides[slide_id].attrs.get("status")
+
+
+def complete_slides(root: zarr.Group) -> list[str]:
+    """Ids of the complete slides, sorted; warns about (and skips) incomplete ones."""
+    complete = []
+    for slide_id in _slide_ids(root):
+        if slide_status(root, slide_id) == STATUS_COMPLETE:
+            complete.append(slide_id)
+        else:
+            warnings.warn(f"{root.store}: slide {slide_id!r} is incomplete and is skipped "
+                          "(rerun ingest to finish it)", stacklevel=2)
+    return complete
+
+
+def slide_group(root: zarr.Group, slide_id: str) -> zarr.Group:
+    """The group of a complete slide."""
+    status = slide_status(root, slide_id)
+    if status is None:
+        raise WsicellError(f"{root.store}: no slide {slide_id!r} in the store")
+    if status != STATUS_COMPLETE:
+        raise WsicellError(f"{root.store}: slide {slide_id!r} is incomplete (status {status!r})")
+    return _slides(root)[slide_id]
+
+
+def slide_crops(root: zarr.Group, slide_id: str) -> zarr.Array:
+    """Cell images of a complete slide, (N, S, S, 3) uint8, in cell_id order."""
+    return slide_group(root, slide_id)[CROPS]
+
+
+def slide_cells(root: zarr.Group, slide_id: str) -> pd.DataFrame:
+    """Cell table of a complete slide, one row per cell in cell_id order."""
+    cells = slide_group(root, slide_id)[CELLS]
+    return pd.DataFrame({name: cells[name][:] for name in CELL_COLUMNS})
+
+
+def slide_attrs(root: zarr.Group, slide_id: str) -> dict:
+    """The attributes of a slide in any status (``{}`` when the store has no such slide or a
+    crash left its metadata unreadable)."""
+    try:
+        return dict(_slides(root)[slide_id].attrs)
+    except Exception:  # noqa: BLE001 - a group a killed writer left half-written
+        return {}
+
+
+def slide_pictures(root: zarr.Group, slide_id: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Thumbnail (h, w, 3) uint8 and tissue mask (h', w') bool of a complete slide (None
+    for one the store lacks)."""
+    group = slide_group(root, slide_id)
+    return tuple(group[name][:] if name in group else None for name in (THUMBNAIL, TISSUE_MASK))
+
+
+def store_fingerprint(root: zarr.Group, slide_ids) -> str:
+    """A hash identifying the cells of the given slides (content, config and stain).
+
+    The slides are taken in sorted order, so the fingerprint is that of the set.
+    """
+    digest = hashlib.sha256()
+    for slide_id in sorted(slide_ids):
+        attrs = slide_group(root, slide_id).attrs
+        record = {k: attrs.get(k) for k in ("fingerprint", "n_cells", "stain", "config", "mpp")}
+        digest.update(json.dumps([slide_id, record], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def file_fingerprint(path: str | Path, block: int = 1 << 20) -> str:
+    """Content fingerprint of a slide file: SHA-256 of its size, first and last MiB."""
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        digest.update(f.read(block))
+        if size > block:
+            f.seek(max(block, size - block))
+            digest.update(f.read(block))
+    return digest.hexdigest()
+
+
+@contextmanager
+def store_lock(path: str | Path):
+    """Hold the store's writer lock (``STORE.zarr.lock``) for the duration.
+
+    The lock is an advisory ``flock``: the operating system releases it when the process
+    ends, however it ends, so a killed ingest never leaves a stale lock.
+
+    Raises
+    ------
+    WsicellError
+        Another process holds the lock (an ingest into the same store is running).
+    """
+    lock_path = Path(f"{Path(path)}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            raise WsicellError(
+                f"{path}: another ingest is writing to this store (pid {holder or '?'}); "
+                "wait for it to finish"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def begin_slide(
+    root: zarr.Group, slide_id: str, attrs: dict, thumbnail: np.ndarray,
+    tissue_mask: np.ndarray, tiles: dict[str, np.ndarray],
+) -> zarr.Group:
+    """(Re)create a slide group with status ``"ingesting"``: attributes, pictures, tiles."""
+    group = _slides(root).create_group(slide_id, overwrite=True)
+    group.attrs.update({**attrs, "status": STATUS_INGESTING})
+    group.create_array(THUMBNAIL, data=thumbnail, chunks=thumbnail.shape,
+                       compressors=_COMPRESSOR)
+    group.create_array(TISSUE_MASK, data=tissue_mask, chunks=tissue_mask.shape,
+                       compressors=_COMPRESSOR)
+    tile_group = group.create_group(TILES)
+    for name, dtype in TILE_COLUMNS.items():
+        values = np.asarray(tiles[name], dtype=dtype)
+        tile_group.create_array(name, data=values, chunks=(max(1, len(values)),),
+                                compressors=_COMPRESSOR)
+    return group
+
+
+def slide_begun(root: zarr.Group, slide_id: str) -> bool:
+    """Whether :func:`begin_slide` finished writing this slide's group (its last array
+    exists), so that an interrupted ingest of it can continue."""
+    try:
+        return f"{TILES}/cell_offset" in _slides(root)[slide_id]
+    except Exception:  # noqa: BLE001 - a group whose metadata a crash left unreadable
+        return False
+
+
+def ingesting_slide(root: zarr.Group, slide_id: str) -> zarr.Group:
+    """The group of a slide being ingested (any status), for :func:`create_cell_arrays`,
+    :func:`finish_slide` and its attributes."""
+    return _slides(root)[slide_id]
+
+
+def discard_slide(root: zarr.Group, slide_id: str) -> None:
+    """Remove a slide group this run began but could not ingest (a refused slide leaves
+    nothing behind, not an incomplete slide that every reader warns about)."""
+    slides = _slides(root)
+    if slide_id in slides:
+        del slides[slide_id]
+
+
+def create_cell_arrays(
+    group: zarr.Group, n_cells: int, crop_size: int, crops_per_chunk: int, cells_per_chunk: int
+) -> None:
+    """Create empty ``crops`` and ``cells/*`` arrays of ``n_cells`` rows (overwriting)."""
+    group.create_array(
+        CROPS, shape=(n_cells, crop_size, crop_size, 3), dtype="uint8",
+        chunks=(crops_per_chunk, crop_size, crop_size, 3), compressors=_COMPRESSOR,
+        fill_value=255, overwrite=True, dimension_names=("cell", "y", "x", "channel"),
+    )
+    cells = group.create_group(CELLS, overwrite=True)
+    for name, dtype in CELL_COLUMNS.items():
+        cells.create_array(name, shape=(n_cells,), dtype=dtype, chunks=(cells_per_chunk,),
+                           compressors=_COMPRESSOR, fill_value=0, dimension_names=("cell",))
+
+
+def _every_chunk(array: zarr.Array) -> zarr.Array:
+    """``array`` writing every chunk, skipping zarr's costly check for chunks that equal the
+    fill value (measured: it doubled the time of writing crops)."""
+    return array.with_config({"write_empty_chunks": True})
+
+
+def write_cell_rows(store: str | Path, slide_id: str, start: int,
+                    columns: dict[str, np.ndarray]) -> None:
+    """Write rows ``start:start + n`` of the named cell columns of a slide being ingested
+    (a block of whole chunks: called from worker processes, each on its own chunks)."""
+    cells = zarr.open_group(Path(store) / SLIDES / slide_id / CELLS, mode="r+")
+    for name, values in columns.items():
+        _every_chunk(cells[name])[start:start + len(values)] = values
+
+
+def write_crop_rows(store: str | Path, slide_id: str, start: int, crops: np.ndarray) -> None:
+    """Write crops ``start:start + n`` of a slide being ingested (whole chunks)."""
+    array = zarr.open_array(Path(store) / SLIDES / slide_id / CROPS, mode="r+")
+    _every_chunk(array)[start:start + len(crops)] = crops
+
+
+def finish_slide(group: zarr.Group, tile_counts: np.ndarray, attrs: dict) -> None:
+    """Record per-tile counts and the final attributes, then mark the slide complete."""
+    counts = np.asarray(tile_counts, dtype=np.int64)
+    group[f"{TILES}/n_cells"][:] = counts.astype(np.int32)
+    group[f"{TILES}/cell_offset"][:] = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    group.attrs.update({**attrs, "n_cells": int(counts.sum())})
+    group.attrs["status"] = STATUS_COMPLETE
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def _labels_path(slide_id: str, model_id: str) -> str:
+    return f"{SLIDES}/{slide_id}/{LABELS}/{model_id}"
+
+
+def _labels_group(root: zarr.Group, slide_id: str, model_id: str) -> zarr.Group | None:
+    try:
+        return root[_labels_path(slide_id, model_id)]
+    except KeyError:
+        return None
+
+
+def labels_complete(root: zarr.Group, slide_id: str, model_id: str) -> bool:
+    """True when the slide holds complete labels of this model for its current content."""
+    slide = slide_group(root, slide_id)
+    labels = _labels_group(root, slide_id, model_id)
+    if labels is None:
+        return False
+    attrs = labels.attrs
+    return (attrs.get("status") == STATUS_COMPLETE
+            and attrs.get("slide_fingerprint") == slide.attrs.get("fingerprint")
+            and attrs.get("n_cells") == slide[CROPS].shape[0])
+
+
+def labelled_models(root: zarr.Group, slide_id: str) -> list[str]:
+    """Ids of the models whose labels of this slide are complete (sorted)."""
+    try:
+        group = root[f"{SLIDES}/{slide_id}/{LABELS}"]
+    except KeyError:
+        return []
+    return sorted(name for name, _ in group.groups() if labels_complete(root, slide_id, name))
+
+
+def labels_k(root: zarr.Group, slide_id: str, model_id: str) -> int | None:
+    """The k of the labels a model wrote into a slide, complete or not (None when none)."""
+    labels = _labels_group(root, slide_id, model_id)
+    return None if labels is None else labels.attrs.get("k")
+
+
+def read_labels(root: zarr.Group, slide_id: str, model_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """A model's complete labels of one slide.
+
+    Returns
+    -------
+    cluster : ndarray, shape (N,), int16
+    proba : ndarray, shape (N, k), float32
+
+    Raises
+    ------
+    WsicellError
+        When the slide has no complete labels of this model (missing, or a run that was
+        interrupted before its last chunk).
+    """
+    if not labels_complete(root, slide_id, model_id):
+        why = ("an interrupted run left them unfinished"
+               if _labels_group(root, slide_id, model_id) is not None else "none written")
+        raise WsicellError(f"{root.store}: slide {slide_id} has no complete labels of model "
+                           f"{model_id} ({why}; run wsicell predict with that model)")
+    labels = root[_labels_path(slide_id, model_id)]
+    return labels["cluster"][:], labels["proba"][:]
+
+
+def begin_labels(root: zarr.Group, slide_id: str, model_id: str, k: int, attrs: dict) -> None:
+    """(Re)create an empty labels group of status ``"writing"``, chunked like the crops.
+
+    ``attrs`` (configuration, model configuration, version) are recorded beside
+    ``model_id``, ``k``, ``n_cells`` and the slide's fingerprint.
+    """
+    slide = slide_group(root, slide_id)
+    crops = slide[CROPS]
+    discard_labels(root, slide_id, model_id)
+    group = slide.require_group(LABELS).create_group(model_id)
+    group.attrs.update({**attrs, "status": STATUS_WRITING, "model_id": model_id, "k": k,
+                        "n_cells": crops.shape[0],
+                        "slide_fingerprint": slide.attrs.get("fingerprint")})
+    n, chunk = crops.shape[0], crops.chunks[0]
+    group.create_array("cluster", shape=(n,), chunks=(chunk,), dtype="int16", fill_value=-1,
+                       compressors=_COMPRESSOR, dimension_names=("cell",))
+    group.create_array("proba", shape=(n, k), chunks=(chunk, k), dtype="float32",
+                       fill_value=np.nan, compressors=_COMPRESSOR,
+                       dimension_names=("cell", "cluster"))
+
+
+def discard_labels(root: zarr.Group, slide_id: str, model_id: str) -> None:
+    """Remove a model's labels of a slide (and its region grid), complete or not."""
+    labels = root[f"{SLIDES}/{slide_id}"].get(LABELS)
+    if labels is not None and model_id in labels:
+        del labels[model_id]
+
+
+def write_label_rows(root: zarr.Group, slide_id: str, model_id: str, start: int,
+                     proba: np.ndarray) -> None:
+    """Write Q's probabilities (n, k) float32 of cells ``start:start + n`` and their argmax
+    (one crop chunk: each writer its own chunks)."""
+    labels = root[_labels_path(slide_id, model_id)]
+    labels["proba"][start:start + len(proba)] = proba
+    labels["cluster"][start:start + len(proba)] = proba.argmax(axis=1).astype(np.int16)
+
+
+def finish_labels(root: zarr.Group, slide_id: str, model_id: str) -> None:
+    """Mark a model's labels of a slide complete (after every chunk is written)."""
+    root[_labels_path(slide_id, model_id)].attrs["status"] = STATUS_COMPLETE
+
+
+def write_region_grid(root: zarr.Group, slide_id: str, model_id: str, proportions: np.ndarray,
+                      attrs: dict) -> None:
+    """Store a grid of cell-type proportions beside the model's complete labels.
+
+    Parameters
+    ----------
+    proportions : ndarray, shape (rows, cols, k), float32
+        NaN where a region holds no cell.
+    attrs : dict
+        ``region_size_um`` (microns), ``region_px`` (level-0 px) and provenance.  The grid
+        is rewritten only when its region size or shape changed, and marked complete last.
+    """
+    read_labels(root, slide_id, model_id)  # complete labels only
+    group = root[_labels_path(slide_id, model_id)]
+    if REGION_GRID in group:
+        old = group[REGION_GRID]
+        if old.attrs.get("status") == STATUS_COMPLETE and old.shape == proportions.shape \
+                and old.attrs.get("region_size_um") == attrs.get("region_size_um"):
+            return
+        del group[REGION_GRID]
+    array = group.create_array(REGION_GRID, shape=proportions.shape, dtype="float32",
+                               chunks=proportions.shape, fill_value=np.nan,
+                               compressors=_COMPRESSOR,
+                               dimension_names=("row", "col", "cluster"))
+    array[:] = proportions.astype(np.float32)
+    array.attrs.update({**attrs, "dims": ["row", "col", "cluster"], "status": STATUS_COMPLETE})
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def load_schema(name: str) -> dict:
+    """A JSON Schema shipped in ``wsicell.schemas``."""
+    return json.loads(files("wsicell.schemas").joinpath(name).read_text())
+
+
+def _check(instance, schema, where: str) -> list[str]:
+    validator = jsonschema.Draft202012Validator(schema)
+    return [f"{where}: {'/'.join(map(str, e.absolute_path)) or '<attrs>'}: {e.message}"
+            for e in validator.iter_errors(instance)]
+
+
+def _check_arrays(group: zarr.Group, layout: dict, sizes: dict, where: str) -> list[str]:
+    problems = []
+    for name, spec in layout.items():
+        if name not in group:
+            problems.append(f"{where}: missing array {name}")
+            continue
+        array = group[name]
+        expected = tuple(sizes.get(d, d) for d in spec["shape"])
+        if str(array.dtype) != spec["dtype"] or tuple(array.shape) != expected:
+            problems.append(f"{where}/{name}: {array.dtype}{tuple(array.shape)}, "
+                            f"expected {spec['dtype']}{expected}")
+    return problems
+
+
+def validate_store(path: str | Path) -> list[str]:
+    """Check a store against the schemas; returns the problems found (empty = valid).
+
+    Root attributes against ``store.schema.json``; each slide's attributes against
+    ``store_slide.schema.json`` and, for complete slides, its arrays against the layout
+    in that schema's ``x-wsicell-arrays``; label groups against ``store_labels.schema.json``.
+    """
+    root = open_store(path)
+    problems = _check(dict(root.attrs), load_schema("store.schema.json"), str(path))
+    slide_schema = load_schema("store_slide.schema.json")
+    label_schema = load_schema("store_labels.schema.json")
+    for slide_id in _slide_ids(root):
+        group = _slides(root)[slide_id]
+        where = f"{path}/slides/{slide_id}"
+        attrs = dict(group.attrs)
+        problems += _check(attrs, slide_schema, where)
+        if attrs.get("status") != STATUS_COMPLETE:
+            continue
+        crop = attrs.get("config", {}).get("segmentation", {}).get("crop_size", 32)
+        n_tiles = group["tiles/tile_id"].shape[0] if "tiles/tile_id" in group else -1
+        thumb_h, thumb_w = group["tissue_mask"].shape if "tissue_mask" in group else (-1, -1)
+        sizes = {"N": attrs.get("n_cells"), "T": n_tiles, "S": crop, "h": thumb_h, "w": thumb_w}
+        problems += _check_arrays(group, slide_schema["x-wsicell-arrays"], sizes, where)
+        counts = group["tiles/n_cells"][:] if "tiles/n_cells" in group else None
+        if counts is not None and int(counts.sum()) != attrs.get("n_cells"):
+            problems.append(f"{where}: tiles/n_cells does not add up to n_cells")
+        if "labels" in group:
+            for model_id, labels in group["labels"].groups():
+                lwhere = f"{where}/labels/{model_id}"
+                lattrs = dict(labels.attrs)
+                problems += _check(lattrs, label_schema, lwhere)
+                lsizes = {**sizes, "k": lattrs.get("k")}
+                problems += _check_arrays(labels, label_schema["x-wsicell-arrays"], lsizes, lwhere)
+    return problems

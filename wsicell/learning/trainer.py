@@ -1,0 +1,190 @@
+"""The WGAN-GP + InfoGAN updates of method section 2.
+
+One *iteration* is ``critic_steps`` (5) critic steps on real batches, then one generator step
+and one Q step, each from freshly drawn noise z and categorical code c:
+
+* critic: ``L_D = E[D(G(z,c))] - E[D(x)] + lambda1 * E[(||grad D(x_hat)||_2 - 1)^2]``, with
+  ``x_hat`` uniformly on the lines between real and fake crops (gradient penalty, always in
+  float32, differentiated with ``create_graph=True``);  ``V(D,G) = E[D(x)] - E[D(G(z,c))]``
+  is the critic's estimate of the Wasserstein distance;
+* generator: ``L_G = -E[D(G(z,c))]`` (steps G);
+* Q: ``L_Q = lambda2 * cross_entropy(Q(G(z,c)), c)`` (steps G and Q = the shared trunk
+  with the Q head, as the research code does).
+
+Under ``torchrun`` gradients are averaged across ranks with ``all_reduce`` (NCCL on GPUs,
+gloo on CPUs).  The training run itself (store, checkpoints, pictures) is
+:func:`wsicell.pipeline.training.train`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from wsicell.config import WsicellConfig
+from wsicell.learning.augment import random_dihedral
+from wsicell.learning.model import InfoWGAN, build_model
+
+LOSS_NAMES = ("V", "L_D", "L_G", "L_Q")
+
+
+def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor,
+                     generator: torch.Generator) -> torch.Tensor:
+    """WGAN-GP penalty ``E[(||grad_x D(x_hat)||_2 - 1)^2]``, in float32 (autocast off).
+
+    Parameters
+    ----------
+    critic : callable
+        (B, 3, 32, 32) -> (B,) critic values.
+    real, fake : Tensor, shape (B, 3, 32, 32)
+    generator : torch.Generator
+        Draws the interpolation weights ``eps ~ U(0, 1)``, one per pair.
+
+    Returns
+    -------
+    Tensor, scalar, differentiable with respect to the critic's parameters.
+    """
+    eps = torch.rand(real.shape[0], 1, 1, 1, generator=generator, device=real.device)
+    x_hat = (eps * real.float() + (1 - eps) * fake.float()).requires_grad_(True)
+    with torch.autocast(real.device.type, enabled=False):
+        (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+
+
+@contextlib.contextmanager
+def frozen(params):
+    """Do not compute gradients for ``params`` inside the block (they are not stepped there)."""
+    params = list(params)
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class Trainer:
+    """The networks, their three Adam optimisers and the three update steps."""
+
+    def __init__(self, model: InfoWGAN, config: WsicellConfig, device: torch.device,
+                 world_size: int = 1, rank: int = 0, compile: bool = False):
+        cfg = config.train
+        self.model, self.cfg, self.device, self.world_size = model, cfg, device, world_size
+        self.groups = model.parameter_groups()
+        rates = {"critic": cfg.lr, "generator": cfg.lr, "info": cfg.lr_info}
+        self.optimizers = {name: torch.optim.Adam(params, lr=rates[name], betas=tuple(cfg.betas))
+                           for name, params in self.groups.items()}
+        seed = int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0])
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.amp = torch.autocast(device.type, dtype=torch.bfloat16,
+                                  enabled=cfg.amp and device.type == "cuda")
+        # torch.compile cannot differentiate twice, so the penalty always uses the eager critic.
+        wrap = torch.compile if compile else (lambda f: f)
+        self.fast_generator = wrap(model.generator)
+        self.fast_critic = wrap(model.critic)
+        self.fast_q = wrap(model.q_logits)
+
+    def _step(self, name: str, loss: torch.Tensor) -> None:
+        optimizer = self.optimizers[name]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.world_size > 1:
+            grads = [p.grad for p in self.groups[name] if p.grad is not None]
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world_size
+            for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(mean.view_as(g))
+        optimizer.step()
+
+    def _fake(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z, code, onehot = self.model.sample_inputs(batch, self.generator, self.device)
+        with self.amp:
+            return self.fast_generator(z, onehot), code
+
+    def critic_step(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One critic step on a prepared real batch; returns (V(D,G), L_D), detached."""
+        batch = real.shape[0]
+        with torch.no_grad():
+            fake, _ = self._fake(batch)
+        with self.amp:
+            scores = self.fast_critic(torch.cat([real, fake.to(real.dtype)])).float()
+        value = scores[:batch].mean() - scores[batch:].mean()
+        penalty = gradient_penalty(self.model.critic, real, fake, self.generator)
+        loss = -value + self.cfg.lambda_gp * penalty
+        self._step("critic", loss)
+        return value.detach(), loss.detach()
+
+    def generator_step(self) -> torch.Tensor:
+        """One generator step, ``L_G = -E[D(G(z, c))]``; returns L_G, detached."""
+        with frozen(self.groups["critic"]):
+            fake, _ = self._fake(self.cfg.batch_size)
+            with self.amp:
+                loss = -self.fast_critic(fake).float().mean()
+            self._step("generator", loss)
+        return loss.detach()
+
+    def info_step(self, real: torch.Tensor) -> torch.Tensor:
+        """One Q step, ``L_Q = lambda2 * CE(Q(G(z, c)), c)`` on G, the trunk and the Q head,
+        plus ``lambda3`` times the negative :func:`invariant_information` of Q on two random
+        symmetries of the real batch when ``lambda_cluster > 0``; returns L_Q, detached."""
+        with frozen(self.model.critic_head.parameters()):
+            fake, code = self._fake(self.cfg.batch_size)
+            with self.amp:
+                logits = self.fast_q(fake).float()
+            info = self.cfg.lambda_info * F.cross_entropy(logits, code)
+            loss = info
+            if self.cfg.lambda_cluster > 0:
+                views = torch.cat([random_dihedral(real, self.generator) for _ in range(2)])
+                with self.amp:
+                    view_logits = self.fast_q(views).float()
+                loss = loss - self.cfg.lambda_cluster * invariant_information(
+                    *view_logits.chunk(2))
+            self._step("info", loss)
+        return info.detach()
+
+    def iteration(self, batches) -> torch.Tensor:
+        """critic_steps critic steps, one G step, one Q step (on the last critic batch) ->
+        tensor [V, L_D, L_G, L_Q] (V and L_D averaged over the critic steps)."""
+        steps = []
+        for _ in range(self.cfg.critic_steps):
+            real = next(batches)
+            steps.append(torch.stack(self.critic_step(real)))
+        critic = torch.stack(steps).mean(dim=0)
+        return torch.cat([critic, torch.stack([self.generator_step(), self.info_step(real)])])
+
+
+def invariant_information(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Mutual information between the categories Q gives two views of the same images (IIC).
+
+    Parameters
+    ----------
+    logits_a, logits_b : Tensor, shape (B, k)
+        Q's logits of view a and view b of the same B images.
+
+    Returns
+    -------
+    Tensor, scalar
+        ``I(c_a; c_b)`` in nats, from the symmetrised joint distribution of the two views'
+        categories; at most ``ln k``, reached when every image gets one confident category
+        in both views and the k categories are used equally.
+    """
+    joint = torch.softmax(logits_a, dim=1).T @ torch.softmax(logits_b, dim=1)
+    joint = ((joint + joint.T) / (2 * logits_a.shape[0])).clamp_min(1e-12)
+    marginal = joint.sum(dim=1)
+    return (joint * (joint.log() - marginal.log()[:, None] - marginal.log()[None, :])).sum()
+
+
+def new_trainer(config: WsicellConfig, device: torch.device, world_size: int = 1, rank: int = 0,
+                compile: bool = False) -> Trainer:
+    """Freshly initialised networks (seeded by ``config.train.seed``) on ``device`` and their
+    :class:`Trainer`."""
+    cfg = config.train
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.categories, cfg.noise_dim, cfg.width, cfg.seed).to(device)
+    return Trainer(model, config, device, world_size, rank, compile)

@@ -1,0 +1,338 @@
+"""A slide's ingest plan and the Dask tasks that run on its tiles (worker side).
+
+The client plans a slide (:func:`plan_slide`: tissue on a thumbnail, the reference grid cut
+into tiles, tiles with enough tissue kept); workers then sample its stain
+(:func:`sample_stain_pixels`), segment its tiles into the staging directory
+(:func:`segment_tiles`) and write the final arrays in blocks of whole chunks
+(:func:`write_cell_columns`, :func:`write_crops`).  The workers of one slide build its
+stain look-up table together (:func:`shared_lookup_blocks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wsicell import __version__
+from wsicell.config import WsicellConfig
+from wsicell.errors import WsicellError
+from wsicell.io.slide import (
+    ReferenceGrid,
+    open_slide,
+    read_reference_region,
+    resolve_mpp,
+)
+from wsicell.io.staging import (
+    claim,
+    read_staged_tile,
+    staging_dir,
+    wait_for_array,
+    write_array,
+    write_staged_tile,
+)
+from wsicell.io.store import (
+    CELL_COLUMNS,
+    file_fingerprint,
+    write_cell_rows,
+    write_crop_rows,
+)
+from wsicell.pipeline.cluster import prepare_worker
+from wsicell.segmentation.nuclei import measure_nuclei, segment_hematoxylin
+from wsicell.segmentation.stain import StainLookup, StainParameters
+from wsicell.segmentation.tissue import (
+    detect_tissue,
+    stained_pixels,
+    tile_tissue_fractions,
+    tissue_boxes,
+)
+
+STAIN_PIXELS_PER_TILE = 1 << 16
+#: Tissue pixels (reference grid) from which a slide's colours go through a StainLookup:
+#: building the table costs about as much as computing ~40 MP directly, per worker.
+LOOKUP_MIN_PIXELS = 64_000_000
+STAIN_WINDOW = 1024  # reference px read per sampled tile in pass 1
+#: Seconds a worker waits for a look-up block another worker claimed (one takes ~0.04 s)
+#: before building it itself.
+LOOKUP_BLOCK_WAIT_S = 10.0
+LOOKUP_DIR = "lookup"  # in a slide's staging directory: the blocks its workers share
+_STAGED_COLUMNS = [c for c in CELL_COLUMNS if c not in ("cell_id", "tile_id")]
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """Everything a worker needs to process a slide's tiles (small and picklable).
+
+    Coordinates of tiles are reference-grid pixels; ``tile_id = row * grid_cols + col``.
+    A tile's *region* is the part of it that holds tissue (:func:`wsicell.segmentation.tissue.tissue_boxes`):
+    the tile owns the nuclei whose centroid lies in its region.
+    """
+
+    slide_id: str
+    path: str
+    fingerprint: str
+    store: str
+    mpp: float
+    reference_mpp: float
+    grid: ReferenceGrid
+    tile_size: int
+    halo: int
+    grid_cols: int
+    grid_rows: int
+    stain_lookup: bool = True
+
+    def core(self, tile_id: int) -> tuple[int, int, int, int]:
+        """``[x0, y0, x1, y1)`` of the tile itself (reference px)."""
+        row, col = divmod(int(tile_id), self.grid_cols)
+        x0, y0 = col * self.tile_size, row * self.tile_size
+        return x0, y0, min(x0 + self.tile_size, self.grid.width), min(y0 + self.tile_size,
+                                                                      self.grid.height)
+
+    def window(self, region) -> tuple[int, int, int, int]:
+        """A region ``[x0, y0, x1, y1)`` grown by the halo, clipped to the slide (reference px)."""
+        x0, y0, x1, y1 = region
+        return (max(x0 - self.halo, 0), max(y0 - self.halo, 0),
+                min(x1 + self.halo, self.grid.width), min(y1 + self.halo, self.grid.height))
+
+    @property
+    def staging(self) -> Path:
+        return staging_dir(self.store, self.slide_id)
+
+
+def slide_id_for(path: Path) -> str:
+    """Store id of a slide: its file name without suffix, reduced to ``[A-Za-z0-9._-]``."""
+    name = path.name[: -len(".ome.tif")] if path.name.lower().endswith(".ome.tif") else path.stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "slide"
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_slide(path: str, fingerprint: str):
+    """The opened slide, cached per worker (the fingerprint keys out a replaced file)."""
+    return open_slide(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_lookup(staging: Path, stain_json: str) -> StainLookup:
+    """The slide's StainLookup, its blocks built once per slide by the workers together."""
+    params = StainParameters.from_json(json.loads(stain_json))
+    return StainLookup.from_blocks(shared_lookup_blocks(staging / LOOKUP_DIR, params))
+
+
+def shared_lookup_blocks(directory: Path, params: StainParameters,
+                         wait_s: float = LOOKUP_BLOCK_WAIT_S):
+    """Yield ``(index, colours, hematoxylin)`` for every block of the StainLookup of
+    ``params`` (:meth:`StainLookup.build_block`), sharing the work through ``directory``.
+
+    A process first builds and publishes every block it can claim, then loads the blocks
+    other processes claimed, building one itself if it has not appeared within ``wait_s``
+    (its claimer may have died).  A block is the same whoever builds it, so a lost race
+    costs time only.  With N workers on a slide, each builds about 1/N of the tables.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    claimed_elsewhere = []
+    for index in range(StainLookup.N_BLOCKS):
+        if not claim(directory / f"{index:02d}.claim"):
+            claimed_elsewhere.append(index)
+            continue
+        colours, hematoxylin = StainLookup.build_block(params, index)
+        # one (BLOCK, 5) array per block: the 4-byte colour words, then the hematoxylin
+        write_array(directory / f"{index:02d}.npy", np.column_stack([colours, hematoxylin]))
+        yield index, colours, hematoxylin
+    for index in claimed_elsewhere:
+        block = wait_for_array(directory / f"{index:02d}.npy", wait_s)
+        yield (index, block[:, :4], block[:, 4]) if block is not None else (
+            index, *StainLookup.build_block(params, index))
+
+
+def read_tile(plan: SlidePlan, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Pixels of a reference-grid box ``[x0, y0, x1, y1)``: (h, w, 3) uint8."""
+    x0, y0, x1, y1 = box
+    slide = _worker_slide(plan.path, plan.fingerprint)
+    return read_reference_region(slide, plan.grid, x0, y0, x1 - x0, y1 - y0)
+
+
+def sample_stain_pixels(plan: SlidePlan, region) -> np.ndarray:
+    """The stained pixels among a regular subsample (at most ``STAIN_PIXELS_PER_TILE``) of
+    the central ``STAIN_WINDOW`` square of a tile's region, (n, 3) uint8: glass would bias
+    the slide's Reinhard statistics by how much of it the sampled windows happen to hold."""
+    prepare_worker()
+    x0, y0, x1, y1 = region
+    cx, cy, half = (x0 + x1) // 2, (y0 + y1) // 2, STAIN_WINDOW // 2
+    rgb = read_tile(plan, (max(x0, cx - half), max(y0, cy - half),
+                           min(x1, cx + half), min(y1, cy + half)))
+    stride = max(1, math.ceil(math.sqrt(rgb.shape[0] * rgb.shape[1] / STAIN_PIXELS_PER_TILE)))
+    pixels = rgb[::stride, ::stride].reshape(-1, 3)
+    return pixels[stained_pixels(pixels)]
+
+
+def segment_tile(plan: SlidePlan, colours: StainLookup | StainParameters, config: WsicellConfig,
+                 region) -> dict[str, np.ndarray]:
+    """The nuclei owned by one tile region ``[x0, y0, x1, y1)`` (reference px), in level-0
+    pixels, as staged columns plus ``crops``."""
+    wx0, wy0, wx1, wy1 = window = plan.window(region)
+    rgb = read_tile(plan, window)
+    hematoxylin = colours.hematoxylin_of(rgb)
+    objects = segment_hematoxylin(hematoxylin, config.segmentation)
+    x, y = objects.x + wx0, objects.y + wy0
+    x0, y0, x1, y1 = region
+    # A nucleus touching a window edge inside the slide is cut by the window: it is
+    # longer than the halo, so segment_hematoxylin drops it in a whole-image pass too.
+    bx0, by0, bx1, by1 = objects.bbox.T
+    cut = (((bx0 == 0) & (wx0 > 0)) | ((by0 == 0) & (wy0 > 0))
+           | ((bx1 == wx1 - wx0) & (wx1 < plan.grid.width))
+           | ((by1 == wy1 - wy0) & (wy1 < plan.grid.height)))
+    owned = measure_nuclei(objects, hematoxylin, rgb, config.segmentation, colours.normalise,
+                           which=(x >= x0) & (x < x1) & (y >= y0) & (y < y1) & ~cut)
+    scale = plan.grid.scale
+    bbox = owned.bbox.astype(np.float64) + [wx0, wy0, wx0, wy0]
+    return {
+        "x": plan.grid.to_level0(owned.x + wx0),
+        "y": plan.grid.to_level0(owned.y + wy0),
+        "bbox_x0": np.floor(bbox[:, 0] * scale).astype(np.int32),
+        "bbox_y0": np.floor(bbox[:, 1] * scale).astype(np.int32),
+        "bbox_x1": np.ceil(bbox[:, 2] * scale).astype(np.int32),
+        "bbox_y1": np.ceil(bbox[:, 3] * scale).astype(np.int32),
+        "area": (owned.area * plan.reference_mpp ** 2).astype(np.float32),
+        "mean_hematoxylin": owned.mean_hematoxylin.astype(np.float32),
+        "crops": owned.crops,
+    }
+
+
+def segment_tiles(plan: SlidePlan, stain: dict, config: WsicellConfig,
+                  tiles: list[tuple[int, tuple[int, int, int, int]]]) -> dict[int, int]:
+    """Dask task: segment ``(tile_id, region)`` tiles and stage each one atomically; returns
+    the number of cells of each tile."""
+    prepare_worker()
+    plan.staging.mkdir(parents=True, exist_ok=True)
+    colours = (_worker_lookup(plan.staging, json.dumps(stain, sort_keys=True))
+               if plan.stain_lookup else StainParameters.from_json(stain))
+    counts = {}
+    for tile_id, region in tiles:
+        cells = segment_tile(plan, colours, config, region)
+        write_staged_tile(plan.staging, tile_id, cells)
+        counts[tile_id] = len(cells["x"])
+    return counts
+
+
+def _staged_rows(plan: SlidePlan, pieces: list[tuple[int, int, int]],
+                 names: list[str]) -> dict[str, np.ndarray]:
+    """Rows ``first:stop`` of the staged arrays ``names`` of each piece's tile (one read per
+    tile), concatenated per name."""
+    parts = [(read_staged_tile(plan.staging, tile_id, names), first, stop)
+             for tile_id, first, stop in pieces]
+    return {name: np.concatenate([staged[name][first:stop] for staged, first, stop in parts])
+            for name in names}
+
+
+def write_cell_columns(plan: SlidePlan, start: int, pieces: list[tuple[int, int, int]]) -> int:
+    """Dask task: write the cell table rows ``start..`` of ``pieces`` (see :func:`cell_blocks`);
+    ``start`` and the end of the block fall on chunk boundaries of the columns (or the end)."""
+    prepare_worker()
+    stop = start + sum(b - a for _, a, b in pieces)
+    columns = {
+        "cell_id": np.arange(start, stop, dtype=np.int64),
+        "tile_id": np.concatenate([np.full(b - a, tile_id, dtype=np.int32)
+                                   for tile_id, a, b in pieces]),
+        **_staged_rows(plan, pieces, _STAGED_COLUMNS),
+    }
+    write_cell_rows(plan.store, plan.slide_id, start, columns)
+    return stop - start
+
+
+def write_crops(plan: SlidePlan, start: int, pieces: list[tuple[int, int, int]]) -> int:
+    """Dask task: write the crops rows ``start..`` of ``pieces``, a block of whole chunks."""
+    prepare_worker()
+    block = _staged_rows(plan, pieces, ["crops"])["crops"]
+    write_crop_rows(plan.store, plan.slide_id, start, block)
+    return len(block)
+
+
+def cell_blocks(counts: np.ndarray, tile_ids: np.ndarray, block: int):
+    """Split the cells of the tiles (in order) into blocks of ``block`` rows.
+
+    Yields ``(start, pieces)`` with pieces ``(tile_id, first, stop)`` as
+    :func:`write_cell_columns` and :func:`write_crops` take them.
+    """
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    total = int(offsets[-1])
+    for start in range(0, total, block):
+        stop = min(start + block, total)
+        first_tile = int(np.searchsorted(offsets, start, side="right")) - 1
+        pieces = []
+        for t in range(first_tile, len(counts)):
+            if offsets[t] >= stop:
+                break
+            lo, hi = max(start, offsets[t]) - offsets[t], min(stop, offsets[t + 1]) - offsets[t]
+            if hi > lo:
+                pieces.append((int(tile_ids[t]), int(lo), int(hi)))
+        yield start, pieces
+
+
+def _thumbnail_and_tissue(slide, mpp: float, config: WsicellConfig):
+    tissue_mpp = config.ingest.tissue_mpp
+    thumb = slide.thumbnail(round(slide.width * mpp / tissue_mpp),
+                            round(slide.height * mpp / tissue_mpp))
+    return thumb, detect_tissue(thumb), slide.width * mpp / thumb.shape[1]
+
+
+def plan_slide(path: Path, store: Path, config: WsicellConfig, mpp: float | None):
+    """Open a slide on the client: its plan, attributes, thumbnail, tissue and tiles.
+
+    ``tiles`` holds the manifest columns (level-0 boxes of the tile regions) and
+    ``region``, (T, 4) int64 regions in reference px.
+
+    Raises
+    ------
+    WsicellError
+        Unreadable slide, a pyramid without mpp, or no tissue.
+    """
+    fingerprint = file_fingerprint(path)
+    slide = open_slide(path)
+    try:
+        slide_mpp = resolve_mpp(slide, mpp, config.segmentation.reference_mpp)
+        mpp_source = "override" if mpp is not None else (
+            "metadata" if slide.mpp is not None else "assumed")
+        grid = ReferenceGrid.of(slide, slide_mpp, config.segmentation.reference_mpp)
+        thumb, tissue, thumb_mpp = _thumbnail_and_tissue(slide, slide_mpp, config)
+    finally:
+        slide.close()
+    size = config.ingest.tile_size
+    plan = SlidePlan(
+        slide_id=slide_id_for(path), path=str(path), fingerprint=fingerprint, store=str(store),
+        mpp=slide_mpp,
+        reference_mpp=config.segmentation.reference_mpp, grid=grid, tile_size=size,
+        halo=config.ingest.halo, grid_cols=math.ceil(grid.width / size),
+        grid_rows=math.ceil(grid.height / size),
+    )
+    all_ids = np.arange(plan.grid_cols * plan.grid_rows)
+    cores = np.array([plan.core(t) for t in all_ids])
+    to_mask = config.segmentation.reference_mpp / thumb_mpp  # thumbnail px per reference px
+    fractions = tile_tissue_fractions(tissue, cores, to_mask)
+    keep = (fractions >= config.ingest.min_tissue_fraction) & (fractions > 0)
+    if not keep.any():
+        raise WsicellError(f"{path}: no tissue found (tissue detection on a "
+                           f"{thumb.shape[1]}x{thumb.shape[0]} thumbnail)")
+    regions = tissue_boxes(tissue, cores[keep], to_mask)
+    tissue_pixels = int(np.prod(regions[:, 2:] - regions[:, :2], axis=1).sum())
+    plan = dataclasses.replace(plan, stain_lookup=tissue_pixels >= LOOKUP_MIN_PIXELS)
+    level0 = np.round(regions * grid.scale).astype(np.int32)
+    tiles = {"tile_id": all_ids[keep], "x0": level0[:, 0], "y0": level0[:, 1],
+             "x1": level0[:, 2], "y1": level0[:, 3],
+             "tissue_fraction": tile_tissue_fractions(tissue, regions, to_mask),
+             "n_cells": np.zeros(keep.sum()), "cell_offset": np.zeros(keep.sum()),
+             "region": regions}
+    attrs = {
+        "source_path": str(path), "fingerprint": fingerprint,
+        "width": slide.width, "height": slide.height, "mpp": slide_mpp,
+        "mpp_source": mpp_source, "backend": slide.backend,
+        "reference_mpp": config.segmentation.reference_mpp, "thumbnail_mpp": thumb_mpp,
+        "tile_size": size, "halo": plan.halo, "grid_cols": plan.grid_cols,
+        "grid_rows": plan.grid_rows, "config": config.to_json(), "wsicell_version": __version__,
+    }
+    return plan, attrs, thumb, tissue, tiles
