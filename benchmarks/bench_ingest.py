@@ -14,7 +14,10 @@ pixels at 0.4 um/px, and measures:
 - ``speedup_2_workers``: wall time with 1 worker / wall time with 2 workers, the median over
   ``--repeats`` pairs of runs made one after the other (``--speedup``);
 - ``peak_rss_growth_4x``: peak RSS of the largest worker on a slide 4x larger
-  (``--scale-4x``), divided by that on the base slide, minus 1.
+  (``--scale-4x``), divided by that on the base slide, minus 1;
+- ``checksum_cost_ratio`` (``--checksum-ratio``): wall time of an ingest into a store whose
+  arrays carry CRC-32C checksums (the default) over one without them, the median over
+  ``--repeats`` pairs run one after the other.
 
 Usage::
 
@@ -114,6 +117,22 @@ def timed_ingest(slide: Path, store: Path, config: WsicellConfig, workers: int) 
     }
 
 
+def timed_ingest_without_checksums(slide: Path, store: Path, config: WsicellConfig,
+                                   workers: int) -> dict:
+    """:func:`timed_ingest` into a store whose arrays are only compressed (the codecs are
+    fixed when the client creates the arrays; workers write with what the array says)."""
+    from zarr.codecs import ZstdCodec
+
+    from wsicell.io import store as store_module
+
+    saved = store_module._COMPRESSOR
+    store_module._COMPRESSOR = (ZstdCodec(level=1),)
+    try:
+        return timed_ingest(slide, store, config, workers)
+    finally:
+        store_module._COMPRESSOR = saved
+
+
 def time_recipes_on_tiles(slide: Path, run: dict, config: WsicellConfig, n_tiles: int,
                           seed: int) -> tuple[float, float, float, float]:
     """Seconds per megapixel of HistomicsTK's recipe and of wsicell's tile kernel.
@@ -161,6 +180,8 @@ def main(argv=None):
                         help="also ingest a 4x larger slide for peak_rss_growth_4x")
     parser.add_argument("--tile-size", type=int, default=IngestConfig().tile_size)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checksum-ratio", action=argparse.BooleanOptionalAction,
+                        default=False, help="also ingest without checksums: checksum_cost_ratio")
     parser.add_argument("--repeats", type=int, default=3,
                         help="ingests per timed configuration (the median counts)")
     args = parser.parse_args(argv)
@@ -170,11 +191,17 @@ def main(argv=None):
 
     store = args.workdir / "store.zarr"
     runs, pairs = [], []
-    for _ in range(args.repeats):  # interleaved, so that the machine's drift hits all alike
+    for repeat in range(args.repeats):  # interleaved, so that the machine's drift hits all alike
+        # the store without checksums goes first in every other pair (no order effect)
+        unchecked = (timed_ingest_without_checksums(slide, store, config, args.workers)
+                     if args.checksum_ratio and repeat % 2 else None)
         runs.append(timed_ingest(slide, store, config, args.workers))
         if args.htk_tiles:
             runs[-1]["recipes"] = time_recipes_on_tiles(slide, runs[-1], config,
                                                         args.htk_tiles, args.seed)
+        if args.checksum_ratio:
+            runs[-1]["unchecked_wall_s"] = (unchecked or timed_ingest_without_checksums(
+                slide, store, config, args.workers))["wall_s"]
         if args.speedup:
             two = runs[-1] if args.workers == 2 else timed_ingest(slide, store, config, 2)
             pairs.append((timed_ingest(slide, store, config, 1)["wall_s"], two["wall_s"]))
@@ -205,6 +232,11 @@ def main(argv=None):
         print(f"ingest_1_worker_wall_s: runs {[round(one, 2) for one, _ in pairs]}")
         print(f"ingest_2_workers_wall_s: runs {[round(two, 2) for _, two in pairs]}")
         figures["speedup_2_workers"] = float(np.median(ratios))
+
+    if args.checksum_ratio:
+        ratios = [run["wall_s"] / run["unchecked_wall_s"] for run in runs]
+        print(f"checksum_cost_ratio of each pair: {[round(r, 3) for r in ratios]}")
+        figures["checksum_cost_ratio"] = float(np.median(ratios))
 
     if args.scale_4x:
         large = build_slide(args.workdir / f"bench_{4 * args.gigapixels:g}gp.tif",

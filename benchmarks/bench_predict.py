@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from shapely.geometry import Polygon
 from _common import VENDORED_DATA, headline
 
 
@@ -98,7 +99,7 @@ def time_proportions(n_cells: int = 1_000_000, k: int = 5, repeats: int = 3) -> 
     clusters = rng.integers(0, k, n_cells)
     angle = np.linspace(0, 2 * np.pi, 200)
     outline = np.column_stack([50_000 + 20_000 * np.cos(angle), 40_000 + 15_000 * np.sin(angle)])
-    region = PolygonRegion("tumour", ((outline,),))
+    region = PolygonRegion("tumour", Polygon(outline))
     best = np.inf
     for _ in range(repeats):
         start = time.perf_counter()

@@ -9,12 +9,15 @@ from wsicell import __version__
 from wsicell.config import WsicellConfig
 from wsicell.io.store import (
     TILE_COLUMNS,
+    begin_labels,
     begin_slide,
     create_cell_arrays,
     file_fingerprint,
+    finish_labels,
     finish_slide,
     write_cell_rows,
     write_crop_rows,
+    write_label_rows,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -75,13 +78,24 @@ def write_test_slide(root, slide_id, tmp_path, n_cells, complete=True):
     store = root.store.root
     write_cell_rows(store, slide_id, 0, {
         "cell_id": i, "x": 10.0 * i, "y": 5.0 * i, "bbox_x0": 10 * i - 3, "bbox_y0": 5 * i - 2,
-        "bbox_x1": 10 * i + 4, "bbox_y1": 5 * i + 3, "area": np.full(n_cells, 30.5)})
+        "bbox_x1": 10 * i + 4, "bbox_y1": 5 * i + 3, "area": np.full(n_cells, 30.5),
+        "mean_hematoxylin": np.full(n_cells, 0.5), "tile_id": (i >= n_cells - 2).astype(int)})
     write_crop_rows(store, slide_id, 0, np.broadcast_to(
         i.astype(np.uint8)[:, None, None, None], (n_cells, 32, 32, 3)))
     group.attrs["stain"] = STAIN
     if complete:
         finish_slide(group, [n_cells - 2, 2], {"n_tiles": 2})
     return group
+
+
+def write_test_labels(root, slide_id, model_id, proba, complete=True):
+    """A model's labels of a test slide written with the store's writers: Q's probabilities
+    ``proba`` (N, k) for the first N cells; marked complete unless ``complete`` is False."""
+    proba = np.asarray(proba, dtype=np.float32)
+    begin_labels(root, slide_id, model_id, proba.shape[1], {})
+    write_label_rows(root, slide_id, model_id, 0, proba)
+    if complete:
+        finish_labels(root, slide_id, model_id)
 
 
 TRAIN_SLIDE = "BM_GRAZ_HE_0001_01"

@@ -7,21 +7,13 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import write_test_slide
+from conftest import write_test_labels, write_test_slide
 
 from wsicell.errors import WsicellError
 from wsicell.io.export import export_cells
-from wsicell.io.store import begin_labels, finish_labels, open_store, write_label_rows
+from wsicell.io.store import open_store
 
 CLUSTERS = np.array([0, 1, 2, 0, 1, 2])
-
-
-def write_labels(root, slide_id, model_id, clusters, complete=True):
-    """Labels of a model written with the store's writers: one-hot probabilities."""
-    begin_labels(root, slide_id, model_id, 3, {})
-    write_label_rows(root, slide_id, model_id, 0, np.eye(3, dtype=np.float32)[clusters])
-    if complete:
-        finish_labels(root, slide_id, model_id)
 
 
 @pytest.fixture
@@ -31,7 +23,7 @@ def store(tmp_path):
     write_test_slide(root, "s1", tmp_path, 6)
     write_test_slide(root, "s2", tmp_path, 4)
     write_test_slide(root, "s3", tmp_path, 5, complete=False)
-    write_labels(root, "s1", "m1", CLUSTERS)
+    write_test_labels(root, "s1", "m1", np.eye(3)[CLUSTERS])
     return path
 
 
@@ -45,7 +37,8 @@ def test_tables_hold_every_cell_of_complete_slides(store, tmp_path, fmt, read):
     assert table.slide_id.tolist() == ["s1"] * 6 + ["s2"] * 4
     np.testing.assert_array_equal(table.cell_id, [0, 1, 2, 3, 4, 5, 0, 1, 2, 3])
     np.testing.assert_allclose(table.x[:3], [0, 10, 20])
-    np.testing.assert_allclose(table.area, 30.5)
+    np.testing.assert_allclose(table.area_um2, 30.5)  # the store's `area`, with its unit
+    assert "area" not in table.columns
 
 
 def test_geojson_is_a_collection_of_qupath_detections(store, tmp_path):
@@ -91,8 +84,7 @@ def test_incomplete_labels_are_refused(store, tmp_path):
     """Labels an interrupted predict left unfinished (only their first rows written) are
     never exported: asked for, they are refused; by default, no cluster column appears."""
     root = open_store(store, mode="r+")
-    begin_labels(root, "s2", "m2", 3, {})
-    write_label_rows(root, "s2", "m2", 0, np.eye(3, dtype=np.float32)[[0, 1]])
+    write_test_labels(root, "s2", "m2", np.eye(3)[[0, 1]], complete=False)
     out = tmp_path / "s2.csv"
     with pytest.raises(WsicellError, match="no labels 'm2' that are complete"):
         export_cells(store, out, "csv", ["s2"], labels="m2")

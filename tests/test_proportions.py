@@ -3,6 +3,7 @@ import time
 
 import numpy as np
 import pytest
+from shapely.geometry import MultiPolygon, Polygon
 
 from wsicell.analysis.proportions import (
     PolygonRegion,
@@ -69,7 +70,7 @@ def test_polygon_with_hole_and_multipolygon():
     square = np.array([[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]], float)
     hole = np.array([[4, 4], [6, 4], [6, 6], [4, 6], [4, 4]], float)
     far = square + 100
-    region = PolygonRegion("r", ((square, hole), (far,)))
+    region = PolygonRegion("r", MultiPolygon([Polygon(square, [hole]), Polygon(far)]))
     x = np.array([1, 5, 105, 50])
     y = np.array([1, 5, 105, 50])
     assert region.contains(x, y).tolist() == [True, False, True, False]
@@ -83,10 +84,11 @@ def _feature(geometry, **properties):
 
 def test_read_qupath_geojson(tmp_path):
     ring = [[0, 0], [100, 0], [100, 50], [0, 50], [0, 0]]
+    shifted = [[x + 200, y] for x, y in ring]
     data = {"type": "FeatureCollection", "features": [
         _feature({"type": "Polygon", "coordinates": [ring]}, objectType="annotation",
                  classification={"name": "Tumor", "color": [200, 0, 0]}),
-        _feature({"type": "MultiPolygon", "coordinates": [[ring], [ring]]}, name="stroma"),
+        _feature({"type": "MultiPolygon", "coordinates": [[ring], [shifted]]}, name="stroma"),
     ]}
     path = tmp_path / "a.geojson"
     path.write_text(json.dumps(data))

@@ -126,6 +126,11 @@ class IngestConfig(_Section):
     tile_size: PositiveInt = Field(
         2048, description="Side of a processing tile (pixels at the reference resolution)."
     )
+    max_plain_image_pixels: PositiveInt = Field(
+        1 << 31, description="Largest plain image (PNG, JPEG, plain TIFF), in pixels, that is "
+        "read whole into memory; a larger one is refused before any pixel is decoded "
+        "(pyramidal slides are read tile by tile and are not limited)."
+    )
     halo: PositiveInt = Field(
         64, description="Overlap added around each tile (pixels at the reference resolution); "
         "must exceed the largest nucleus diameter."

@@ -38,6 +38,8 @@ def read_json(path: str | Path, what: str = "JSON file"):
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise WsicellError(f"{path}: not a readable {what} ({err})") from None
+    except RecursionError:
+        raise WsicellError(f"{path}: not a readable {what} (nested too deeply)") from None
 
 
 def write_atomically(path: str | Path, write) -> None:

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.path import Path as PolygonPath
+import shapely
+from shapely.geometry import shape
+from shapely.geometry.base import BaseGeometry
+from shapely.validation import explain_validity, make_valid
 
 from wsicell.errors import WsicellError
 from wsicell.files import read_json
@@ -135,22 +138,21 @@ def grid_counts(x: np.ndarray, y: np.ndarray, clusters: np.ndarray, k: int,
 
 @dataclass(frozen=True)
 class PolygonRegion:
-    """A named annotated region: polygons with holes, level-0 pixel coordinates.
+    """A named annotated region, level-0 pixel coordinates.
 
     Attributes
     ----------
     name : str
         The annotation's name (or classification, or ``annotation_<i>``).
-    polygons : tuple
-        Each polygon is a tuple of rings (ndarray (M, 2) float, x then y); the first ring
-        is the outline, the others are holes.
+    geometry : shapely Polygon or MultiPolygon
+        Valid (:attr:`is_valid`), holes excluded from the region.
     """
 
     name: str
-    polygons: tuple[tuple[np.ndarray, ...], ...]
+    geometry: BaseGeometry
 
     def contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Which points lie inside the region (even-odd rule per polygon, holes excluded).
+        """Which points lie inside the region (its interior; holes excluded).
 
         Parameters
         ----------
@@ -159,18 +161,16 @@ class PolygonRegion:
         Returns
         -------
         ndarray, shape (N,), bool
+
+        Examples
+        --------
+        >>> from shapely.geometry import box
+        >>> PolygonRegion("r", box(0, 0, 10, 10)).contains(np.array([5.0, 15.0]),
+        ...                                                 np.array([5.0, 5.0])).tolist()
+        [True, False]
         """
-        points = np.column_stack([x, y]).astype(np.float64)
-        inside = np.zeros(len(points), dtype=bool)
-        for rings in self.polygons:
-            outline = rings[0]
-            lo, hi = outline.min(axis=0), outline.max(axis=0)
-            candidates = np.flatnonzero(np.all((points >= lo) & (points <= hi), axis=1))
-            hit = PolygonPath(outline).contains_points(points[candidates])
-            for hole in rings[1:]:
-                hit &= ~PolygonPath(hole).contains_points(points[candidates])
-            inside[candidates[hit]] = True
-        return inside
+        return shapely.contains_xy(self.geometry, np.asarray(x, np.float64),
+                                   np.asarray(y, np.float64))
 
 
 def polygon_counts(x: np.ndarray, y: np.ndarray, clusters: np.ndarray, k: int,
@@ -195,27 +195,62 @@ def polygon_counts(x: np.ndarray, y: np.ndarray, clusters: np.ndarray, k: int,
     return counts
 
 
-def _rings(coordinates, path: Path, where: str) -> tuple[np.ndarray, ...]:
-    try:
-        rings = tuple(np.asarray(ring, dtype=np.float64)[:, :2] for ring in coordinates)
-    except (TypeError, ValueError, IndexError):
-        raise WsicellError(f"{path}: {where} has malformed polygon coordinates") from None
-    if not rings or any(len(ring) < 3 for ring in rings):
-        raise WsicellError(f"{path}: {where} has a polygon ring with fewer than 3 points")
-    return rings
-
-
 def _features(data, path: Path) -> list:
     if isinstance(data, list):  # QuPath's "export as array"
         return data
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        return data.get("features", [])
+        features = data.get("features")
+        if not isinstance(features, list):
+            raise WsicellError(f"{path}: the FeatureCollection's features are not a list")
+        return features
     if isinstance(data, dict) and data.get("type") == "Feature":
         return [data]
     raise WsicellError(f"{path}: not a GeoJSON Feature, FeatureCollection or feature list")
 
 
-def read_geojson_regions(path: str | Path) -> list[PolygonRegion]:
+def _region_geometry(geometry, path: Path, where: str, fix: bool) -> BaseGeometry:
+    """A feature's geometry as a valid shapely (multi)polygon, or a one-line error."""
+    if not isinstance(geometry, dict):
+        raise WsicellError(f"{path}: {where} has no geometry object")
+    kind = geometry.get("type")
+    if kind not in ("Polygon", "MultiPolygon"):
+        raise WsicellError(f"{path}: {where} is a {kind} geometry; regions must be "
+                           "Polygon or MultiPolygon annotations")
+    try:
+        polygon = shape(geometry)
+        coordinates = shapely.get_coordinates(polygon)
+    except Exception:  # noqa: BLE001 - any malformed coordinate structure
+        raise WsicellError(f"{path}: {where} has malformed polygon coordinates") from None
+    if polygon.is_empty:
+        raise WsicellError(f"{path}: {where} has an empty polygon")
+    if not np.isfinite(coordinates).all():
+        raise WsicellError(f"{path}: {where} has coordinates that are not finite numbers")
+    if polygon.is_valid:
+        return polygon
+    if not fix:
+        raise WsicellError(f"{path}: {where} is not a valid polygon "
+                           f"({explain_validity(polygon)}); fix it in QuPath, or pass "
+                           "--fix-regions to repair it")
+    repaired = make_valid(polygon)
+    parts = [g for g in getattr(repaired, "geoms", [repaired])
+             if g.geom_type in ("Polygon", "MultiPolygon")]
+    if not parts:
+        raise WsicellError(f"{path}: {where} has no area once repaired")
+    return shapely.union_all(parts)
+
+
+def _ring_points(geometry: dict) -> bool:
+    """Whether every ring of a GeoJSON polygon geometry has at least 3 distinct points."""
+    polygons = ([geometry["coordinates"]] if geometry.get("type") == "Polygon"
+                else geometry.get("coordinates") or [])
+    try:
+        return all(len({tuple(p[:2]) for p in ring}) >= 3 for rings in polygons
+                   for ring in rings)
+    except TypeError:
+        return True  # malformed: reported by _region_geometry
+
+
+def read_geojson_regions(path: str | Path, fix: bool = False) -> list[PolygonRegion]:
     """Read annotated regions from a GeoJSON file (QuPath "Export objects as GeoJSON").
 
     Parameters
@@ -223,6 +258,9 @@ def read_geojson_regions(path: str | Path) -> list[PolygonRegion]:
     path : str or Path
         A FeatureCollection, a single Feature, or a JSON list of Features whose geometries
         are Polygon or MultiPolygon in level-0 pixel coordinates.
+    fix : bool
+        Repair invalid polygons (self-intersections, ...) with shapely's ``make_valid``
+        instead of refusing them.
 
     Returns
     -------
@@ -233,8 +271,9 @@ def read_geojson_regions(path: str | Path) -> list[PolygonRegion]:
     Raises
     ------
     WsicellError
-        When the file is missing, not JSON, holds no feature, or a geometry that is not
-        a (multi)polygon.
+        When the file is missing, not JSON (or nested too deeply), holds no feature, a
+        feature that is not an object, a geometry that is not a (multi)polygon, malformed
+        or non-finite coordinates, or an invalid polygon (``fix`` off); one line each.
     """
     path = Path(path)
     data = read_json(path, "GeoJSON file")
@@ -243,24 +282,51 @@ def read_geojson_regions(path: str | Path) -> list[PolygonRegion]:
         raise WsicellError(f"{path}: contains no feature")
     regions = []
     for i, feature in enumerate(features):
-        geometry = (feature or {}).get("geometry") or {}
-        kind = geometry.get("type")
         where = f"feature {i}"
-        if kind == "Polygon":
-            polygons = (_rings(geometry.get("coordinates"), path, where),)
-        elif kind == "MultiPolygon":
-            polygons = tuple(_rings(p, path, where) for p in geometry.get("coordinates") or [])
-        else:
-            raise WsicellError(f"{path}: {where} is a {kind} geometry; regions must be "
-                               "Polygon or MultiPolygon annotations")
+        if not isinstance(feature, dict):
+            raise WsicellError(f"{path}: {where} is not a GeoJSON object")
+        geometry = feature.get("geometry")
+        if isinstance(geometry, dict) and not _ring_points(geometry):
+            raise WsicellError(f"{path}: {where} has a polygon ring with fewer than 3 points")
+        polygon = _region_geometry(geometry, path, where, fix)
         properties = feature.get("properties") or {}
+        if not isinstance(properties, dict):
+            raise WsicellError(f"{path}: {where} has properties that are not an object")
         classification = properties.get("classification") or {}
-        name = properties.get("name") or classification.get("name") or f"annotation_{i}"
-        regions.append(PolygonRegion(str(name), polygons))
+        name = properties.get("name") or (classification.get("name")
+                                          if isinstance(classification, dict) else None)
+        regions.append(PolygonRegion(str(name or f"annotation_{i}"), polygon))
     return regions
 
 
-def regions_by_slide(path: str | Path | None, slide_ids: list[str]) -> dict[str, list[PolygonRegion]]:
+def region_warnings(slide_id: str, regions: list[PolygonRegion], counts: np.ndarray,
+                    slide_size: tuple[int, int]) -> list[str]:
+    """What a user should know about a slide's regions: those outside the slide and those
+    that hold no cell.
+
+    Parameters
+    ----------
+    slide_id : str
+    regions : list of PolygonRegion
+    counts : ndarray, shape (len(regions), k), int
+        Cells per cluster in each region.
+    slide_size : (width, height)
+        Level-0 pixels.
+    """
+    width, height = slide_size
+    slide = shapely.box(0, 0, width, height)
+    warnings = []
+    for region, row in zip(regions, counts):
+        if not region.geometry.intersects(slide):
+            warnings.append(f"slide {slide_id}: region {region.name!r} lies outside the slide "
+                            f"({width} x {height} px): check the GeoJSON is this slide's")
+        elif row.sum() == 0:
+            warnings.append(f"slide {slide_id}: region {region.name!r} covers no cell")
+    return warnings
+
+
+def regions_by_slide(path: str | Path | None, slide_ids: list[str], fix: bool = False
+                     ) -> dict[str, list[PolygonRegion]]:
     """Annotated regions per slide from a GeoJSON file or a directory of them.
 
     A file ``<slide_id>.geojson`` (or ``.json``) holds the regions of that slide; a single
@@ -284,12 +350,12 @@ def regions_by_slide(path: str | Path | None, slide_ids: list[str]) -> dict[str,
     else:
         raise WsicellError(f"{path}: no such file or directory")
     if len(files) == 1 and len(slide_ids) == 1 and files[0].stem not in slide_ids:
-        return {slide_ids[0]: read_geojson_regions(files[0])}
+        return {slide_ids[0]: read_geojson_regions(files[0], fix)}
     unknown = [f.name for f in files if f.stem not in slide_ids]
     if unknown:
         raise WsicellError(f"{path}: {', '.join(unknown)} name(s) no predicted slide "
                            f"(expected <slide_id>.geojson; slides: {', '.join(slide_ids[:5])})")
-    return {f.stem: read_geojson_regions(f) for f in files}
+    return {f.stem: read_geojson_regions(f, fix) for f in files}
 
 
 # --- proportions of slides and regions ----------------------------------------------------

@@ -1,4 +1,4 @@
-"""``wsicell export``: the cell table of a store as CSV, Parquet or QuPath GeoJSON."""
+"""``wsicell export``: the cell table of a store as CSV, Parquet, QuPath GeoJSON or AnnData."""
 
 from __future__ import annotations
 
@@ -20,10 +20,12 @@ from wsicell.io.export import FORMATS, GEOMETRIES
               "QuPath classification.")
 def export(store, fmt, out, slide_ids, geometry, labels):
     """Export the cells of STORE: one row per cell (slide_id, cell_id, x, y in level-0
-    pixels, bounding box, area in um^2, mean hematoxylin, tile_id).
+    pixels, bounding box, area_um2, mean hematoxylin, tile_id).
 
     GeoJSON is a FeatureCollection of QuPath detections (File > Import objects), one slide
-    per file.
+    per file. AnnData (.h5ad, for scanpy / squidpy) holds the cells as obs, the centroids
+    in obsm["spatial"] (level-0 pixels) and obsm["spatial_um"] (microns); it needs
+    pip install 'wsicell[scverse]'.
     """
     from wsicell.io.export import export_cells
 

@@ -23,7 +23,8 @@ same wsicell version.
 
 def ingest_options(command):
     """The slide-reading and Dask options of ingest, shared with ``wsicell predict``:
-    ``--mpp``, ``--workers``, ``--threads-per-worker``, ``--memory-limit``, ``--scheduler``."""
+    ``--mpp``, ``--workers``, ``--threads-per-worker``, ``--memory-limit``, ``--scheduler``,
+    ``--dashboard``."""
     options = [
         click.option("--mpp", type=float, default=None,
                      help="Level-0 microns per pixel of the slides, overriding their metadata."),
@@ -35,10 +36,18 @@ def ingest_options(command):
         click.option("--scheduler", default=None,
                      help="Address of an existing Dask scheduler (e.g. tcp://host:8786) "
                      "instead of a local cluster."),
+        click.option("--dashboard", default="127.0.0.1:0", show_default=True,
+                     help="host:port of the local cluster's Dask dashboard (port 0: a free "
+                     "one; 'none': no dashboard). 0.0.0.0:8787 serves it to the network."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def dashboard_address(value: str) -> str | None:
+    """The ``--dashboard`` value as ingest takes it (None for ``none``)."""
+    return None if value.lower() == "none" else value
 
 
 @click.command(epilog=EPILOG)
@@ -56,8 +65,8 @@ def ingest_options(command):
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Dashboard link and progress bars on stderr.")
 def ingest(paths, store, mpp, config_file, preset, tile_size, workers, threads_per_worker,
-           memory_limit, scheduler, overwrite, progress):
-    """Ingest slides (files or directories) into the cell store STORE.
+           memory_limit, scheduler, dashboard, overwrite, progress):
+    """Ingest slides (files or directories of them, PATHS) into the cell store --store.
 
     Tissue is detected on a thumbnail, stain parameters are fitted per slide on a sample
     of tissue tiles, and every tissue tile is segmented at the reference resolution on a
@@ -68,6 +77,7 @@ def ingest(paths, store, mpp, config_file, preset, tile_size, workers, threads_p
     config = load_config(config_file, preset, ingest={"tile_size": tile_size})
     slide_ids = run_ingest(
         store, paths, config, mpp=mpp, workers=workers, threads_per_worker=threads_per_worker,
-        memory_limit=memory_limit, scheduler=scheduler, overwrite=overwrite, progress=progress,
+        memory_limit=memory_limit, scheduler=scheduler, dashboard=dashboard_address(dashboard),
+        overwrite=overwrite, progress=progress,
     )
     click.echo(f"{store}: {len(slide_ids)} slide(s) complete: {', '.join(slide_ids)}")

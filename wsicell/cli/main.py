@@ -21,6 +21,7 @@ COMMANDS = {
     "train": "wsicell.cli.train:train",
     "predict": "wsicell.cli.predict:predict",
     "export": "wsicell.cli.export:export",
+    "validate": "wsicell.cli.validate:validate",
     "segment": "wsicell.cli.segment:segment",
     "evaluate": "wsicell.cli.evaluate:evaluate",
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from wsicell.cli.ingest import ingest_options
+from wsicell.cli.ingest import dashboard_address, ingest_options
 from wsicell.config import load_config
 
 EPILOG = """\b
@@ -37,6 +37,9 @@ same model does not recompute them.
 @click.option("--regions", type=click.Path(), default=None,
               help="GeoJSON polygon annotations (QuPath export): <slide_id>.geojson or a "
               "directory of them.")
+@click.option("--fix-regions", is_flag=True,
+              help="Repair invalid region polygons (self-intersections, ...) instead of "
+              "refusing them.")
 @click.option("--slide-clusters", type=int, default=None,
               help="k-means clusters of slides [default: 2].")
 @click.option("--labels", type=click.Path(), default=None,
@@ -51,9 +54,10 @@ same model does not recompute them.
 @ingest_options
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bars on stderr.")
-def predict(slides_dir, model_dir, store, out_dir, region_size, regions, slide_clusters, labels,
+def predict(slides_dir, model_dir, store, out_dir, region_size, regions, fix_regions,
+            slide_clusters, labels,
             folds, classifier, device, config_file, mpp, workers, threads_per_worker,
-            memory_limit, scheduler, progress):
+            memory_limit, scheduler, dashboard, progress):
     """Label every cell of the slides with the model, then compute per-slide and per-region
     cell-type proportions, predict slide classes and write an HTML report."""
     from wsicell.pipeline.predict import predict as run_prediction
@@ -61,8 +65,10 @@ def predict(slides_dir, model_dir, store, out_dir, region_size, regions, slide_c
     config = load_config(config_file, predict={"region_size_um": region_size,
                                                "slide_clusters": slide_clusters, "folds": folds})
     report = run_prediction(
-        store, slides_dir, model_dir, out_dir, config, regions=regions, labels=labels,
+        store, slides_dir, model_dir, out_dir, config, regions=regions,
+        fix_regions=fix_regions, labels=labels,
         classifier=classifier, device=device, mpp=mpp, workers=workers,
         threads_per_worker=threads_per_worker, memory_limit=memory_limit, scheduler=scheduler,
+        dashboard=dashboard_address(dashboard),
         progress=progress)
     click.echo(f"report: {report}")

@@ -1,10 +1,13 @@
-"""Export the cell table of a store: CSV, Parquet, or GeoJSON that QuPath imports.
+"""Export the cell table of a store: CSV, Parquet, GeoJSON that QuPath imports, or AnnData.
 
 One row (or feature) per cell: ``slide_id``, ``cell_id``, ``x``, ``y`` (level-0 pixels of the
-slide), bounding box, ``area`` (um^2), ``mean_hematoxylin``, ``tile_id`` and, when a model's
+slide), bounding box, ``area_um2``, ``mean_hematoxylin``, ``tile_id`` and, when a model's
 labels exist, ``cluster`` and ``proba_0..proba_{k-1}`` (GeoJSON: a QuPath classification
-coloured by cluster).  Files are written to a temporary name and renamed, so an
-interrupted export never leaves a truncated file under the requested name.
+coloured by cluster).  AnnData (``.h5ad``, for scanpy / squidpy) holds the same table as
+``obs`` with the coordinates in ``obsm["spatial"]`` (level-0 pixels) and
+``obsm["spatial_um"]`` (microns); it needs the optional ``anndata`` package
+(``pip install 'wsicell[scverse]'``).  Files are written to a temporary name and renamed,
+so an interrupted export never leaves a truncated file under the requested name.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import wsicell
 from wsicell.errors import WsicellError
 from wsicell.io.store import (
     complete_slides,
@@ -26,12 +30,14 @@ from wsicell.io.store import (
     labels_k,
     open_store,
     read_labels,
+    slide_attrs,
     slide_cells,
     slide_group,
+    slide_pictures,
 )
 from wsicell.palette import cluster_colours
 
-FORMATS = ("csv", "parquet", "geojson")
+FORMATS = ("csv", "parquet", "geojson", "anndata")
 GEOMETRIES = ("box", "point")
 
 
@@ -44,7 +50,7 @@ def slide_table(root, slide_id: str, labels: str | None = None) -> pd.DataFrame:
     WsicellError
         The slide has no complete labels of that model (none, or an interrupted run's).
     """
-    cells = slide_cells(root, slide_id)
+    cells = slide_cells(root, slide_id).rename(columns={"area": "area_um2"})
     cells.insert(0, "slide_id", slide_id)
     if labels is not None:
         cluster, proba = read_labels(root, slide_id, labels)
@@ -83,7 +89,7 @@ def cell_feature(row, geometry: str) -> dict:
         "objectType": "detection",
         "slide_id": row["slide_id"],
         "cell_id": int(row["cell_id"]),
-        "measurements": {"area_um2": float(row["area"]),
+        "measurements": {"area_um2": float(row["area_um2"]),
                          "mean_hematoxylin": float(row["mean_hematoxylin"])},
     }
     if "cluster" in row:
@@ -123,6 +129,70 @@ def _write_geojson(tables, tmp: Path, geometry: str) -> None:
         f.write("\n]}\n")
 
 
+def _import_anndata():
+    """The optional ``anndata`` package, or a one-line error saying how to install it."""
+    try:
+        import anndata
+    except ImportError:
+        raise WsicellError("--format anndata needs the anndata package: "
+                           "pip install 'wsicell[scverse]' (or pip install anndata)") from None
+    return anndata
+
+
+def _hex(colour) -> str:
+    return "#" + "".join(f"{int(c):02x}" for c in colour)
+
+
+def cells_anndata(root, slide_ids, labels: str | None = None, *, store: str = ""):
+    """The cells of complete slides as one :class:`anndata.AnnData` (one row per cell).
+
+    ``obs``: ``slide_id`` (categorical), ``cell_id``, ``cluster`` (categorical ``"0".."k-1"``)
+    and ``proba_0..proba_{k-1}`` with ``labels``, ``area_um2``, ``mean_hematoxylin``,
+    bounding box (level-0 pixels) and ``tile_id``; index ``"<slide_id>:<cell_id>"``.
+    ``obsm["spatial"]``: centroids ``(x, y)`` in level-0 pixels; ``obsm["spatial_um"]``: the
+    same times the slide's microns per pixel.  ``uns["spatial"][slide_id]``: the slide's
+    thumbnail and its scale factor (squidpy / scanpy's layout); ``uns["cluster_colors"]``:
+    the report's cluster colours; ``uns["wsicell"]``: provenance (version, model id, store,
+    slides and their mpp).  ``X`` is empty (no variables): the measurements are in ``obs``.
+    """
+    anndata = _import_anndata()
+    tables, spatial, spatial_um, library = [], [], [], {}
+    for slide_id in slide_ids:
+        table = slide_table(root, slide_id, labels)
+        attrs = slide_attrs(root, slide_id)
+        mpp = float(attrs["mpp"])
+        xy = table[["x", "y"]].to_numpy(np.float64)
+        spatial.append(xy)
+        spatial_um.append(xy * mpp)
+        tables.append(table.drop(columns=["x", "y"]))
+        thumbnail, _ = slide_pictures(root, slide_id)
+        entry = {"scalefactors": {"tissue_hires_scalef": (
+                     thumbnail.shape[1] / float(attrs["width"]) if thumbnail is not None else 1.0),
+                     "spot_diameter_fullres": 8.0 / mpp},  # a nucleus, about 8 um
+                 "metadata": {"mpp": mpp, "width": int(attrs["width"]),
+                              "height": int(attrs["height"])}}
+        if thumbnail is not None:
+            entry["images"] = {"hires": np.ascontiguousarray(thumbnail)}
+        library[slide_id] = entry
+    obs = pd.concat(tables, ignore_index=True)
+    obs.index = pd.Index([f"{s}:{c}" for s, c in zip(obs.slide_id, obs.cell_id)], dtype=object)
+    obs["slide_id"] = pd.Categorical(obs.slide_id.astype(object), categories=list(slide_ids))
+    uns = {"spatial": library,
+           "wsicell": {"wsicell_version": wsicell.__version__, "model_id": labels or "",
+                       "store": store, "slides": list(slide_ids),
+                       "mpp": {s: library[s]["metadata"]["mpp"] for s in slide_ids},
+                       "spatial_units": {"spatial": "level-0 pixels", "spatial_um": "um"}}}
+    if labels is not None:
+        k = max(labels_k(root, s, labels) for s in slide_ids)
+        obs["cluster"] = pd.Categorical(obs.cluster.astype(int).astype(str).astype(object),
+                                        categories=[str(c) for c in range(k)])
+        uns["cluster_colors"] = [_hex(c) for c in cluster_colours(k)]
+    # object-dtype names: pandas 3's default string arrays are refused by anndata 0.12's writer
+    return anndata.AnnData(obs=obs, var=pd.DataFrame(index=pd.Index([], dtype=object)), uns=uns,
+                           obsm={"spatial": np.concatenate(spatial),
+                                 "spatial_um": np.concatenate(spatial_um)})
+
+
 def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "box",
                  labels: str | None = None) -> int:
     """Write the cells of complete slides of a store to one file.
@@ -132,7 +202,9 @@ def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "box",
     store : str or Path
     out : str or Path
         Output file.
-    fmt : {"csv", "parquet", "geojson"}
+    fmt : {"csv", "parquet", "geojson", "anndata"}
+        ``anndata`` writes an ``.h5ad`` file (see :func:`cells_anndata`); it needs the
+        optional ``anndata`` package.
     slide_ids : list of str, optional
         Slides to export (default: every complete slide).  GeoJSON holds one slide's
         coordinates, so it needs exactly one.
@@ -156,6 +228,8 @@ def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "box",
     >>> wsicell.export("cells.zarr", "slide.geojson", "geojson",
     ...                ["slide"], geometry="point")  # doctest: +SKIP
     1432
+    >>> wsicell.export("cells.zarr", "cells.h5ad", "anndata")  # doctest: +SKIP
+    81599
     """
     if fmt not in FORMATS:
         raise WsicellError(f"{out}: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -165,6 +239,8 @@ def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "box",
     slide_ids = list(slide_ids) if slide_ids else complete_slides(root)
     if not slide_ids:
         raise WsicellError(f"{store}: no complete slides to export")
+    if fmt == "anndata":
+        _import_anndata()  # a missing package fails before anything is read
     if fmt == "geojson" and len(slide_ids) != 1:
         raise WsicellError(f"{out}: GeoJSON holds the coordinates of one slide; pick one with "
                            f"--slide (store has {', '.join(slide_ids)})")
@@ -185,7 +261,11 @@ def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "box",
 
     tables = each_slide()
     try:
-        if fmt == "csv":
+        if fmt == "anndata":
+            adata = cells_anndata(root, slide_ids, labels, store=str(Path(store).resolve()))
+            counted.append(adata.n_obs)
+            adata.write_h5ad(tmp)
+        elif fmt == "csv":
             _write_csv(tables, tmp)
         elif fmt == "parquet":
             _write_parquet(tables, tmp)

@@ -71,7 +71,7 @@ def open_plain_image(path: Path, max_pixels: int = MAX_PLAIN_IMAGE_PIXELS):
         yield image
 
 
-def read_rgb_image(path: str | Path) -> np.ndarray:
+def read_rgb_image(path: str | Path, max_pixels: int = MAX_PLAIN_IMAGE_PIXELS) -> np.ndarray:
     """Read a plain image file (PNG, JPEG, TIFF, ...) as RGB.
 
     Grayscale images are replicated to three channels; an alpha channel is composited
@@ -81,6 +81,8 @@ def read_rgb_image(path: str | Path) -> np.ndarray:
     ----------
     path : str or Path
         Image file.
+    max_pixels : int
+        Refuse a larger image (before decoding it).
 
     Returns
     -------
@@ -93,7 +95,7 @@ def read_rgb_image(path: str | Path) -> np.ndarray:
     """
     path = existing_file(path)
     try:
-        with open_plain_image(path) as im:
+        with open_plain_image(path, max_pixels) as im:
             im.load()
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")
@@ -429,6 +431,42 @@ class TiledPageReader:
         os.close(self._fd)
 
 
+def tiff_damage(path: Path) -> str | None:
+    """Why a TIFF-based file (.tif, .svs, ...) is truncated or corrupt, or None.
+
+    Every page (IFD) must lie inside the file and every tile or strip of every page must end
+    before the end of the file; a file that is not a TIFF at all is not judged here (None).
+    """
+    import logging
+
+    import tifffile
+
+    size = Path(path).stat().st_size
+    problems: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            problems.append(record.getMessage())
+
+    logger = logging.getLogger("tifffile")
+    handler = Collect(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            for page in tif.pages:
+                ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
+                if ends and max(ends) > size:
+                    return f"image data ends at byte {max(ends)} of a {size}-byte file"
+    except tifffile.TiffFileError:
+        return None
+    except Exception as err:  # noqa: BLE001 - a TIFF whose structure cannot be walked
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    finally:
+        logger.removeHandler(handler)
+    offsets = [p for p in problems if "offset" in p]
+    return offsets[0].strip("<>").split("> ")[-1] if offsets else None
+
+
 class LargeImageSlide(Slide):
     """A slide read by large_image (formats OpenSlide cannot open); level 0 only."""
 
@@ -437,6 +475,11 @@ class LargeImageSlide(Slide):
     def __init__(self, path: Path):
         import large_image
 
+        damage = tiff_damage(path)
+        if damage:
+            raise WsicellError(f"{path}: not a readable slide: truncated or corrupt file "
+                               f"({damage}); OpenSlide cannot read it and another reader would "
+                               "give a partial picture")
         try:
             self._source = large_image.open(str(path))
             meta = self._source.getMetadata()
@@ -481,8 +524,8 @@ class ImageSlide(Slide):
 
     backend = "image"
 
-    def __init__(self, path: Path):
-        self._rgb = read_rgb_image(path)
+    def __init__(self, path: Path, max_pixels: int = MAX_PLAIN_IMAGE_PIXELS):
+        self._rgb = read_rgb_image(path, max_pixels)
         with open_plain_image(path) as im:
             dpi = im.info.get("dpi")
         mpp = _mean_mpp(*(25400.0 / float(d) if d else None for d in dpi)) if dpi else None
@@ -495,11 +538,12 @@ class ImageSlide(Slide):
         return cv2.resize(self._rgb, (width, height), interpolation=cv2.INTER_AREA)
 
 
-def open_slide(path: str | Path) -> Slide:
+def open_slide(path: str | Path, max_plain_pixels: int = MAX_PLAIN_IMAGE_PIXELS) -> Slide:
     """Open a slide or image file with the first reader that understands it.
 
-    OpenSlide first (it identifies its formats by content), then Pillow for plain images,
-    then large_image.
+    OpenSlide first (it identifies its formats by content), then Pillow for plain images
+    (read whole: at most ``max_plain_pixels`` pixels), then large_image (refused when the
+    file is a truncated or corrupt TIFF, :func:`tiff_damage`).
 
     Raises
     ------
@@ -517,7 +561,7 @@ def open_slide(path: str | Path) -> Slide:
         return OpenSlideSlide(path)
     if path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
         try:
-            return ImageSlide(path)
+            return ImageSlide(path, max_plain_pixels)
         except WsicellError:
             if path.suffix.lower() not in (".tif", ".tiff"):
                 raise

@@ -27,8 +27,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import os
+import re
+import shutil
+import uuid
 import warnings
 from contextlib import contextmanager
 from importlib.resources import files
@@ -38,7 +42,7 @@ import jsonschema
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from wsicell.errors import WsicellError
 
@@ -71,8 +75,13 @@ TILE_COLUMNS: dict[str, str] = {
     "n_cells": "int32",
     "cell_offset": "int64",
 }
-# zstd level 1: crops compress 3.80x (level 3: 3.93x) at twice the encoding speed
-_COMPRESSOR = ZstdCodec(level=1)
+# zstd level 1: crops compress 3.80x (level 3: 3.93x) at twice the encoding speed; every
+# chunk of every array carries a CRC-32C of its compressed bytes, checked on each read.
+_COMPRESSOR = (ZstdCodec(level=1), Crc32cCodec())
+# Every chunk is written, even one equal to the fill value, so that a missing chunk is
+# always damage (the store's arrays are written whole), never a run of fill values.
+_EVERY_CHUNK = {"write_empty_chunks": True}
+_SLIDE_ID = re.compile(r"[A-Za-z0-9._-]+")
 
 
 # --------------------------------------------------------------------------- reading
@@ -115,17 +124,11 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise WsicellError(f"{path}: is a file, not a cell store directory")
-    if not path.exists():
-        if mode != "a":
-            raise WsicellError(f"{path}: no such cell store")
-        root = zarr.open_group(path, mode="w", zarr_format=3)
-        root.attrs["wsicell_store_version"] = STORE_VERSION
-        root.create_group(SLIDES)
-        return root
+    if not path.exists() and mode != "a":
+        raise WsicellError(f"{path}: no such cell store")
+    if mode == "a" and not (path / "zarr.json").is_file():
+        _create_store(path)
     if not (path / "zarr.json").is_file():
-        if mode == "a" and not any(path.iterdir()):
-            path.rmdir()
-            return open_store(path, mode)
         raise WsicellError(f"{path}: not a wsicell cell store (no zarr.json)")
     try:
         root = zarr.open_group(path, mode="r" if mode == "r" else "r+", zarr_format=3)
@@ -134,6 +137,42 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     if not _is_store(root):
         raise WsicellError(f"{path}: not a wsicell cell store (no wsicell_store_version)")
     return root
+
+
+def _create_store(path: Path) -> None:
+    """Create an empty store at ``path`` atomically, unless another process did first.
+
+    The store is built in a temporary directory beside ``path`` and renamed onto it: the
+    rename succeeds onto a missing or empty directory and fails when ``path`` already holds
+    something, so two processes creating the same store never see (or delete) a half-made
+    one; the one that loses the race opens the winner's.
+
+    Raises
+    ------
+    WsicellError
+        The parent directory does not exist, or ``path`` is a non-empty directory that is
+        not a store.
+    """
+    if not path.parent.is_dir():
+        raise WsicellError(f"{path}: parent directory {path.parent} does not exist")
+    if path.is_dir() and any(path.iterdir()):
+        return  # a store being created by another process, or not a store: open decides
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.creating"
+    try:
+        root = zarr.open_group(tmp, mode="w", zarr_format=3)
+        root.attrs["wsicell_store_version"] = STORE_VERSION
+        root.create_group(SLIDES)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # ENOTEMPTY / EEXIST: another process created it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def store_path(root: zarr.Group) -> str:
+    """The directory of an open store, for messages."""
+    return str(getattr(root.store, "root", root.store))
 
 
 def _slides(root: zarr.Group) -> zarr.Group:
@@ -145,9 +184,10 @@ def _slide_ids(root: zarr.Group) -> list[str]:
 
 
 def slide_status(root: zarr.Group, slide_id: str) -> str | None:
-    """``"complete"``, ``"ingesting"``, or None when the store has no such slide."""
+    """``"complete"``, ``"ingesting"``, or None when the store has no such slide (or the
+    name could be no slide's: ``..``, ``a/b``)."""
     slides = _slides(root)
-    if slide_id not in slides:
+    if not _SLIDE_ID.fullmatch(slide_id) or set(slide_id) == {"."} or slide_id not in slides:
         return None
     return slides[slide_id].attrs.get("status")
 
@@ -159,7 +199,7 @@ def complete_slides(root: zarr.Group) -> list[str]:
         if slide_status(root, slide_id) == STATUS_COMPLETE:
             complete.append(slide_id)
         else:
-            warnings.warn(f"{root.store}: slide {slide_id!r} is incomplete and is skipped "
+            warnings.warn(f"{store_path(root)}: slide {slide_id!r} is incomplete and is skipped "
                           "(rerun ingest to finish it)", stacklevel=2)
     return complete
 
@@ -168,21 +208,113 @@ def slide_group(root: zarr.Group, slide_id: str) -> zarr.Group:
     """The group of a complete slide."""
     status = slide_status(root, slide_id)
     if status is None:
-        raise WsicellError(f"{root.store}: no slide {slide_id!r} in the store")
+        raise WsicellError(f"{store_path(root)}: no slide {slide_id!r} in the store")
     if status != STATUS_COMPLETE:
-        raise WsicellError(f"{root.store}: slide {slide_id!r} is incomplete (status {status!r})")
+        raise WsicellError(f"{store_path(root)}: slide {slide_id!r} is incomplete "
+                           f"(status {status!r})")
     return _slides(root)[slide_id]
 
 
-def slide_crops(root: zarr.Group, slide_id: str) -> zarr.Array:
+class StoredArray:
+    """An array of the store read with its damage reported, never hidden.
+
+    Reads like a zarr array (``a[start:stop]``, ``a.oindex[rows]``, ``shape``, ``chunks``,
+    ``dtype``); a chunk that is missing, fails its CRC-32C checksum or does not decode
+    raises one :class:`WsicellError` naming the store, slide, array and chunk, where zarr
+    would return fill values or raise a codec error naming none of them.
+    """
+
+    def __init__(self, array: zarr.Array, where: str):
+        self._array, self.where = array, where
+        self.shape, self.chunks, self.dtype = array.shape, array.chunks, array.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, selection):
+        return self._read(selection, lambda: self._array[selection])
+
+    @property
+    def oindex(self):
+        """Orthogonal (integer-array) indexing, as zarr's ``oindex``."""
+        return _OrthogonalIndex(self)
+
+    def _read(self, selection, read):
+        chunks = _chunks_of(self._array, selection)
+        missing = [c for c in chunks if not _chunk_exists(self._array, c)]
+        if missing:
+            raise WsicellError(f"{self.where}: chunk {missing[0]} is missing (the store is "
+                               "damaged: wsicell validate --deep STORE lists what is)")
+        try:
+            return read()
+        except Exception as err:  # noqa: BLE001 - any codec failure is damage to report
+            bad = next((c for c in chunks if _chunk_problem(self._array, c)), chunks[:1])
+            raise WsicellError(f"{self.where}: chunk {bad} is damaged ({_reason(err)}; "
+                               "wsicell validate --deep STORE lists what is)") from None
+
+
+class _OrthogonalIndex:
+    def __init__(self, array: StoredArray):
+        self._stored = array
+
+    def __getitem__(self, selection):
+        stored = self._stored
+        return stored._read(selection, lambda: stored._array.oindex[selection])
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return "checksum mismatch" if "checksum" in text.lower() else text
+
+
+def _chunks_of(array: zarr.Array, selection) -> list[tuple[int, ...]]:
+    """Coordinates of the chunks a read of ``selection`` touches (axis 0 selected, every
+    chunk of the other axes)."""
+    first = selection[0] if isinstance(selection, tuple) and selection else selection
+    n, chunk = array.shape[0], array.chunks[0]
+    if isinstance(first, slice):
+        rows = range(*first.indices(n))
+        ids = range(rows.start // chunk, (rows.stop - 1) // chunk + 1) if len(rows) else []
+    elif first is Ellipsis:
+        ids = range(-(-n // chunk))
+    else:
+        ids = np.unique(np.asarray(first, dtype=np.int64).reshape(-1) // chunk).tolist()
+    rest = [range(-(-size // c)) for size, c in zip(array.shape[1:], array.chunks[1:])]
+    return [(int(i), *others) for i in ids for others in itertools.product(*rest)]
+
+
+def _chunk_exists(array: zarr.Array, coords: tuple[int, ...]) -> bool:
+    if 0 in array.shape:
+        return True
+    key = array.metadata.encode_chunk_key(coords)
+    return (Path(array.store_path.store.root) / array.store_path.path / key).is_file()
+
+
+def _chunk_problem(array: zarr.Array, coords: tuple[int, ...]) -> str | None:
+    """Why one chunk cannot be read (missing, checksum, undecodable), or None."""
+    if not _chunk_exists(array, coords):
+        return "missing"
+    try:
+        array.blocks[coords]
+    except Exception as err:  # noqa: BLE001
+        return _reason(err)
+    return None
+
+
+def _stored(root: zarr.Group, slide_id: str, name: str) -> StoredArray:
+    return StoredArray(slide_group(root, slide_id)[name],
+                       f"{store_path(root)}: slide {slide_id!r}, array {name}")
+
+
+def slide_crops(root: zarr.Group, slide_id: str) -> StoredArray:
     """Cell images of a complete slide, (N, S, S, 3) uint8, in cell_id order."""
-    return slide_group(root, slide_id)[CROPS]
+    return _stored(root, slide_id, CROPS)
 
 
 def slide_cells(root: zarr.Group, slide_id: str) -> pd.DataFrame:
     """Cell table of a complete slide, one row per cell in cell_id order."""
-    cells = slide_group(root, slide_id)[CELLS]
-    return pd.DataFrame({name: cells[name][:] for name in CELL_COLUMNS})
+    return pd.DataFrame({name: _stored(root, slide_id, f"{CELLS}/{name}")[:]
+                         for name in CELL_COLUMNS})
 
 
 def slide_attrs(root: zarr.Group, slide_id: str) -> dict:
@@ -198,7 +330,8 @@ def slide_pictures(root: zarr.Group, slide_id: str) -> tuple[np.ndarray | None, 
     """Thumbnail (h, w, 3) uint8 and tissue mask (h', w') bool of a complete slide (None
     for one the store lacks)."""
     group = slide_group(root, slide_id)
-    return tuple(group[name][:] if name in group else None for name in (THUMBNAIL, TISSUE_MASK))
+    return tuple(_stored(root, slide_id, name)[:] if name in group else None
+                 for name in (THUMBNAIL, TISSUE_MASK))
 
 
 def store_fingerprint(root: zarr.Group, slide_ids) -> str:
@@ -231,16 +364,17 @@ def file_fingerprint(path: str | Path, block: int = 1 << 20) -> str:
 
 
 @contextmanager
-def store_lock(path: str | Path):
+def store_lock(path: str | Path, writer: str = "ingest"):
     """Hold the store's writer lock (``STORE.zarr.lock``) for the duration.
 
     The lock is an advisory ``flock``: the operating system releases it when the process
-    ends, however it ends, so a killed ingest never leaves a stale lock.
+    ends, however it ends, so a killed writer never leaves a stale lock.  The lock file
+    names its holder (``writer``: ``ingest`` or ``prediction``) and process id.
 
     Raises
     ------
     WsicellError
-        Another process holds the lock (an ingest into the same store is running).
+        Another process holds the lock (an ingest or a prediction into the same store).
     """
     lock_path = Path(f"{Path(path)}.lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -248,13 +382,13 @@ def store_lock(path: str | Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            pid, _, holder = os.pread(fd, 64, 0).decode(errors="replace").strip().partition(" ")
             raise WsicellError(
-                f"{path}: another ingest is writing to this store (pid {holder or '?'}); "
-                "wait for it to finish"
+                f"{path}: another {holder or 'wsicell process'} is writing to this store "
+                f"(pid {pid or '?'}); wait for it to finish"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {writer}\n".encode(), 0)
         yield
     finally:
         os.close(fd)
@@ -268,14 +402,14 @@ def begin_slide(
     group = _slides(root).create_group(slide_id, overwrite=True)
     group.attrs.update({**attrs, "status": STATUS_INGESTING})
     group.create_array(THUMBNAIL, data=thumbnail, chunks=thumbnail.shape,
-                       compressors=_COMPRESSOR)
+                       compressors=_COMPRESSOR, config=_EVERY_CHUNK)
     group.create_array(TISSUE_MASK, data=tissue_mask, chunks=tissue_mask.shape,
-                       compressors=_COMPRESSOR)
+                       compressors=_COMPRESSOR, config=_EVERY_CHUNK)
     tile_group = group.create_group(TILES)
     for name, dtype in TILE_COLUMNS.items():
         values = np.asarray(tiles[name], dtype=dtype)
         tile_group.create_array(name, data=values, chunks=(max(1, len(values)),),
-                                compressors=_COMPRESSOR)
+                                compressors=_COMPRESSOR, config=_EVERY_CHUNK)
     return group
 
 
@@ -320,7 +454,7 @@ def create_cell_arrays(
 def _every_chunk(array: zarr.Array) -> zarr.Array:
     """``array`` writing every chunk, skipping zarr's costly check for chunks that equal the
     fill value (measured: it doubled the time of writing crops)."""
-    return array.with_config({"write_empty_chunks": True})
+    return array.with_config(_EVERY_CHUNK)
 
 
 def write_cell_rows(store: str | Path, slide_id: str, start: int,
@@ -341,8 +475,9 @@ def write_crop_rows(store: str | Path, slide_id: str, start: int, crops: np.ndar
 def finish_slide(group: zarr.Group, tile_counts: np.ndarray, attrs: dict) -> None:
     """Record per-tile counts and the final attributes, then mark the slide complete."""
     counts = np.asarray(tile_counts, dtype=np.int64)
-    group[f"{TILES}/n_cells"][:] = counts.astype(np.int32)
-    group[f"{TILES}/cell_offset"][:] = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    _every_chunk(group[f"{TILES}/n_cells"])[:] = counts.astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    _every_chunk(group[f"{TILES}/cell_offset"])[:] = offsets
     group.attrs.update({**attrs, "n_cells": int(counts.sum())})
     group.attrs["status"] = STATUS_COMPLETE
 
@@ -405,10 +540,12 @@ def read_labels(root: zarr.Group, slide_id: str, model_id: str) -> tuple[np.ndar
     if not labels_complete(root, slide_id, model_id):
         why = ("an interrupted run left them unfinished"
                if _labels_group(root, slide_id, model_id) is not None else "none written")
-        raise WsicellError(f"{root.store}: slide {slide_id} has no complete labels of model "
+        raise WsicellError(f"{store_path(root)}: slide {slide_id} has no complete labels of model "
                            f"{model_id} ({why}; run wsicell predict with that model)")
+    where = f"{store_path(root)}: slide {slide_id!r}, labels {model_id}"
     labels = root[_labels_path(slide_id, model_id)]
-    return labels["cluster"][:], labels["proba"][:]
+    return (StoredArray(labels["cluster"], f"{where}/cluster")[:],
+            StoredArray(labels["proba"], f"{where}/proba")[:])
 
 
 def begin_labels(root: zarr.Group, slide_id: str, model_id: str, k: int, attrs: dict) -> None:
@@ -444,8 +581,9 @@ def write_label_rows(root: zarr.Group, slide_id: str, model_id: str, start: int,
     """Write Q's probabilities (n, k) float32 of cells ``start:start + n`` and their argmax
     (one crop chunk: each writer its own chunks)."""
     labels = root[_labels_path(slide_id, model_id)]
-    labels["proba"][start:start + len(proba)] = proba
-    labels["cluster"][start:start + len(proba)] = proba.argmax(axis=1).astype(np.int16)
+    _every_chunk(labels["proba"])[start:start + len(proba)] = proba
+    _every_chunk(labels["cluster"])[start:start + len(proba)] = \
+        proba.argmax(axis=1).astype(np.int16)
 
 
 def finish_labels(root: zarr.Group, slide_id: str, model_id: str) -> None:
@@ -477,7 +615,7 @@ def write_region_grid(root: zarr.Group, slide_id: str, model_id: str, proportion
                                chunks=proportions.shape, fill_value=np.nan,
                                compressors=_COMPRESSOR,
                                dimension_names=("row", "col", "cluster"))
-    array[:] = proportions.astype(np.float32)
+    _every_chunk(array)[:] = proportions.astype(np.float32)
     array.attrs.update({**attrs, "dims": ["row", "col", "cluster"], "status": STATUS_COMPLETE})
 
 
@@ -509,22 +647,40 @@ def _check_arrays(group: zarr.Group, layout: dict, sizes: dict, where: str) -> l
     return problems
 
 
-def validate_store(path: str | Path) -> list[str]:
-    """Check a store against the schemas; returns the problems found (empty = valid).
+def _damaged_chunks(group: zarr.Group, where: str) -> list[str]:
+    """Every chunk of every array below ``group`` that is missing, fails its checksum or
+    does not decode (groups still being written, like interrupted labels, are skipped)."""
+    problems = []
+    for name, array in sorted(group.arrays()):
+        grid = [range(-(-size // chunk)) for size, chunk in zip(array.shape, array.chunks)]
+        for coords in itertools.product(*grid):
+            why = _chunk_problem(array, coords)
+            if why:
+                problems.append(f"{where}/{name}: chunk {coords}: {why}")
+    for name, sub in sorted(group.groups()):
+        if sub.attrs.get("status", STATUS_COMPLETE) == STATUS_COMPLETE:
+            problems += _damaged_chunks(sub, f"{where}/{name}")
+    return problems
+
+
+def check_store(path: str | Path, deep: bool = False) -> dict[str, list[str]]:
+    """The problems of a store, per slide: ``{"": root problems, slide_id: problems}``.
 
     Root attributes against ``store.schema.json``; each slide's attributes against
     ``store_slide.schema.json`` and, for complete slides, its arrays against the layout
     in that schema's ``x-wsicell-arrays``; label groups against ``store_labels.schema.json``.
+    With ``deep``, every chunk of every complete array is read as well: missing chunks,
+    checksum failures and undecodable chunks are reported with their coordinates.
     """
     root = open_store(path)
-    problems = _check(dict(root.attrs), load_schema("store.schema.json"), str(path))
+    report = {"": _check(dict(root.attrs), load_schema("store.schema.json"), str(path))}
     slide_schema = load_schema("store_slide.schema.json")
     label_schema = load_schema("store_labels.schema.json")
     for slide_id in _slide_ids(root):
         group = _slides(root)[slide_id]
         where = f"{path}/slides/{slide_id}"
         attrs = dict(group.attrs)
-        problems += _check(attrs, slide_schema, where)
+        problems = report[slide_id] = _check(attrs, slide_schema, where)
         if attrs.get("status") != STATUS_COMPLETE:
             continue
         crop = attrs.get("config", {}).get("segmentation", {}).get("crop_size", 32)
@@ -532,9 +688,14 @@ def validate_store(path: str | Path) -> list[str]:
         thumb_h, thumb_w = group["tissue_mask"].shape if "tissue_mask" in group else (-1, -1)
         sizes = {"N": attrs.get("n_cells"), "T": n_tiles, "S": crop, "h": thumb_h, "w": thumb_w}
         problems += _check_arrays(group, slide_schema["x-wsicell-arrays"], sizes, where)
-        counts = group["tiles/n_cells"][:] if "tiles/n_cells" in group else None
-        if counts is not None and int(counts.sum()) != attrs.get("n_cells"):
-            problems.append(f"{where}: tiles/n_cells does not add up to n_cells")
+        if "tiles/n_cells" in group:
+            try:
+                counts = StoredArray(group["tiles/n_cells"], f"{where}/tiles/n_cells")[:]
+            except WsicellError as err:
+                problems.append(str(err))
+            else:
+                if int(counts.sum()) != attrs.get("n_cells"):
+                    problems.append(f"{where}: tiles/n_cells does not add up to n_cells")
         if "labels" in group:
             for model_id, labels in group["labels"].groups():
                 lwhere = f"{where}/labels/{model_id}"
@@ -542,4 +703,11 @@ def validate_store(path: str | Path) -> list[str]:
                 problems += _check(lattrs, label_schema, lwhere)
                 lsizes = {**sizes, "k": lattrs.get("k")}
                 problems += _check_arrays(labels, label_schema["x-wsicell-arrays"], lsizes, lwhere)
-    return problems
+        if deep:
+            problems += _damaged_chunks(group, where)
+    return report
+
+
+def validate_store(path: str | Path, deep: bool = False) -> list[str]:
+    """Check a store (see :func:`check_store`); returns the problems found (empty = valid)."""
+    return [problem for problems in check_store(path, deep).values() for problem in problems]

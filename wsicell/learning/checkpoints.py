@@ -130,9 +130,8 @@ class LossLog:
     def __init__(self, path: Path, start: int, active: bool):
         self.path, self.active, self.pending, self.next = path, active, [], start + 1
         if active and path.exists():  # drop lines written after the checkpoint we resume from
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] <= start]
-            text = "".join(line + "\n" for line in kept)
+            kept = [row for row in read_loss_log(path) if row["iteration"] <= start]
+            text = "".join(json.dumps(row) + "\n" for row in kept)
             write_atomically(path, lambda f: f.write(text.encode()))
 
     def add(self, losses: torch.Tensor) -> None:
@@ -157,5 +156,27 @@ class LossLog:
 
 
 def read_loss_log(path: Path) -> list[dict]:
-    """The rows of a ``log.jsonl``: ``{"iteration", "V", "L_D", "L_G", "L_Q", "time"}``."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a ``log.jsonl``: ``{"iteration", "V", "L_D", "L_G", "L_Q", "time"}``.
+
+    A last line cut short (a run killed while appending it) is dropped.
+
+    Raises
+    ------
+    WsicellError
+        Any other line that is not one JSON object with an integer ``iteration``.
+    """
+    lines = [line for line in Path(path).read_text(errors="replace").splitlines()
+             if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("iteration"), int):
+                raise ValueError("no integer iteration")
+        except ValueError as err:
+            if number == len(lines):
+                break
+            raise WsicellError(f"{path}: line {number} is not a training log entry ({err}); "
+                               "remove the damaged lines or train into a new --out") from None
+        rows.append(row)
+    return rows

@@ -63,21 +63,29 @@ LOCAL_CLUSTER_POLLING = {
 }
 
 
-def local_cluster(workers: int, threads_per_worker: int, memory_limit: str):
-    """A LocalCluster of worker processes with :data:`LOCAL_CLUSTER_POLLING`; the dashboard
-    on a free port."""
+#: Where the embedded cluster's dashboard listens: this machine only, on a free port.
+DASHBOARD = "127.0.0.1:0"
+#: Seconds a run waits with no Dask worker alive before it gives up.
+NO_WORKER_TIMEOUT_S = 60.0
+
+
+def local_cluster(workers: int, threads_per_worker: int, memory_limit: str,
+                  dashboard: str | None = DASHBOARD):
+    """A LocalCluster of worker processes with :data:`LOCAL_CLUSTER_POLLING`, listening on
+    127.0.0.1 only; its dashboard at ``dashboard`` (``host:port``; None: no dashboard)."""
     from distributed import LocalCluster
 
     with dask.config.set(LOCAL_CLUSTER_POLLING):  # the workers inherit it from their nannies
         return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
-                            memory_limit=memory_limit, processes=True, dashboard_address=":0",
-                            silence_logs=logging.ERROR)
+                            memory_limit=memory_limit, processes=True, host="127.0.0.1",
+                            dashboard_address=dashboard, silence_logs=logging.ERROR)
 
 
 @contextmanager
 def dask_client(workers: int, threads_per_worker: int, memory_limit: str,
-                scheduler: str | None, progress: bool):
-    """A client of an existing scheduler, or of a LocalCluster of worker processes."""
+                scheduler: str | None, progress: bool, dashboard: str | None = DASHBOARD):
+    """A client of an existing scheduler, or of a LocalCluster of worker processes (its
+    dashboard at ``dashboard``, see :func:`local_cluster`)."""
     from distributed import Client
 
     if scheduler:
@@ -88,9 +96,9 @@ def dask_client(workers: int, threads_per_worker: int, memory_limit: str,
                 f"{scheduler}: cannot connect to the Dask scheduler ({err})") from None
         cluster = None
     else:
-        cluster = local_cluster(workers, threads_per_worker, memory_limit)
+        cluster = local_cluster(workers, threads_per_worker, memory_limit, dashboard)
         client = Client(cluster)
-    if progress:
+    if progress and (scheduler or dashboard):
         print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
     try:
         yield client
@@ -141,20 +149,61 @@ def run_tasks(client, submissions, bar):
 
     Returns the results in submission order.  A task's exception (e.g. a
     :class:`WsicellError` from an unreadable region) cancels the rest and is raised here.
+
+    Raises
+    ------
+    WsicellError
+        No worker has been alive for :data:`NO_WORKER_TIMEOUT_S` seconds while tasks wait,
+        or a task killed the workers that ran it (most often: out of memory).
     """
-    from distributed import as_completed
+    from distributed import KilledWorker, wait
 
     token = uuid.uuid4().hex[:8]
+    memory = _memory_hint(client)  # before a dead worker leaves the scheduler
     futures = {client.submit(fn, *args, key=f"wsicell-{key}-{token}", pure=False): weight
                for key, weight, fn, args in submissions}
+    pending, alone_since = set(futures), None
     try:
-        for future in as_completed(futures):
-            future.result()
-            bar.update(futures[future])
+        while pending:
+            try:
+                done, pending = wait(pending, timeout=2, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                alone_since = _check_workers(client, alone_since)
+                continue
+            alone_since = None
+            for future in done:
+                future.result()
+                bar.update(futures[future])
+    except KilledWorker as err:
+        client.cancel(list(futures))
+        raise WsicellError(f"a Dask worker died running {err.task!r} ({memory}): "
+                           "raise --memory-limit or lower --threads-per-worker") from None
     except BaseException:
         client.cancel(list(futures))
         raise
     return [future.result() for future in futures]
+
+
+def _check_workers(client, alone_since: float | None) -> float | None:
+    """When the scheduler has no worker: the time since when (raising past the timeout)."""
+    import time
+
+    if client.scheduler_info().get("workers"):
+        return None
+    now = time.monotonic()
+    alone_since = alone_since or now
+    if now - alone_since > NO_WORKER_TIMEOUT_S:
+        raise WsicellError(f"{client.scheduler.address}: no Dask worker alive for "
+                           f"{NO_WORKER_TIMEOUT_S:.0f} s while tasks wait (the workers died or "
+                           "never joined the scheduler; see their logs)")
+    return alone_since
+
+
+def _memory_hint(client) -> str:
+    limits = {w.get("memory_limit") for w in client.scheduler_info().get("workers", {}).values()}
+    limits.discard(None)
+    return (f"out of memory? limit {dask.utils.format_bytes(max(limits))} per worker"
+            if limits else "out of memory?")
 
 
 @contextmanager

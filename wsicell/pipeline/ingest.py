@@ -24,6 +24,7 @@ restarted produces the same store as an uninterrupted one.
 from __future__ import annotations
 
 import shutil
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -48,7 +49,7 @@ from wsicell.io.store import (
     slide_status,
     store_lock,
 )
-from wsicell.pipeline.cluster import TileProgress, lazy_client, phase_bar, run_tasks
+from wsicell.pipeline.cluster import DASHBOARD, TileProgress, lazy_client, phase_bar, run_tasks
 from wsicell.pipeline.tiles import (
     LOOKUP_DIR,
     SlidePlan,
@@ -185,14 +186,15 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
     counts = _consolidate(client(), plan, tile_ids, config, phase_bars, known)
     finish_slide(group, counts, {"n_tiles": int(len(tile_ids))})
     remove_staging(store, plan.slide_id)
-    tiles_bar.message(f"{plan.slide_id}: {int(counts.sum())} cells from {len(tile_ids)} "
-                      "tissue tiles")
+    n_tiles = len(tile_ids)
+    tiles_bar.message(f"{plan.slide_id}: {int(counts.sum())} cells from {n_tiles} tissue "
+                      f"tile{'s' if n_tiles != 1 else ''}")
     return plan.slide_id
 
 
 def ingest(store, paths, config: WsicellConfig | None = None, *, mpp=None, workers=2,
-           threads_per_worker=1, memory_limit="4GB", scheduler=None, overwrite=False,
-           progress=True) -> list[str]:
+           threads_per_worker=1, memory_limit="4GB", scheduler=None, dashboard=DASHBOARD,
+           overwrite=False, progress=True) -> list[str]:
     """Ingest slides (files or directories of them) into a cell store.
 
     Parameters
@@ -210,6 +212,9 @@ def ingest(store, paths, config: WsicellConfig | None = None, *, mpp=None, worke
         The LocalCluster started when no ``scheduler`` is given.
     scheduler : str, optional
         Address of an existing Dask scheduler (its workers must see the same paths).
+    dashboard : str or None
+        ``host:port`` of the embedded cluster's dashboard (default: 127.0.0.1, a free
+        port); None starts none.
     overwrite : bool
         Redo slides that are already complete.
     progress : bool
@@ -251,14 +256,14 @@ def ingest(store, paths, config: WsicellConfig | None = None, *, mpp=None, worke
     open_store(store, mode="a")  # refuse a file or foreign directory before locking
     one = len(files) == 1
     with store_lock(store), lazy_client(workers, threads_per_worker, memory_limit,
-                                         scheduler, progress) as client, \
+                                         scheduler, progress, dashboard) as client, \
             closing(TileProgress(files[0].stem if one else "tiles", progress)) as tiles_bar:
         root = open_store(store, mode="r+")
 
         def run(path: Path) -> str:
             return ingest_slide(client, root, path, store, config, mpp=mpp,
                                 overwrite=overwrite, tiles_bar=tiles_bar,
-                                phase_bars=progress and one)
+                                phase_bars=progress and one and sys.stderr.isatty())
 
         if one:
             return [run(files[0])]

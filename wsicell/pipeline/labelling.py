@@ -31,6 +31,7 @@ from wsicell.io.store import (
     write_label_rows,
 )
 from wsicell.learning.saved_model import TrainedModel, load_trained_model
+from wsicell.pipeline.cluster import run_tasks
 
 
 def check_model_fits(root, slide_ids: list[str], model: TrainedModel) -> None:
@@ -134,7 +135,7 @@ def label_slides(store: str | Path, slide_ids: list[str], model_dir: str | Path,
         return []
     provenance = {"config": config.to_json(), "model_config": model.config.to_json(),
                   "wsicell_version": wsicell.__version__}
-    with store_lock(store):
+    with store_lock(store, writer="prediction"):
         tasks = []
         for slide_id in todo:
             begin_labels(root, slide_id, model.model_id, model.k, provenance)
@@ -147,13 +148,11 @@ def label_slides(store: str | Path, slide_ids: list[str], model_dir: str | Path,
                 for task in tasks:
                     bar.update(label_chunk(task, model, batch_size))
             else:
-                from distributed import as_completed
-
-                futures = client.map(_label_chunk_on_worker, tasks, model_dir=str(model_dir),
-                                     model_id=model.model_id, crops_per_batch=batch_size,
-                                     threads=threads_per_worker, pure=False)
-                for future in as_completed(futures):
-                    bar.update(future.result())
+                label = functools.partial(_label_chunk_on_worker, model_dir=str(model_dir),
+                                          model_id=model.model_id, crops_per_batch=batch_size,
+                                          threads=threads_per_worker)
+                run_tasks(client, [(f"label-{t.slide_id}-{t.start}", t.stop - t.start, label,
+                                    (t,)) for t in tasks], bar)
         for slide_id in todo:  # mark complete last
             finish_labels(root, slide_id, model.model_id)
     return todo

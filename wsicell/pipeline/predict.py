@@ -8,6 +8,7 @@ the store, and the HTML report.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,7 @@ import pandas as pd
 import wsicell
 from wsicell.analysis.proportions import (
     proportion_tables,
+    region_warnings,
     regions_by_slide,
     slide_proportions,
 )
@@ -38,7 +40,7 @@ from wsicell.io.store import (
 )
 from wsicell.learning.device import resolve_device
 from wsicell.learning.saved_model import load_trained_model
-from wsicell.pipeline.cluster import dask_client
+from wsicell.pipeline.cluster import DASHBOARD, dask_client
 from wsicell.pipeline.ingest import ingest
 from wsicell.pipeline.labelling import check_model_fits, label_slides
 from wsicell.pipeline.tiles import slide_id_for
@@ -73,9 +75,11 @@ def _write_json(path: Path, data: dict) -> None:
 def predict(store: str | Path, slides: str | Path, model: str | Path, out: str | Path,
             config: WsicellConfig | None = None, *, regions: str | Path | None = None,
             labels: str | Path | None = None, classifier: str | Path | None = None,
+            fix_regions: bool = False,
             device: str = "auto", mpp: float | None = None, workers: int = 2,
             threads_per_worker: int = 1, memory_limit: str = "4GB",
-            scheduler: str | None = None, progress: bool = True) -> Path:
+            scheduler: str | None = None, dashboard: str | None = DASHBOARD,
+            progress: bool = True) -> Path:
     """Slides in, report out: ingest -> label cells -> proportions -> slide classes -> report.
 
     Slides of ``slides`` not yet in the store are ingested (same Dask options as
@@ -99,13 +103,15 @@ def predict(store: str | Path, slides: str | Path, model: str | Path, out: str |
         ``config.predict`` holds region size, slide clusters, folds and batch size.
     regions : path, optional
         GeoJSON polygon annotations (see :func:`wsicell.analysis.proportions.regions_by_slide`).
+    fix_regions : bool
+        Repair invalid region polygons (shapely's ``make_valid``) instead of refusing them.
     labels : path, optional
         ``slide_id,label`` CSV: trains and cross-validates the slide SVM.
     classifier : path, optional
         A ``slide_classifier.json`` saved by an earlier run, applied to these slides.
     device : str
         ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-    mpp, workers, threads_per_worker, memory_limit, scheduler :
+    mpp, workers, threads_per_worker, memory_limit, scheduler, dashboard :
         Ingest / Dask options (as :func:`wsicell.ingest`).
     progress : bool
         Progress bars on stderr.
@@ -136,16 +142,17 @@ def predict(store: str | Path, slides: str | Path, model: str | Path, out: str |
                            f"but model {trained.model_id} has k={trained.k}")
     expected_ids = [slide_id_for(p) for p in find_slide_files([slides_dir])]
     slide_labels = read_slide_labels(labels, expected_ids) if labels is not None else None
-    slide_regions = regions_by_slide(regions, expected_ids)
+    slide_regions = regions_by_slide(regions, expected_ids, fix_regions)
 
     slide_ids = ingest(store, [slides_dir], config, mpp=mpp, workers=workers,
                        threads_per_worker=threads_per_worker, memory_limit=memory_limit,
-                       scheduler=scheduler, progress=progress)
+                       scheduler=scheduler, dashboard=dashboard, progress=progress)
     root = open_store(store, mode="r")
     check_model_fits(root, slide_ids, trained)
     pending = [s for s in slide_ids if not labels_complete(root, s, trained.model_id)]
     if pending and torch_device.type == "cpu":
-        with dask_client(workers, threads_per_worker, memory_limit, scheduler, progress) as client:
+        with dask_client(workers, threads_per_worker, memory_limit, scheduler, progress,
+                         dashboard) as client:
             label_slides(store, pending, model_dir, trained, config, client=client,
                          threads_per_worker=threads_per_worker, progress=progress)
     elif pending:
@@ -156,12 +163,17 @@ def predict(store: str | Path, slides: str | Path, model: str | Path, out: str |
     region_size = config.predict.region_size_um
     results = [_slide_proportions(root, s, trained.model_id, trained.k, region_size,
                                   slide_regions.get(s)) for s in slide_ids]
-    with store_lock(store):
+    with store_lock(store, writer="prediction"):
         for result in results:
             write_region_grid(root, result.slide_id, trained.model_id, result.proportion_grid(),
                               {"region_size_um": region_size,
                                "region_px": result.grid.region_px, "config": config.to_json(),
                                "wsicell_version": wsicell.__version__})
+    for result in results:
+        attrs = slide_attrs(root, result.slide_id)
+        for warning in region_warnings(result.slide_id, slide_regions.get(result.slide_id, []),
+                                       result.region_counts, (attrs["width"], attrs["height"])):
+            warnings.warn(warning, stacklevel=2)
     tables = proportion_tables(results)
     _write_table(tables["slides"], out_dir, "slide_proportions")
     _write_table(tables["grid"], out_dir, "grid_proportions")
@@ -180,7 +192,7 @@ def predict(store: str | Path, slides: str | Path, model: str | Path, out: str |
                   "model_config": trained.config.to_json()}
     _write_json(out_dir / "prediction.json", provenance)
     return write_prediction_report(out_dir, root, trained, results, predictions, summary,
-                                   provenance)
+                                   provenance, model_dir=model_dir)
 
 
 def _slide_proportions(root, slide_id: str, model_id: str, k: int, region_size_um: float,

@@ -85,6 +85,7 @@ class SlidePlan:
     halo: int
     grid_cols: int
     grid_rows: int
+    max_plain_pixels: int
     stain_lookup: bool = True
 
     def core(self, tile_id: int) -> tuple[int, int, int, int]:
@@ -112,9 +113,9 @@ def slide_id_for(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _worker_slide(path: str, fingerprint: str):
+def _worker_slide(path: str, fingerprint: str, max_plain_pixels: int):
     """The opened slide, cached per worker (the fingerprint keys out a replaced file)."""
-    return open_slide(path)
+    return open_slide(path, max_plain_pixels)
 
 
 @functools.lru_cache(maxsize=1)
@@ -153,7 +154,7 @@ def shared_lookup_blocks(directory: Path, params: StainParameters,
 def read_tile(plan: SlidePlan, box: tuple[int, int, int, int]) -> np.ndarray:
     """Pixels of a reference-grid box ``[x0, y0, x1, y1)``: (h, w, 3) uint8."""
     x0, y0, x1, y1 = box
-    slide = _worker_slide(plan.path, plan.fingerprint)
+    slide = _worker_slide(plan.path, plan.fingerprint, plan.max_plain_pixels)
     return read_reference_region(slide, plan.grid, x0, y0, x1 - x0, y1 - y0)
 
 
@@ -293,7 +294,7 @@ def plan_slide(path: Path, store: Path, config: WsicellConfig, mpp: float | None
         Unreadable slide, a pyramid without mpp, or no tissue.
     """
     fingerprint = file_fingerprint(path)
-    slide = open_slide(path)
+    slide = open_slide(path, config.ingest.max_plain_image_pixels)
     try:
         slide_mpp = resolve_mpp(slide, mpp, config.segmentation.reference_mpp)
         mpp_source = "override" if mpp is not None else (
@@ -309,6 +310,7 @@ def plan_slide(path: Path, store: Path, config: WsicellConfig, mpp: float | None
         reference_mpp=config.segmentation.reference_mpp, grid=grid, tile_size=size,
         halo=config.ingest.halo, grid_cols=math.ceil(grid.width / size),
         grid_rows=math.ceil(grid.height / size),
+        max_plain_pixels=config.ingest.max_plain_image_pixels,
     )
     all_ids = np.arange(plan.grid_cols * plan.grid_rows)
     cores = np.array([plan.core(t) for t in all_ids])

@@ -85,7 +85,7 @@ def segment_file(path: str | Path, config: WsicellConfig, mpp: float | None = No
     WsicellError
         Unreadable file, or an image without stained tissue or without any nucleus.
     """
-    slide = open_slide(path)
+    slide = open_slide(path, config.ingest.max_plain_image_pixels)
     reference_mpp = config.segmentation.reference_mpp
     file_mpp = resolve_mpp(slide, mpp, reference_mpp)
     grid = ReferenceGrid.of(slide, file_mpp, reference_mpp)

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import PercentFormatter
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
@@ -19,6 +21,9 @@ from wsicell.files import write_atomically
 from wsicell.palette import cluster_colours
 
 DPI = 100
+#: Sequential colour map of the density heatmaps: dark at low densities, so that no density
+#: reads as the white / cream background of a slide (magma tops out in cream).
+DENSITY_CMAP = "viridis"
 LOSS_TITLES = {"V": "V(D,G) (Wasserstein estimate; should level off)", "L_D": "L_D (critic)",
                "L_G": "L_G (generator)", "L_Q": "L_Q (Q cross-entropy; should go to 0)"}
 
@@ -53,8 +58,12 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def draw_cluster_gallery(crops: np.ndarray, cluster: int, n_cells: int, share: float,
-                         path: str | Path, columns: int = 10) -> Path:
-    """Sample crops of one cluster as a mosaic (the paper's Fig. 8).
+                         path: str | Path, columns: int = 10, rows: int | None = None,
+                         mpp: float = 0.4, scale_um: float = 10.0) -> Path:
+    """Sample crops of one cluster as a mosaic (the paper's Fig. 8) with a scale bar.
+
+    Every gallery of a report has the same ``columns`` x ``rows`` grid (unused places
+    white), so that galleries line up on the page.
 
     Parameters
     ----------
@@ -63,15 +72,39 @@ def draw_cluster_gallery(crops: np.ndarray, cluster: int, n_cells: int, share: f
     cluster : int
     n_cells, share : int, float
         Size of the cluster and its fraction of all cells, for the title.
+    rows : int, optional
+        Rows of the grid (default: as many as the crops need).
+    mpp : float
+        Microns per pixel of the crops (the reference resolution, 0.4); the scale bar is
+        ``scale_um`` microns long.
     """
-    fig = Figure(figsize=(columns * 0.55, max(1, -(-len(crops) // columns)) * 0.55 + 0.6))
+    rows = rows or max(1, -(-len(crops) // columns))
+    crops = crops[:rows * columns]
+    size, gap = (crops.shape[1] if len(crops) else 32), 2
+    mosaic = crop_mosaic(crops, columns, gap)
+    if mosaic.shape[0] < rows * (size + gap) - gap:
+        pad = np.full((rows * (size + gap) - gap - mosaic.shape[0], *mosaic.shape[1:]), 255,
+                      np.uint8)
+        mosaic = np.concatenate([mosaic, pad])
+    fig = Figure(figsize=(columns * 0.5, rows * 0.5 + 0.9))
     ax = fig.subplots()
-    ax.imshow(crop_mosaic(crops, columns), interpolation="nearest")
-    ax.set_title(f"cluster {cluster}: {n_cells} cells ({100 * share:.1f}%)")
+    ax.imshow(mosaic, interpolation="nearest")
+    colour = cluster_colours(cluster + 1)[cluster] / 255
+    ax.set_title(f"cluster {cluster}: {n_cells:,} cells ({100 * share:.1f}%)", color="black",
+                 fontsize=11, loc="left")
+    ax.add_patch(Rectangle((0, -6), mosaic.shape[1], 4, color=colour, clip_on=False))
+    ax.set_xlim(-0.5, mosaic.shape[1] - 0.5)
+    ax.set_ylim(mosaic.shape[0] + 14, -8)
+    bar_px = scale_um / mpp
+    y_bar = mosaic.shape[0] + 6
+    ax.plot([0, bar_px], [y_bar, y_bar], color="black", lw=3, solid_capstyle="butt")
+    ax.text(bar_px + 6, y_bar, f"{scale_um:g} \u00b5m", va="center", fontsize=9)
+    ax.text(mosaic.shape[1], y_bar, f"{size} px = {size * mpp:.1f} \u00b5m per cell image",
+            va="center", ha="right", fontsize=8, color="0.35")
     ax.axis("off")
     if len(crops) == 0:
-        ax.text(0.5, 0.5, "no cell in this cluster", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.55, "no cell in this cluster", ha="center", va="center", fontsize=12,
+                color="0.3", transform=ax.transAxes)
     return _save(fig, path)
 
 
@@ -116,7 +149,7 @@ def draw_slide_overview(thumbnail: np.ndarray | None, tissue_mask: np.ndarray | 
     ncols = min(k + 1, 4)
     nrows = -(-(k + 1) // ncols)
     aspect = height / width
-    fig = Figure(figsize=(3.6 * ncols, 3.6 * nrows * aspect + 0.5))
+    fig = Figure(figsize=(3.3 * ncols + 1.0, 3.3 * nrows * aspect + 0.6), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     colours = cluster_colours(k) / 255
     grid_extent = (0, cols * region_px, rows * region_px, 0)
@@ -140,9 +173,13 @@ def draw_slide_overview(thumbnail: np.ndarray | None, tissue_mask: np.ndarray | 
             continue
         cluster = index - 1
         layer = np.ma.masked_less_equal(density[..., cluster], 0)
-        image = ax.imshow(layer, extent=grid_extent, cmap="magma", alpha=0.65, vmin=0, vmax=vmax,
-                          interpolation="nearest")
+        image = ax.imshow(layer, extent=grid_extent, cmap=DENSITY_CMAP, alpha=0.7, vmin=0,
+                          vmax=vmax, interpolation="nearest")
         ax.set_title(f"cluster {cluster}", color=colours[cluster])
+        if not np.nan_to_num(density[..., cluster]).any():
+            ax.text(0.5, 0.5, "no cell of this cluster", transform=ax.transAxes, ha="center",
+                    va="center", fontsize=9, bbox={"facecolor": "white", "alpha": 0.85,
+                                                   "edgecolor": "0.6"})
         ax.set_xlim(0, width)
         ax.set_ylim(height, 0)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="cells / mm$^2$")
@@ -217,7 +254,8 @@ def draw_proportion_bars(proportions: np.ndarray, slide_ids: list[str], path: st
     ax.set_yticks(np.arange(s), slide_ids, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel("proportion of cells")
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xlabel("share of the slide's cells")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15 - 0.6 / (s + 2)),
               ncol=min(k, 5), fontsize=8)
     return _save(fig, path)
