@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from shapely.geometry import Polygon
 from _common import VENDORED_DATA, headline
+from shapely.geometry import Polygon
 
 
 def build_store(path: Path, n_cells: int, config) -> str:

@@ -8,13 +8,16 @@ can always be traced back to its parameters.  The JSON Schema of this object liv
 Units are part of every field's description.  Pixel sizes of the segmentation are
 given *at the reference resolution* ``segmentation.reference_mpp`` (the resolution of
 the paper's bone-marrow images); images at another resolution are resampled to it
-before segmentation, so the same tissue gives the same cells at 20x and 40x.
+before segmentation, so the same tissue gives the same cells at 20x and 40x.  The
+``adaptive`` method (``segmentation.method``) instead has its sizes in microns
+(``segmentation.adaptive``) and segments plain images at their own resolution.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import (
     BaseModel,
@@ -65,6 +68,40 @@ class StainConfig(_Section):
         description="Reference optical-density colour of hematoxylin (RGB), used to identify "
         "the hematoxylin vector among the estimated ones.",
     )
+
+
+class AdaptiveConfig(_Section):
+    """The ``adaptive`` recipe (:mod:`wsicell.segmentation.adaptive`): self-calibrating,
+    applied at the image's own resolution.  Lengths in um, areas in um2; ``*_rel`` are
+    multiples of the nucleus radius calibrated on each image (or of its square)."""
+
+    smooth_um: float = Field(0.25, ge=0, description="Gaussian sigma (um) on the "
+                             "hematoxylin optical density.")
+    tophat_radius_um: float = Field(6.0, ge=0, description="Radius (um) of the disk whose "
+                                    "grey opening is the local background removed (white "
+                                    "top-hat); 0 disables.")
+    threshold_scale: PositiveFloat = Field(1.0, description="Multiplier on Otsu's threshold "
+                                           "of the top-hat optical density.")
+    max_hole_um2: float = Field(30.0, ge=0, description="Holes of the foreground up to this "
+                                "area (um2) are filled.")
+    radius_range_um: tuple[PositiveFloat, PositiveFloat] = Field(
+        (1.0, 4.0), description="Clamp (um) of the calibrated nucleus radius.")
+    radius_prior_um: PositiveFloat = Field(2.0, description="Nucleus radius (um) taken when "
+                                           "fewer than 5 objects calibrate it.")
+    radius_min_area_um2: float = Field(5.0, ge=0, description="Foreground components at "
+                                       "least this large (um2) calibrate the radius.")
+    marker_sigma_rel: float = Field(0.5, ge=0, description="Gaussian sigma on the distance "
+                                    "transform, x radius.")
+    marker_radius_rel: PositiveFloat = Field(0.6, description="A marker is the maximum of the "
+                                             "smoothed distance within this radius, x radius.")
+    min_marker_rel: float = Field(0.7, ge=0, description="A marker lies at least this far "
+                                  "from the background, x radius.")
+    min_area_rel: float = Field(2.5, ge=0, description="Objects under this x radius^2 are "
+                                "dropped.")
+    min_area_um2: float = Field(2.0, ge=0, description="Absolute floor (um2) of the smallest "
+                                "object.")
+    max_area_um2: PositiveFloat = Field(250.0, description="Objects larger than this (um2) "
+                                        "after splitting are refused (removed and counted).")
 
 
 class SegmentationConfig(_Section):
@@ -118,6 +155,13 @@ class SegmentationConfig(_Section):
         32, description="Side of the square RGB cell image (pixels at reference_mpp); larger "
         "nuclei are scaled down to fit."
     )
+    method: Literal["threshold", "adaptive"] = Field(
+        "threshold", description="threshold: the paper's fixed-threshold recipe with the "
+        "pixel sizes above; adaptive: the self-calibrating recipe of the ``adaptive`` "
+        "section at the image's native resolution (plain images only: whole-slide ingest "
+        "refuses it until per-slide calibration exists)."
+    )
+    adaptive: AdaptiveConfig = AdaptiveConfig()
 
 
 class IngestConfig(_Section):
@@ -309,11 +353,15 @@ SEGMENTATION_PRESETS: dict[str, SegmentationConfig] = {
     # (README, "Detection").
     "tissue": SegmentationConfig(preset="tissue", hematoxylin_threshold=140, min_area_px=40,
                                  min_fragment_px=30, opening_size_px=3, split_touching=True),
+    # Self-calibrating and in microns (wsicell.segmentation.adaptive): one configuration
+    # chosen on the train splits of MoNuSeg, CoNSeP and bm_graz together (README,
+    # "The adaptive preset").  Plain images only (wsicell segment / evaluate).
+    "adaptive": SegmentationConfig(preset="adaptive", method="adaptive"),
 }
 
 
 def segmentation_preset(name: str) -> SegmentationConfig:
-    """Return the named segmentation preset (``paper`` or ``sensitive``)."""
+    """Return the named segmentation preset (a key of :data:`SEGMENTATION_PRESETS`)."""
     try:
         return SEGMENTATION_PRESETS[name]
     except KeyError:

@@ -49,7 +49,13 @@ from wsicell.io.store import (
     slide_status,
     store_lock,
 )
-from wsicell.pipeline.cluster import DASHBOARD, TileProgress, lazy_client, phase_bar, run_tasks
+from wsicell.pipeline.cluster import (
+    DASHBOARD,
+    TileProgress,
+    lazy_client,
+    phase_bar,
+    run_tasks,
+)
 from wsicell.pipeline.tiles import (
     LOOKUP_DIR,
     SlidePlan,
@@ -61,6 +67,7 @@ from wsicell.pipeline.tiles import (
     write_cell_columns,
     write_crops,
 )
+from wsicell.segmentation.nuclei import check_whole_slide_recipe
 from wsicell.segmentation.stain import fit_stain_parameters
 
 SLIDES_IN_FLIGHT = 4  # slides ingested at the same time by a multi-slide run
@@ -245,6 +252,7 @@ def ingest(store, paths, config: WsicellConfig | None = None, *, mpp=None, worke
     ['slide_a', 'slide_b']
     """
     config = config or WsicellConfig()
+    check_whole_slide_recipe(config.segmentation)
     paths = [paths] if isinstance(paths, (str, Path)) else paths
     files = [p.resolve() for p in find_slide_files(paths)]
     ids = [slide_id_for(p) for p in files]

@@ -20,6 +20,7 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from wsicell.config import SegmentationConfig, WsicellConfig
+from wsicell.errors import WsicellError
 from wsicell.segmentation.stain import StainParameters, fit_stain_parameters
 
 
@@ -189,6 +190,25 @@ class Objects:
                        self.x[which], self.y[which])
 
 
+def check_whole_slide_recipe(config: SegmentationConfig) -> None:
+    """Refuse a recipe that cannot segment a whole slide tile by tile.
+
+    The ``adaptive`` method calibrates its threshold and nucleus scale on the image it is
+    given; on a slide's tiles that would give each tile its own calibration, so it needs a
+    per-slide calibration that ingest does not make yet.
+
+    Raises
+    ------
+    WsicellError
+        For ``config.method == "adaptive"``.
+    """
+    if config.method != "threshold":
+        raise WsicellError(
+            f"segmentation preset {config.preset!r} (method {config.method}) segments plain "
+            "images only (wsicell segment / evaluate): whole-slide ingest would need a "
+            "per-slide calibration that does not exist yet; use paper, sensitive or tissue")
+
+
 def segment_hematoxylin(hematoxylin: np.ndarray, config: SegmentationConfig) -> Objects:
     """Label nuclei in a hematoxylin channel.
 
@@ -207,7 +227,13 @@ def segment_hematoxylin(hematoxylin: np.ndarray, config: SegmentationConfig) -> 
     -------
     Objects
         Nuclei labelled 1..N in raster order of their first pixel.
+
+    Raises
+    ------
+    WsicellError
+        A configuration of another method (:func:`check_whole_slide_recipe`).
     """
+    check_whole_slide_recipe(config)
     foreground = fill_holes(hematoxylin < config.hematoxylin_threshold, config.max_hole_px)
     foreground = remove_small_objects(foreground, config.min_area_px)
     foreground = _open(foreground, cv2.MORPH_ELLIPSE, config.protrusion_width_px)

@@ -1,0 +1,122 @@
+"""The ``adaptive`` preset: its kernel on synthetic nuclei, its use on image files at their
+native resolution, and the whole-slide refusal; ``paper`` stays the default, unchanged."""
+
+import cv2
+import numpy as np
+import pytest
+from conftest import TEST_DATA
+
+from wsicell.config import (
+    SEGMENTATION_PRESETS,
+    AdaptiveConfig,
+    SegmentationConfig,
+    load_config,
+)
+from wsicell.errors import WsicellError
+from wsicell.segmentation.adaptive import (
+    calibrate,
+    hematoxylin_od,
+    otsu_threshold,
+    segment_hematoxylin_od,
+)
+from wsicell.segmentation.fov import segment_file
+from wsicell.segmentation.nuclei import segment_hematoxylin
+
+SAMPLE = TEST_DATA / "BM_GRAZ_HE_0001_01.png"
+
+
+def _field(mpp: float, centres_um, radius_um: float = 3.0, side_um: float = 60.0):
+    """Hematoxylin intensity (uint8, 0 = much stain) of dark disks on a pale background,
+    drawn at ``mpp`` um/px (so the same tissue at two resolutions)."""
+    side = round(side_um / mpp)
+    h = np.full((side, side), 230, np.uint8)
+    for x, y in centres_um:
+        cv2.circle(h, (round(x / mpp), round(y / mpp)), round(radius_um / mpp), 60, -1)
+    return h
+
+
+CENTRES = [(10, 10), (45, 12), (12, 45), (30, 30), (48, 46), (25, 50)]
+
+
+@pytest.mark.parametrize("mpp", [0.25, 0.5])
+def test_separate_nuclei_are_found_at_any_resolution(mpp):
+    labels, refused = segment_hematoxylin_od(hematoxylin_od(_field(mpp, CENTRES)), mpp)
+    assert labels.dtype == np.int32 and labels.max() == len(CENTRES) and refused == 0
+    radius = calibrate(hematoxylin_od(_field(mpp, CENTRES)), mpp).radius_um
+    assert radius == pytest.approx(3.0, abs=0.4)  # the disks' inscribed radius, in um
+
+
+def test_touching_nuclei_are_split():
+    centres = [(20, 20), (25.5, 20), (45, 45), (10, 50), (50, 10), (35, 8)]
+    labels, _ = segment_hematoxylin_od(hematoxylin_od(_field(0.25, centres)), 0.25)
+    assert labels.max() == len(centres)  # the pair overlapping by 0.5 um is cut in two
+
+
+def test_too_large_objects_are_refused_and_counted():
+    h = _field(0.25, CENTRES, side_um=100)
+    cv2.rectangle(h, (280, 40), (320, 360), 40, -1)  # a 10 x 80 um band: one object
+    labels, refused = segment_hematoxylin_od(hematoxylin_od(h), 0.25)
+    assert refused == 1 and labels[200, 300] == 0 and labels.max() == len(CENTRES)
+    labels, refused = segment_hematoxylin_od(hematoxylin_od(h), 0.25,
+                                             AdaptiveConfig(max_area_um2=1000))
+    assert refused == 0 and labels[200, 300] > 0
+
+
+def test_otsu_threshold_separates_two_levels():
+    values = np.r_[np.full(100, 0.1), np.full(50, 0.7)].astype(np.float32)
+    assert 0.1 < otsu_threshold(values) <= 0.7
+
+
+def test_paper_is_still_the_default_and_unchanged():
+    assert load_config().segmentation == SEGMENTATION_PRESETS["paper"] == SegmentationConfig(
+        preset="paper")
+    assert SEGMENTATION_PRESETS["paper"].method == "threshold"
+    assert SEGMENTATION_PRESETS["adaptive"].method == "adaptive"
+
+
+def test_whole_slide_segmentation_refuses_adaptive():
+    with pytest.raises(WsicellError, match="plain images only") as err:
+        segment_hematoxylin(np.full((8, 8), 200, np.uint8), SEGMENTATION_PRESETS["adaptive"])
+    assert "\n" not in str(err.value)
+
+
+def test_image_file_at_native_resolution():
+    config = load_config(None, "adaptive")
+    coarse = segment_file(SAMPLE, config, mpp=0.4)  # at the reference: no resampling
+    assert coarse.native_labels is None and coarse.file_labels().shape == (1200, 1200)
+    fine = segment_file(SAMPLE, config, mpp=0.25)  # finer: segmented at 0.25 um/px
+    assert fine.native_labels.shape == (1200, 1200)
+    assert fine.labels.shape == (750, 750)  # measured and cut on the reference grid
+    assert fine.nuclei.crops.shape[1:] == (32, 32, 3)
+    assert len(fine.nuclei) == fine.native_labels.max() > 100
+    xy = fine.centroids()
+    assert (xy >= -1).all() and (xy <= 1200).all()
+    assert len(fine.table()) == len(fine.nuclei)
+
+
+def test_reference_labels_come_back_to_the_file_grid():
+    from wsicell.analysis.metrics import label_centroids
+
+    found = segment_file(SAMPLE, load_config(), mpp=0.25)  # paper: segmented at 0.4 um/px
+    labels = found.file_labels()
+    assert labels.shape == (1200, 1200) and labels.max() == len(found.nuclei)
+    np.testing.assert_allclose(label_centroids(labels), found.centroids(), atol=1.0)
+
+
+def test_segment_command_with_adaptive(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.open(SAMPLE).crop((300, 300, 600, 600)).save(tmp_path / "field.png")
+    result = subprocess.run([sys.executable, "-m", "wsicell.cli.main", "segment",
+                             str(tmp_path / "field.png"), "--out", str(tmp_path / "out"),
+                             "--preset", "adaptive", "--mpp", "0.25", "--no-progress"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    run = json.loads((tmp_path / "out" / "field" / "run.json").read_text())
+    assert run["config"]["segmentation"]["method"] == "adaptive"
+    assert run["n_cells"] > 10 and run["n_refused"] >= 0
+    assert np.load(tmp_path / "out" / "field" / "crops.npy").shape[1:] == (32, 32, 3)

@@ -1,0 +1,298 @@
+"""The ``adaptive`` nuclei recipe: weight-free, self-calibrating, sizes in microns.
+
+Pure functions on a hematoxylin optical-density image at its own resolution (``mpp``
+microns per pixel); every size of :class:`wsicell.config.AdaptiveConfig` is converted with
+it, so the recipe holds at 20x and 40x alike.
+
+1. Optical density ``od = log(256 / (h + 1)) / log(256)`` (0..1) of the hematoxylin
+   intensity ``h`` (uint8, 0 = much stain; :func:`hematoxylin_od`).
+2. Gaussian smoothing (``smooth_um``) and local background removal: a white top-hat by a
+   disk of ``tophat_radius_um``, computed on a copy shrunk so that the disk is ~5 px
+   (:func:`local_background`).
+3. Calibration on the image (or pooled over several, :func:`calibrate`): threshold =
+   Otsu's threshold of the top-hat OD x ``threshold_scale``; nucleus radius = median
+   largest inscribed radius of the foreground components, clamped to ``radius_range_um``.
+4. Foreground: top-hat OD > threshold, holes up to ``max_hole_um2`` filled.
+5. Split: markers are regional maxima (within ``marker_radius_rel`` x radius) of the
+   distance transform smoothed by ``marker_sigma_rel`` x radius, at least
+   ``min_marker_rel`` x radius from the background; a component with two or more markers
+   gives each pixel to its nearest marker.
+6. Objects under max(``min_area_um2``, ``min_area_rel`` x radius^2) are dropped; objects
+   over ``max_area_um2`` are refused (removed and counted, never silently).
+
+OpenCV / numpy only; ~0.06-0.09 s per megapixel single-threaded at 0.25 um/px (README,
+"The adaptive preset").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from wsicell.config import AdaptiveConfig
+
+_OD_U8 = (np.log(256.0 / (np.arange(256) + 1.0)) / np.log(256.0)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What an image (or a slide) tells the recipe about itself.
+
+    Attributes
+    ----------
+    threshold : float
+        Foreground threshold of the smoothed top-hat hematoxylin OD (0..1).
+    radius_um : float
+        Typical nucleus radius (largest inscribed circle), microns.
+    """
+
+    threshold: float
+    radius_um: float
+
+
+def hematoxylin_od(hematoxylin: np.ndarray) -> np.ndarray:
+    """Optical density (0..1, float32) of a hematoxylin intensity image (uint8, 0 = much
+    stain), same shape."""
+    return cv2.LUT(np.ascontiguousarray(hematoxylin, dtype=np.uint8), _OD_U8)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256, lo: float = 0.0, hi: float = 1.0
+                   ) -> float:
+    """Otsu's threshold of float values clipped to [lo, hi] (histogram of ``bins`` bins)."""
+    v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1, 1)
+    hist = cv2.calcHist([np.clip(v, lo, hi)], [0], None, [bins], [lo, hi + 1e-6]).ravel()
+    hist = hist.astype(np.float64)
+    centres = lo + (np.arange(bins) + 0.5) * (hi - lo) / bins
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    k = int(np.argmax(between[:-1]))
+    return float(lo + (k + 1) * (hi - lo) / bins)
+
+
+def _disk(radius_px: float) -> np.ndarray:
+    r = max(round(radius_px), 1)
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+def contrast(od: np.ndarray, mpp: float, p: AdaptiveConfig) -> np.ndarray:
+    """Smoothed, background-removed hematoxylin OD: (H, W) float32 -> (H, W) float32."""
+    s = p.smooth_um / mpp
+    sm = cv2.GaussianBlur(od, (0, 0), s) if s > 0.3 else od
+    if p.tophat_radius_um > 0:
+        sm = sm - local_background(sm, p.tophat_radius_um / mpp)
+    return sm
+
+
+def local_background(image: np.ndarray, radius_px: float) -> np.ndarray:
+    """Grey opening of a float32 (H, W) image by a disk, computed on a copy shrunk so that
+    the disk is about 5 px in radius (area averaging), then enlarged back (bilinear): the
+    background is smooth at that scale and a large disk opening costs ~40x more."""
+    f = max(int(radius_px // 5), 1)
+    if f == 1:
+        return cv2.morphologyEx(image, cv2.MORPH_OPEN, _disk(radius_px))
+    h, w = image.shape
+    small = cv2.resize(image, (max(w // f, 1), max(h // f, 1)), interpolation=cv2.INTER_AREA)
+    small = cv2.morphologyEx(small, cv2.MORPH_OPEN, _disk(radius_px / f))
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def fill_holes(mask: np.ndarray, max_hole_px: int) -> np.ndarray:
+    """Fill background components (4-connected) of at most ``max_hole_px`` pixels that do
+    not touch the border.  ``mask`` (H, W) uint8 0/1; returns the same type."""
+    _, lab, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+        (mask == 0).astype(np.uint8), 4, cv2.CV_32S, cv2.CCL_GRANA)
+    left, top, w, h, area = stats.T
+    hole = (area <= max_hole_px) & (left > 0) & (top > 0) & (left + w < mask.shape[1]) & \
+        (top + h < mask.shape[0])
+    hole[0] = False
+    out = mask.copy()
+    out[hole[lab]] = 1
+    return out
+
+
+def foreground(con: np.ndarray, mpp: float, threshold: float, p: AdaptiveConfig) -> np.ndarray:
+    """Nucleus foreground (H, W) uint8 0/1 of a contrast image (:func:`contrast`)."""
+    mask = (con > threshold).astype(np.uint8)
+    return fill_holes(mask, int(p.max_hole_um2 / mpp ** 2))
+
+
+@dataclass
+class _Components:
+    """8-connected components of a mask and its distance transform, computed once."""
+
+    n: int
+    labels: np.ndarray     #: (H, W) int32, 0 = background
+    stats: np.ndarray      #: (n, 5) int32, OpenCV's left, top, width, height, area
+    dist: np.ndarray       #: (H, W) float32, pixels to the background
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> "_Components":
+        n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+            mask, 8, cv2.CV_32S, cv2.CCL_GRANA)
+        return cls(n, labels, stats, cv2.distanceTransform(mask, cv2.DIST_L2, 5))
+
+
+def _inscribed_radii(c: _Components, mpp: float, p: AdaptiveConfig) -> np.ndarray:
+    """Largest inscribed radius (um) of each component of at least
+    ``p.radius_min_area_um2``."""
+    ok = c.stats[:, cv2.CC_STAT_AREA] * mpp ** 2 >= p.radius_min_area_um2
+    ok[0] = False
+    if c.n < 2 or not ok.any():
+        return np.zeros(0)
+    return component_max(c.dist, c.labels, c.n)[ok] * mpp
+
+
+def _typical_radius(radii: np.ndarray, p: AdaptiveConfig) -> float:
+    if len(radii) < 5:
+        return p.radius_prior_um
+    lo, hi = p.radius_range_um
+    return float(np.clip(np.median(radii), lo, hi))
+
+
+def nucleus_radius(masks, mpp: float, p: AdaptiveConfig) -> float:
+    """Typical nucleus radius (um): median over the foreground components of at least
+    ``p.radius_min_area_um2`` (of one or more masks, (H, W) uint8 0/1) of their largest
+    inscribed radius, clamped to ``p.radius_range_um`` (``p.radius_prior_um`` when fewer
+    than 5 components)."""
+    masks = [masks] if isinstance(masks, np.ndarray) else masks
+    radii = [_inscribed_radii(_Components.of(m), mpp, p) for m in masks]
+    return _typical_radius(np.concatenate(radii) if radii else np.zeros(0), p)
+
+
+def component_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Maximum of ``values`` (H, W) float32 over each label 0..n-1 of ``labels`` (H, W)
+    int32: (n,) float32 (0 for labels without pixels)."""
+    flat = labels.ravel()
+    idx = np.flatnonzero(flat)
+    out = np.zeros(n, dtype=np.float32)
+    np.maximum.at(out, flat[idx], values.ravel()[idx])
+    return out
+
+
+def calibrate(ods, mpp: float, p: AdaptiveConfig | None = None) -> Calibration:
+    """Calibrate threshold and nucleus scale on one OD image or on a list of them (a
+    slide's tiles or an image's patches, pooled).
+
+    Parameters
+    ----------
+    ods : ndarray (H, W) float32 or list of them
+        Hematoxylin OD (:func:`hematoxylin_od`).
+    mpp : float
+        Microns per pixel.
+    p : AdaptiveConfig, optional
+        Default: the `adaptive` preset's parameters.
+    """
+    p = p or AdaptiveConfig()
+    ods = [ods] if isinstance(ods, np.ndarray) else list(ods)
+    cons = [contrast(o, mpp, p) for o in ods]
+    t = otsu_threshold(np.concatenate([c[::2, ::2].ravel() for c in cons])) * p.threshold_scale
+    radius = nucleus_radius([foreground(c, mpp, t, p) for c in cons], mpp, p)
+    return Calibration(t, radius)
+
+
+def split(mask: np.ndarray, mpp: float, radius_um: float, p: AdaptiveConfig,
+          components: _Components | None = None) -> np.ndarray:
+    """Marker-controlled split of a foreground mask.
+
+    Markers: regional maxima of the smoothed distance transform.  Components with two or
+    more markers are cut by giving each pixel to its nearest marker (Euclidean; one OpenCV
+    distance transform per component box).  On the dev sets this was as accurate as a
+    marker-controlled watershed of the negated smoothed distance, and ~5x cheaper.
+
+    Parameters
+    ----------
+    mask : ndarray, shape (H, W), uint8 0/1
+    mpp, radius_um : float
+        Microns per pixel; calibrated nucleus radius (um).
+    p : AdaptiveConfig
+    components : _Components, optional
+        Of ``mask``, if already computed.
+
+    Returns
+    -------
+    ndarray, shape (H, W), int32
+        Labels (not contiguous), 0 = background.
+    """
+    c = components or _Components.of(mask)
+    dist, nc, comp, stats = c.dist, c.n, c.labels, c.stats
+    s = p.marker_sigma_rel * radius_um / mpp
+    ds = cv2.GaussianBlur(dist, (0, 0), s) if s > 0.3 else dist
+    peaks = (ds >= cv2.dilate(ds, _disk(p.marker_radius_rel * radius_um / mpp))) & \
+        (dist >= p.min_marker_rel * radius_um / mpp) & (mask > 0)
+    nm, markers = cv2.connectedComponents(peaks.astype(np.uint8), connectivity=8,
+                                          ltype=cv2.CV_32S)
+    # number of markers in each component
+    marker_comp = np.zeros(nm, dtype=np.int64)
+    sel = np.flatnonzero(markers.ravel())
+    marker_comp[markers.ravel()[sel]] = comp.ravel()[sel]
+    multi = np.flatnonzero(np.bincount(marker_comp[1:], minlength=nc)[1:] >= 2) + 1
+    labels = comp.copy()
+    # each pixel of a component to split goes to its nearest marker of that component
+    # (Euclidean), one OpenCV distance transform per component box (~20x cheaper than one
+    # over the whole image); new ids lie above the component ids
+    for component in multi:
+        x, y, w, h = stats[component, :4]
+        box = np.s_[y:y + h, x:x + w]
+        inside = comp[box] == component
+        mk = np.where(inside, markers[box], 0)
+        _, nearest = cv2.distanceTransformWithLabels(
+            (mk == 0).astype(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP)
+        at = mk > 0
+        to_marker = np.zeros(int(nearest.max()) + 1, dtype=np.int32)
+        to_marker[nearest[at]] = mk[at]
+        labels[box][inside] = to_marker[nearest[inside]] + nc
+    return labels
+
+
+def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None = None,
+                           calibration: Calibration | None = None
+                           ) -> tuple[np.ndarray, int]:
+    """Nuclei of a hematoxylin optical-density image.
+
+    Parameters
+    ----------
+    od : ndarray, shape (H, W), float32
+        Hematoxylin optical density, 0..1 (:func:`hematoxylin_od`).
+    mpp : float
+        Microns per pixel of ``od``.
+    p : AdaptiveConfig, optional
+        Default: the `adaptive` preset's parameters.
+    calibration : Calibration, optional
+        A slide's (from :func:`calibrate` on its tiles); calibrated on this image when
+        omitted.
+
+    Returns
+    -------
+    labels : ndarray, shape (H, W), int32
+        Nuclei labelled 1..N, 0 = background.
+    refused : int
+        Objects larger than ``p.max_area_um2`` that were removed.
+    """
+    p = p or AdaptiveConfig()
+    con = contrast(od, mpp, p)
+    if calibration is None:
+        t = otsu_threshold(con[::2, ::2]) * p.threshold_scale
+        mask = foreground(con, mpp, t, p)
+        components = _Components.of(mask)
+        calibration = Calibration(t, _typical_radius(_inscribed_radii(components, mpp, p), p))
+    else:
+        mask = foreground(con, mpp, calibration.threshold, p)
+        components = _Components.of(mask)
+    labels = split(mask, mpp, calibration.radius_um, p, components)
+    area = np.bincount(labels.ravel())
+    px = mpp ** 2
+    min_area = max(p.min_area_um2, p.min_area_rel * calibration.radius_um ** 2)
+    big = area > p.max_area_um2 / px
+    keep = (area >= min_area / px) & ~big
+    keep[0] = big[0] = False
+    new = np.zeros(len(area), dtype=np.int32)
+    new[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return new[labels], int(big.sum())
+
+
