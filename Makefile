@@ -15,15 +15,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 # HistomicsTK 1.4.0, the numerical reference of the tests and benchmarks only. Its
-# declared dependencies cannot be met beside current dask, so it goes in without them
-# plus the few it imports.
+# declared dependencies cannot be met beside current dask, so its code goes without them
+# (and without its metadata) into a folder of its own that a .pth file puts on the path:
+# pip never sees its unmet requirements (no resolver errors); the few packages it imports
+# go in as usual.
+REFERENCE := $(VENV)/reference
 $(VENV)/.reference: $(VENV)/.installed
-	$(PY) -m pip install -q --no-deps histomicstk==1.4.0
-	$(PY) -m pip install -q girder-slicer-cli-web shapely nimfa girder-client ctk-cli
+	$(PY) -m pip uninstall -q -y histomicstk 2>/dev/null || true
+	$(PY) -m pip install -q girder-slicer-cli-web nimfa girder-client ctk-cli
+	$(PY) -m pip install -q --no-deps --upgrade --target $(REFERENCE) histomicstk==1.4.0
+	rm -rf $(REFERENCE)/histomicstk-*.dist-info
+	$(PY) -c "import pathlib, sys, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], \
+	    'wsicell-reference.pth').write_text(str(pathlib.Path(sys.argv[1]).resolve()) + '\n')" $(REFERENCE)
 	touch $@
 
 # The bundled sample: two bone-marrow fields at the reference 0.4 um/px. The GAN is

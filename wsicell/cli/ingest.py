@@ -34,8 +34,9 @@ def ingest_options(command):
         click.option("--memory-limit", default="4GB", show_default=True,
                      help="Per local worker."),
         click.option("--scheduler", default=None,
-                     help="Address of an existing Dask scheduler (e.g. tcp://host:8786) "
-                     "instead of a local cluster."),
+                     help="An existing Dask scheduler instead of a local cluster: its address "
+                     "(tcp://host:8786) or its scheduler file (dask scheduler "
+                     "--scheduler-file, dask-jobqueue); see docs/cluster.md."),
         click.option("--dashboard", default="127.0.0.1:0", show_default=True,
                      help="host:port of the local cluster's Dask dashboard (port 0: a free "
                      "one; 'none': no dashboard). 0.0.0.0:8787 serves it to the network."),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import threading
 import uuid
@@ -89,9 +90,12 @@ def dask_client(workers: int, threads_per_worker: int, memory_limit: str,
     from distributed import Client
 
     if scheduler:
+        # a scheduler file (dask scheduler --scheduler-file, dask-jobqueue) or an address
+        target = ({"scheduler_file": scheduler} if os.path.isfile(scheduler)
+                  else {"address": scheduler})
         try:
-            client = Client(scheduler, timeout="20s")
-        except (OSError, TimeoutError) as err:
+            client = Client(**target, timeout="20s")
+        except (OSError, TimeoutError, ValueError, KeyError) as err:
             raise WsicellError(
                 f"{scheduler}: cannot connect to the Dask scheduler ({err})") from None
         cluster = None
