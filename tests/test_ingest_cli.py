@@ -11,6 +11,8 @@ from PIL import Image
 
 from wsicell.io.store import open_store, store_lock
 
+SLIDE = "BM_GRAZ_HE_0001_01"
+
 
 def run_ingest(*args):
     return subprocess.run(
@@ -92,3 +94,23 @@ def test_invalid_configuration_file(tmp_path):
     result = run_ingest(TEST_DATA / "bm_graz_pyramid.tif", "--store", tmp_path / "s.zarr",
                         "--config", config)
     assert_one_line_error(result, "config.json: invalid configuration", "tile_size")
+
+
+def test_progress_in_a_log_has_no_cursor_escapes_and_counts_tiles_in_words(tmp_path):
+    """stderr redirected to a file (a log): one bar, no cursor-up escapes from nested bars,
+    '1 tissue tile' in the singular, the dashboard on this machine only."""
+    result = subprocess.run(
+        [sys.executable, "-m", "wsicell.cli.main", "ingest", str(TEST_DATA / f"{SLIDE}.png"),
+         "--store", str(tmp_path / "s.zarr"), "--mpp", "0.4", "--workers", "1"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "\x1b[A" not in result.stderr
+    assert f"{SLIDE}: " in result.stderr and " cells from 1 tissue tile\n" in result.stderr
+    assert "Dask dashboard: http://127.0.0.1:" in result.stderr
+
+
+def test_help_names_options_as_options():
+    result = subprocess.run([sys.executable, "-m", "wsicell.cli.main", "ingest", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    text = " ".join(result.stdout.split())
+    assert "into the cell store --store" in text and "cell store STORE" not in text

@@ -384,3 +384,30 @@ def test_interrupted_labelling_never_looks_complete(world, tmp_path):
     expected = model.classify(slide_crops(root, slide_id)[:])
     np.testing.assert_allclose(proba, expected, atol=1e-6)
     np.testing.assert_array_equal(cluster, expected.argmax(axis=1))
+
+
+def test_a_collapsed_model_is_reported_in_words(world, tmp_path):
+    """A model whose Q puts every cell in cluster 0: predict warns (a collapse, empty
+    clusters) and the report's summary says so."""
+    import torch
+
+    from wsicell.learning.model import build_model
+    from wsicell.learning.saved_model import save_trained_model
+
+    config = WsicellConfig(train=TrainConfig(width=8))
+    network = build_model(5, 32, 8, seed=0)
+    with torch.no_grad():
+        network.q_head.weight.zero_()
+        network.q_head.bias.copy_(torch.tensor([50.0, 0, 0, 0, 0]))
+    model_dir = tmp_path / "collapsed"
+    model_dir.mkdir()
+    save_trained_model(model_dir, network, config, {})
+    with pytest.warns(UserWarning) as caught:
+        report = predict(world["store"], world["slides"], model_dir, tmp_path / "out",
+                         device="cpu", **DASK)
+    messages = [str(w.message) for w in caught]
+    assert any("Cluster 0 holds 100% of all cells" in m for m in messages), messages
+    assert any("Clusters 1, 2, 3, 4 hold no cell" in m for m in messages), messages
+    page = report.read_text()
+    assert "Cluster 0 holds 100% of all cells" in page
+    assert "Clusters 1, 2, 3, 4 hold no cell" in page

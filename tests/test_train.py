@@ -20,6 +20,7 @@ from wsicell.learning.model import build_model
 from wsicell.learning.saved_model import load_trained_model, weights_id
 from wsicell.learning.trainer import Trainer, gradient_penalty, invariant_information
 from wsicell.pipeline.training import train
+from wsicell.viz.figures import image_is_blank
 
 TINY = WsicellConfig(train=TrainConfig(width=8, batch_size=16, critic_steps=2, shuffle_buffer=64))
 RUN = dict(device="cpu", checkpoint_every=2, sample_every=2, workers=0, progress=False)
@@ -42,6 +43,18 @@ def crops(store):
 def trained(store, tmp_path_factory):
     """A 4-iteration run, checkpointed every 2 iterations."""
     return train(store, tmp_path_factory.mktemp("run") / "model", TINY, max_iters=4, **RUN)
+
+
+def test_training_logs_the_cluster_occupancy_of_real_cells(trained):
+    """Every sample_every (2) iterations log.jsonl holds how many of a fixed sample of real
+    crops Q puts in each cluster; occupancy.png draws it."""
+    rows = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
+    watched = {r["iteration"]: r["occupancy"] for r in rows if "occupancy" in r}
+    assert sorted(watched) == [2, 4]
+    n_crops = json.loads((trained / "config.json").read_text())["n_crops"]
+    for counts in watched.values():
+        assert len(counts) == TINY.train.categories and sum(counts) == min(1024, n_crops)
+    assert not image_is_blank(trained / "occupancy.png")
 
 
 def test_gradient_penalty_of_a_linear_critic_is_analytic():

@@ -299,6 +299,42 @@ def read_geojson_regions(path: str | Path, fix: bool = False) -> list[PolygonReg
     return regions
 
 
+#: A cluster holding more than this share of all cells is reported as a collapse.
+DOMINANT_SHARE = 0.8
+
+
+def cluster_warnings(counts: np.ndarray) -> list[str]:
+    """Plain sentences about degenerate cell types: empty clusters, and one cluster holding
+    more than :data:`DOMINANT_SHARE` of all cells (the model's clusters collapsed).
+
+    Parameters
+    ----------
+    counts : ndarray, shape (k,), int
+        Cells per cluster over all slides.
+
+    Examples
+    --------
+    >>> cluster_warnings(np.array([90, 10, 0]))  # doctest: +NORMALIZE_WHITESPACE
+    ['Cluster 2 holds no cell: the model sorts these slides into 2 of its 3 cell types.',
+     'Cluster 0 holds 90% of all cells: the model tells few cell types apart in these
+     slides (a short training run can do this).']
+    """
+    counts = np.asarray(counts)
+    k, total = len(counts), int(counts.sum())
+    notes = []
+    empty = [str(c) for c in range(k) if counts[c] == 0]
+    if empty:
+        notes.append(f"{'Cluster' if len(empty) == 1 else 'Clusters'} {', '.join(empty)} "
+                     f"{'holds' if len(empty) == 1 else 'hold'} no cell: the model sorts these "
+                     f"slides into {k - len(empty)} of its {k} cell types.")
+    if total and counts.max() > DOMINANT_SHARE * total:
+        top = int(counts.argmax())
+        notes.append(f"Cluster {top} holds {100 * counts[top] / total:.0f}% of all cells: the "
+                     "model tells few cell types apart in these slides (a short training run "
+                     "can do this).")
+    return notes
+
+
 def region_warnings(slide_id: str, regions: list[PolygonRegion], counts: np.ndarray,
                     slide_size: tuple[int, int]) -> list[str]:
     """What a user should know about a slide's regions: those outside the slide and those

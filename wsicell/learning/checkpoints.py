@@ -134,20 +134,25 @@ class LossLog:
             text = "".join(json.dumps(row) + "\n" for row in kept)
             write_atomically(path, lambda f: f.write(text.encode()))
 
-    def add(self, losses: torch.Tensor) -> None:
-        self.pending.append(losses)
+    def add(self, losses: torch.Tensor, occupancy: list[int] | None = None) -> None:
+        """One iteration's losses and, when measured, Q's cluster occupancy (cells per
+        cluster of the fixed sample of real crops, :func:`trainer.cluster_occupancy`)."""
+        self.pending.append((losses, occupancy))
 
     def flush(self) -> dict | None:
         """Write pending iterations; returns the last one's losses (None when none pending)."""
         if not self.pending:
             return None
-        rows = torch.stack(self.pending).cpu().tolist()
+        rows = torch.stack([losses for losses, _ in self.pending]).cpu().tolist()
+        occupancies = [occupancy for _, occupancy in self.pending]
         self.pending = []
         now = time.time()
         lines = []
-        for row in rows:
-            lines.append(json.dumps({"iteration": self.next, **dict(zip(LOSS_NAMES, row)),
-                                     "time": now}))
+        for row, occupancy in zip(rows, occupancies):
+            entry = {"iteration": self.next, **dict(zip(LOSS_NAMES, row)), "time": now}
+            if occupancy is not None:
+                entry["occupancy"] = occupancy
+            lines.append(json.dumps(entry))
             self.next += 1
         if self.active:
             with self.path.open("a") as log:
@@ -156,7 +161,8 @@ class LossLog:
 
 
 def read_loss_log(path: Path) -> list[dict]:
-    """The rows of a ``log.jsonl``: ``{"iteration", "V", "L_D", "L_G", "L_Q", "time"}``.
+    """The rows of a ``log.jsonl``: ``{"iteration", "V", "L_D", "L_G", "L_Q", "time"}`` and,
+    every ``sample_every`` iterations, ``"occupancy"`` (cells per cluster of a fixed sample).
 
     A last line cut short (a run killed while appending it) is dropped.
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from wsicell.config import WsicellConfig
-from wsicell.learning.augment import random_dihedral
+from wsicell.learning.augment import random_dihedral, to_unit_range
 from wsicell.learning.model import InfoWGAN, build_model
 
 LOSS_NAMES = ("V", "L_D", "L_G", "L_Q")
@@ -178,6 +178,29 @@ def invariant_information(logits_a: torch.Tensor, logits_b: torch.Tensor) -> tor
     joint = ((joint + joint.T) / (2 * logits_a.shape[0])).clamp_min(1e-12)
     marginal = joint.sum(dim=1)
     return (joint * (joint.log() - marginal.log()[:, None] - marginal.log()[None, :])).sum()
+
+
+def cluster_occupancy(model: InfoWGAN, crops: np.ndarray, batch_size: int = 512) -> list[int]:
+    """How many of ``crops`` Q puts in each category (its argmax), the collapse watch.
+
+    Parameters
+    ----------
+    model : InfoWGAN
+    crops : ndarray, shape (N, 32, 32, 3), uint8
+        A fixed sample of real crops.
+
+    Returns
+    -------
+    list of int, length k, summing to N.
+    """
+    device = next(model.parameters()).device
+    counts = torch.zeros(model.categories, dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for start in range(0, len(crops), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size]))
+            logits = model.q_logits(to_unit_range(batch.to(device)))
+            counts += torch.bincount(logits.argmax(dim=1), minlength=model.categories)
+    return counts.cpu().tolist()
 
 
 def new_trainer(config: WsicellConfig, device: torch.device, world_size: int = 1, rank: int = 0,

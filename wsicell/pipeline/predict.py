@@ -15,6 +15,7 @@ import pandas as pd
 
 import wsicell
 from wsicell.analysis.proportions import (
+    cluster_warnings,
     proportion_tables,
     region_warnings,
     regions_by_slide,
@@ -174,6 +175,8 @@ def predict(store: str | Path, slides: str | Path, model: str | Path, out: str |
         for warning in region_warnings(result.slide_id, slide_regions.get(result.slide_id, []),
                                        result.region_counts, (attrs["width"], attrs["height"])):
             warnings.warn(warning, stacklevel=2)
+    for warning in cluster_warnings(sum(result.counts for result in results)):
+        warnings.warn(f"model {trained.model_id}: {warning}", stacklevel=2)
     tables = proportion_tables(results)
     _write_table(tables["slides"], out_dir, "slide_proportions")
     _write_table(tables["grid"], out_dir, "grid_proportions")

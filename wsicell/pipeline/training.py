@@ -2,7 +2,9 @@
 
 Outputs in the model directory: ``checkpoint.pt`` (atomic; model, optimisers, RNG states,
 iteration, config, store fingerprint), ``log.jsonl`` (one line per iteration),
-``losses.png``, ``samples.png`` (rows = fixed z, columns = categories) and, at the end,
+``losses.png``, ``samples.png`` (rows = fixed z, columns = categories), ``occupancy.png``
+(the share of a fixed sample of 1,024 real cells in each of Q's clusters, logged in
+``log.jsonl`` every ``sample_every`` iterations: the collapse watch) and, at the end,
 the final ``model.pt`` + ``config.json`` read by
 :func:`wsicell.learning.saved_model.load_trained_model`.
 
@@ -15,12 +17,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 import wsicell
 from wsicell.config import WsicellConfig
 from wsicell.errors import WsicellError
-from wsicell.io.store import complete_slides, open_store, store_fingerprint
+from wsicell.io.store import complete_slides, open_store, slide_crops, store_fingerprint
 from wsicell.learning.checkpoints import (
     CHECKPOINT,
     LOG,
@@ -38,10 +41,24 @@ from wsicell.learning.device import (
 )
 from wsicell.learning.model import generator_grid
 from wsicell.learning.saved_model import save_trained_model
-from wsicell.learning.trainer import new_trainer
-from wsicell.viz.figures import draw_generator_grid, draw_losses
+from wsicell.learning.trainer import cluster_occupancy, new_trainer
+from wsicell.viz.figures import draw_generator_grid, draw_losses, draw_occupancy
 
-LOSSES_PNG, SAMPLES_PNG = "losses.png", "samples.png"
+LOSSES_PNG, SAMPLES_PNG, OCCUPANCY_PNG = "losses.png", "samples.png", "occupancy.png"
+OCCUPANCY_CELLS = 1024  # real crops whose clusters are watched during training
+
+
+def occupancy_sample(store, slide_ids: list[str], n: int, seed: int):
+    """A fixed, seeded sample of at most ``n`` real crops of the slides, (n, 32, 32, 3)
+    uint8, drawn evenly over all their cells (read once, chunk by chunk)."""
+    root = open_store(store)
+    sizes = [slide_crops(root, s).shape[0] for s in slide_ids]
+    chosen = np.sort(np.random.default_rng(seed).choice(sum(sizes), min(n, sum(sizes)),
+                                                        replace=False))
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    parts = [slide_crops(root, s).oindex[chosen[(chosen >= lo) & (chosen < hi)] - lo]
+             for s, lo, hi in zip(slide_ids, offsets[:-1], offsets[1:])]
+    return np.concatenate([p for p in parts if len(p)])
 
 
 def select_slides(store, slides: list[str] | None) -> tuple[list[str], str]:
@@ -146,10 +163,16 @@ def train(store, out_dir, config: WsicellConfig | None = None, *, slides: list[s
             if rows:
                 draw_losses(rows, f"wsicell {wsicell.__version__} training losses",
                             out / LOSSES_PNG)
+            occupancy = [r for r in rows if "occupancy" in r]
+            if occupancy:
+                draw_occupancy(occupancy, out / OCCUPANCY_PNG)
             draw_generator_grid(generator_grid(model, 8, seed=0), out / SAMPLES_PNG)
 
+    watched = occupancy_sample(store, slide_ids, OCCUPANCY_CELLS, cfg.seed) if rank == 0 else None
     for iteration in range(start + 1, stop + 1):
-        log.add(trainer.iteration(batches))
+        losses = trainer.iteration(batches)
+        watch = rank == 0 and (iteration % sample_every == 0 or iteration == stop)
+        log.add(losses, cluster_occupancy(model, watched) if watch else None)
         bar.update(1)
         if iteration % 20 == 0 or iteration == stop:
             last = log.flush()

@@ -296,6 +296,35 @@ def draw_losses(rows: list[dict], title: str, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def draw_occupancy(rows: list[dict], path: str | Path) -> Path:
+    """Q's cluster occupancy during training: the share of a fixed sample of real cells in
+    each category against the iteration (one cluster's line near 1 = collapse).
+
+    Parameters
+    ----------
+    rows : list of dict
+        Log entries with ``iteration`` and ``occupancy`` (cells per cluster); at least one.
+    path : str or Path
+    """
+    iterations = np.array([r["iteration"] for r in rows])
+    counts = np.array([r["occupancy"] for r in rows], dtype=np.float64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    colours = cluster_colours(counts.shape[1]) / 255
+    fig = Figure(figsize=(7, 3.2))
+    ax = fig.subplots()
+    for cluster in range(counts.shape[1]):
+        ax.plot(iterations, 100 * shares[:, cluster], marker="o", ms=3, color=colours[cluster],
+                label=f"cluster {cluster}")
+    ax.axhline(80, color="grey", lw=0.8, ls="--")
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(f"% of {int(counts[0].sum())} real cells")
+    ax.set_title("cluster occupancy during training (dashed: 80%, a collapse)", fontsize=9)
+    ax.legend(fontsize=7, ncol=min(5, counts.shape[1]), loc="upper center")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def outline_overlay(rgb: np.ndarray, labels: np.ndarray, colour=(0, 200, 0)) -> np.ndarray:
     """The image with every nucleus outlined.
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from wsicell.analysis.proportions import cluster_warnings
 from wsicell.errors import WsicellError
 from wsicell.io.slide import open_slide
 from wsicell.io.store import (
@@ -34,6 +35,7 @@ from wsicell.viz.figures import (
     draw_cluster_gallery,
     draw_generator_grid,
     draw_losses,
+    draw_occupancy,
     draw_pca_scatter,
     draw_proportion_bars,
     draw_slide_overview,
@@ -47,7 +49,6 @@ PCA_MIN_SLIDES = 3
 #: A slide with fewer cells than this gets a warning: its proportions are noisy.
 FEW_CELLS = 100
 #: A cluster holding more than this share of all cells gets a warning.
-DOMINANT_SHARE = 0.8
 
 STYLE = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:1.5em 2em;
@@ -206,16 +207,7 @@ def report_summary(root, slide_ids: list[str], model_id: str, k: int) -> dict:
         per_slide[slide_id] = len(cluster)
         counts += np.bincount(cluster.astype(np.int64), minlength=k)[:k]
     total = int(counts.sum())
-    notes = []
-    empty = [str(c) for c in range(k) if counts[c] == 0]
-    if empty:
-        notes.append(f"{'Cluster' if len(empty) == 1 else 'Clusters'} {', '.join(empty)} "
-                     f"{'holds' if len(empty) == 1 else 'hold'} no cell: the model sorts these "
-                     f"slides into {k - len(empty)} of its {k} cell types.")
-    if total and counts.max() > DOMINANT_SHARE * total:
-        top = int(counts.argmax())
-        notes.append(f"Cluster {top} holds {100 * counts[top] / total:.0f}% of all cells: the "
-                     "model tells few cell types apart in these slides (a short training run can do this).")
+    notes = cluster_warnings(counts)
     none = [s for s, n in per_slide.items() if n == 0]
     few = [s for s, n in per_slide.items() if 0 < n < FEW_CELLS]
     if none:
@@ -475,8 +467,11 @@ def write_prediction_report(out_dir: Path, root, model, results, predictions: pd
     loss_rows = _loss_rows(model_dir if model_dir is not None else provenance.get("model_dir"))
     losses = (draw_losses(loss_rows, f"model {model.model_id}: training losses",
                           pictures / "losses.png") if loss_rows else None)
+    watched = [r for r in loss_rows if "occupancy" in r]
+    occupancy = draw_occupancy(watched, pictures / "occupancy.png") if watched else None
+    training_pictures = [p for p in (losses, occupancy) if p]
 
-    drawn = [*galleries, generator, *overviews, *slide_images, *([losses] if losses else [])]
+    drawn = [*galleries, generator, *overviews, *slide_images, *training_pictures]
     blank = [p.name for p in drawn if image_is_blank(p)]
     if blank:
         warnings.warn(f"report: blank picture(s) {', '.join(blank)}", stacklevel=2)
@@ -506,9 +501,12 @@ def write_prediction_report(out_dir: Path, root, model, results, predictions: pd
                 "no cell of that type).", images=overviews),
         Section("Training", "Losses per iteration of the training run (thin) and their moving "
                 "average (thick). V(D,G) should level off; L_Q should fall towards 0 (the "
-                "categories are told apart)." if losses else
-                "The model directory holds no training log (log.jsonl).",
-                images=[losses] if losses else []),
+                "categories are told apart)."
+                + (" Below: the share of a fixed sample of real cells in each cluster during "
+                   "training; a line climbing past 80% means the model is putting nearly "
+                   "every cell in one cluster (a collapse)." if occupancy else "")
+                if losses else "The model directory holds no training log (log.jsonl).",
+                images=training_pictures),
         Section("Model", f"Model {model.model_id}: the training configuration it was trained "
                 "with (full configuration under Provenance).",
                 [training_table(model.config.train.model_dump(mode="json"))]),
