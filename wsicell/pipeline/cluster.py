@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import uuid
 from contextlib import ExitStack, contextmanager
 
@@ -190,8 +191,6 @@ def run_tasks(client, submissions, bar):
 
 def _check_workers(client, alone_since: float | None) -> float | None:
     """When the scheduler has no worker: the time since when (raising past the timeout)."""
-    import time
-
     if client.scheduler_info().get("workers"):
         return None
     now = time.monotonic()

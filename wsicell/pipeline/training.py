@@ -52,12 +52,12 @@ def occupancy_sample(store, slide_ids: list[str], n: int, seed: int):
     """A fixed, seeded sample of at most ``n`` real crops of the slides, (n, 32, 32, 3)
     uint8, drawn evenly over all their cells (read once, chunk by chunk)."""
     root = open_store(store)
-    sizes = [slide_crops(root, s).shape[0] for s in slide_ids]
-    chosen = np.sort(np.random.default_rng(seed).choice(sum(sizes), min(n, sum(sizes)),
+    arrays = [slide_crops(root, s) for s in slide_ids]
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])])
+    chosen = np.sort(np.random.default_rng(seed).choice(offsets[-1], min(n, offsets[-1]),
                                                         replace=False))
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    parts = [slide_crops(root, s).oindex[chosen[(chosen >= lo) & (chosen < hi)] - lo]
-             for s, lo, hi in zip(slide_ids, offsets[:-1], offsets[1:])]
+    parts = [array.oindex[chosen[(chosen >= lo) & (chosen < hi)] - lo]
+             for array, lo, hi in zip(arrays, offsets[:-1], offsets[1:])]
     return np.concatenate([p for p in parts if len(p)])
 
 

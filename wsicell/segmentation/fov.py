@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from skimage.segmentation import relabel_sequential
 
 from wsicell.config import WsicellConfig
 from wsicell.errors import WsicellError
@@ -145,15 +146,14 @@ def _segment_adaptive(slide, file_mpp: float, grid: ReferenceGrid, rgb: np.ndarr
     labels, refused = segment_hematoxylin_od(hematoxylin_od(hematoxylin), seg_mpp,
                                              config.segmentation.adaptive)
     if native:
-        reference = resample_labels(labels, (grid.height, grid.width), 1.0 / grid.scale)
-        present = np.zeros(int(labels.max(initial=0)) + 1, dtype=bool)
-        present[reference.ravel()] = True  # objects under a reference pixel vanish
-        present[0] = False
-        new_ids = np.zeros(len(present), dtype=np.int32)
-        new_ids[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
-        reference = new_ids[reference]
+        # objects smaller than a reference pixel vanish: number the survivors 1..N, and the
+        # native labels alike (the vanished ones become background there too)
+        reference, forward, _ = relabel_sequential(
+            resample_labels(labels, (grid.height, grid.width), 1.0 / grid.scale))
+        survivors = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int32)
+        survivors[forward.in_values] = forward.out_values
         reference_h = rgb[..., 0] if stain is None else stain.hematoxylin_of(rgb)
-        native_labels = new_ids[labels]
+        native_labels = survivors[labels]
     else:
         reference, reference_h, native_labels = labels, hematoxylin, None
     objects = Objects.from_labels(reference)
