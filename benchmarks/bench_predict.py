@@ -41,7 +41,7 @@ def build_store(path: Path, n_cells: int, config) -> str:
                            np.full((75, 75, 3), 200, np.uint8), np.ones((75, 75), bool), tiles)
     st.create_cell_arrays(group, n_cells, 32, config.ingest.crops_per_chunk,
                           config.ingest.crops_per_chunk)
-    st.write_crop_rows(path, "bench", 0, nuclei.crops[repeat])
+    st.write_crop_rows(path, "bench", 0, nuclei.crops[repeat], nuclei.masks[repeat])
     st.write_cell_rows(path, "bench", 0, {"cell_id": np.arange(n_cells),
                                           "x": nuclei.x[repeat], "y": nuclei.y[repeat]})
     st.finish_slide(group, np.array([n_cells]), {})

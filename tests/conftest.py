@@ -68,7 +68,8 @@ def _slide_attrs(tmp_path):
 
 def write_test_slide(root, slide_id, tmp_path, n_cells, complete=True):
     """A small slide written with the store's writers (no Dask): cells 0..n-1 in two tiles,
-    crop i filled with value i, cell i at (10 i, 5 i)."""
+    crop i filled with value i, cell i at (10 i, 5 i), its nucleus the 7x5 px box around it
+    (the mask, centred in the crop)."""
     attrs = _slide_attrs(tmp_path)
     tiles = {name: np.arange(2) for name in TILE_COLUMNS}
     group = begin_slide(root, slide_id, attrs, np.full((5, 6, 3), 255, np.uint8),
@@ -79,9 +80,13 @@ def write_test_slide(root, slide_id, tmp_path, n_cells, complete=True):
     write_cell_rows(store, slide_id, 0, {
         "cell_id": i, "x": 10.0 * i, "y": 5.0 * i, "bbox_x0": 10 * i - 3, "bbox_y0": 5 * i - 2,
         "bbox_x1": 10 * i + 4, "bbox_y1": 5 * i + 3, "area": np.full(n_cells, 30.5),
-        "mean_hematoxylin": np.full(n_cells, 0.5), "tile_id": (i >= n_cells - 2).astype(int)})
+        "mean_hematoxylin": np.full(n_cells, 0.5), "crop_x0": 10.0 * i - 3 - 12,
+        "crop_y0": 5.0 * i - 2 - 13, "crop_px": np.ones(n_cells),
+        "tile_id": (i >= n_cells - 2).astype(int)})
+    masks = np.zeros((n_cells, 32, 32), bool)
+    masks[:, 13:18, 12:19] = True
     write_crop_rows(store, slide_id, 0, np.broadcast_to(
-        i.astype(np.uint8)[:, None, None, None], (n_cells, 32, 32, 3)))
+        i.astype(np.uint8)[:, None, None, None], (n_cells, 32, 32, 3)), masks)
     group.attrs["stain"] = STAIN
     if complete:
         finish_slide(group, [n_cells - 2, 2], {"n_tiles": 2})

@@ -7,11 +7,12 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import write_test_labels, write_test_slide
+import shapely
+from conftest import TRAIN_SLIDE, write_test_labels, write_test_slide
 
 from wsicell.errors import WsicellError
-from wsicell.io.export import export_cells
-from wsicell.io.store import open_store
+from wsicell.io.export import export_cells, slide_table
+from wsicell.io.store import open_store, slide_attrs
 
 CLUSTERS = np.array([0, 1, 2, 0, 1, 2])
 
@@ -48,13 +49,18 @@ def test_geojson_is_a_collection_of_qupath_detections(store, tmp_path):
     assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 6
     feature = collection["features"][1]
     assert feature["type"] == "Feature"
-    assert feature["geometry"] == {"type": "Polygon", "coordinates": [
-        [[7, 3], [14, 3], [14, 8], [7, 8], [7, 3]]]}
+    outline = shapely.geometry.shape(feature["geometry"])  # the 7x5 px mask of cell 1
+    assert outline.is_valid and outline.geom_type == "Polygon"
+    assert outline.bounds == (7, 3, 14, 8) and outline.area == pytest.approx(34.5)
     properties = feature["properties"]
     assert properties["objectType"] == "detection"
     assert properties["cell_id"] == 1 and properties["classification"]["name"] == "cluster 1"
     assert len(properties["classification"]["color"]) == 3
-    assert properties["measurements"]["area_um2"] == 30.5
+    assert properties["measurements"]["Nucleus: Area µm^2"] == 30.5
+    assert set(properties["measurements"]) >= {f"Cluster {i} probability" for i in range(3)}
+    export_cells(store, out, "geojson", ["s1"], geometry="box")
+    assert json.loads(out.read_text())["features"][1]["geometry"] == {
+        "type": "Polygon", "coordinates": [[[7, 3], [14, 3], [14, 8], [7, 8], [7, 3]]]}
     export_cells(store, out, "geojson", ["s2"], geometry="point")
     point = json.loads(out.read_text())["features"][2]["geometry"]
     assert point == {"type": "Point", "coordinates": [20.0, 10.0]}
@@ -100,3 +106,23 @@ def test_command_line(store, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"{out}: 4 cells" in result.stdout and len(pd.read_csv(out)) == 4
+
+
+def test_geojson_outlines_trace_the_nuclei_of_a_real_slide(train_store, tmp_path):
+    out = tmp_path / "cells.geojson"
+    n = export_cells(train_store, out, "geojson")
+    features = json.loads(out.read_text())["features"]
+    assert len(features) == n > 100
+    root = open_store(train_store)
+    attrs = slide_attrs(root, TRAIN_SLIDE)
+    slide = shapely.box(0, 0, attrs["width"], attrs["height"])
+    cells = slide_table(root, TRAIN_SLIDE)
+    outlines = [shapely.geometry.shape(f["geometry"]) for f in features]
+    assert all(o.geom_type == "Polygon" and o.is_valid and slide.covers(o) for o in outlines)
+    # each outline holds its cell's centroid and has its area (level-0 px = 0.4 um here)
+    inside = [o.buffer(0.5).contains(shapely.Point(x, y))
+              for o, x, y in zip(outlines, cells.x, cells.y)]
+    assert np.mean(inside) > 0.98
+    area_px = np.array([o.area for o in outlines])
+    ratio = area_px * attrs["mpp"] ** 2 / cells.area_um2.to_numpy()
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.05) and (abs(ratio - 1) < 0.3).mean() > 0.95

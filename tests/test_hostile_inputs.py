@@ -236,7 +236,3 @@ def test_the_dashboard_listens_on_this_machine_only():
         assert local.scheduler_address.startswith("tcp://127.0.0.1:")
 
 
-def test_a_plain_image_preset_is_refused_for_whole_slides(world):
-    result = _run("ingest", world["slides"], "--store", world["empty"], "--preset", "adaptive")
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.count("\n") == 1 and "segments plain images only" in result.stderr

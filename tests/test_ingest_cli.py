@@ -98,14 +98,15 @@ def test_invalid_configuration_file(tmp_path):
 
 def test_progress_in_a_log_has_no_cursor_escapes_and_counts_tiles_in_words(tmp_path):
     """stderr redirected to a file (a log): one bar, no cursor-up escapes from nested bars,
-    '1 tissue tile' in the singular, the dashboard on this machine only."""
+    '1 tissue tile' in the singular, the nucleus areas, the dashboard on this machine only."""
     result = subprocess.run(
         [sys.executable, "-m", "wsicell.cli.main", "ingest", str(TEST_DATA / f"{SLIDE}.png"),
          "--store", str(tmp_path / "s.zarr"), "--mpp", "0.4", "--workers", "1"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "\x1b[A" not in result.stderr
-    assert f"{SLIDE}: " in result.stderr and " cells from 1 tissue tile\n" in result.stderr
+    assert f"{SLIDE}: " in result.stderr and " cells from 1 tissue tile; " in result.stderr
+    assert "nucleus area median" in result.stderr and "% under 10 um2" in result.stderr
     assert "Dask dashboard: http://127.0.0.1:" in result.stderr
 
 

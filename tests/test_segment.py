@@ -95,8 +95,9 @@ def test_cell_crop_is_centred_on_white():
     region = np.full((10, 6, 3), 80, np.uint8)
     inside = np.ones((10, 6), bool)
     inside[0, 0] = False
-    crop = segment.cell_crop(region, inside, 32)
+    crop, mask = segment.cell_crop(region, inside, 32)
     nucleus = (crop != 255).any(axis=2)
+    np.testing.assert_array_equal(mask, nucleus)
     rows, cols = np.nonzero(nucleus)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (11, 20, 13, 18)
     assert crop[11, 13].tolist() == [255, 255, 255]  # outside the mask: white
@@ -105,10 +106,30 @@ def test_cell_crop_is_centred_on_white():
 
 def test_cell_crop_shrinks_large_nuclei_keeping_aspect():
     region = np.full((64, 40, 3), 60, np.uint8)
-    crop = segment.cell_crop(region, np.ones((64, 40), bool), 32)
+    crop, mask = segment.cell_crop(region, np.ones((64, 40), bool), 32)
     rows, cols = np.nonzero((crop != 255).any(axis=2))
     assert rows.max() - rows.min() + 1 == 32
     assert cols.max() - cols.min() + 1 == 20
+    np.testing.assert_array_equal(mask, (crop != 255).any(axis=2))
+
+
+def test_crop_placement_maps_mask_pixels_back_onto_the_nucleus():
+    labels = np.zeros((120, 120), np.int32)
+    labels[30:40, 50:57] = 1  # fits: one crop pixel per image pixel
+    yy, xx = np.mgrid[:120, :120]
+    labels[((yy - 80) / 30) ** 2 + ((xx - 60) / 18) ** 2 <= 1] = 2  # 61 rows: shrunk
+    bbox = np.array([[50, 30, 57, 40], [42, 50, 79, 111]])
+    rgb = np.full((120, 120, 3), 90, np.uint8)
+    _, masks = segment.cell_crops(labels, rgb, bbox, 32)
+    origin, scale = segment.crop_placement(bbox, 32)
+    for i in range(2):
+        rows, cols = np.nonzero(masks[i])
+        x = origin[i, 0] + (cols + 0.5) * scale[i]  # crop pixel centres, image pixels
+        y = origin[i, 1] + (rows + 0.5) * scale[i]
+        hits = labels[np.floor(y).astype(int), np.floor(x).astype(int)] == i + 1
+        assert hits.mean() > 0.97
+        area = masks[i].sum() * scale[i] ** 2
+        assert abs(area - (labels == i + 1).sum()) < 0.08 * (labels == i + 1).sum()
 
 
 def test_split_touching_separates_overlapping_discs():
@@ -130,7 +151,7 @@ def test_measuring_some_nuclei_and_concatenating_them_gives_all():
              for w in (first, ~first)]
     assert [len(p) for p in parts] == [3, len(every) - 3]
     joined = segment.Nuclei.concatenate(parts)
-    for name in ("x", "y", "bbox", "area", "mean_hematoxylin", "crops"):
+    for name in ("x", "y", "bbox", "area", "mean_hematoxylin", "crops", "masks"):
         np.testing.assert_array_equal(getattr(joined, name), getattr(every, name))
 
 
@@ -217,17 +238,19 @@ def test_vectorised_crops_equal_one_by_one():
     labels = segment.segment_hematoxylin(params.hematoxylin(normalised), SegmentationConfig()).labels
     boxes = scipy.ndimage.find_objects(labels)
     bbox = np.array([[c.start, r.start, c.stop, r.stop] for r, c in boxes])
-    crops = segment.cell_crops(labels, normalised, bbox, 32)
+    crops, masks = segment.cell_crops(labels, normalised, bbox, 32)
     large = np.maximum(bbox[:, 2] - bbox[:, 0], bbox[:, 3] - bbox[:, 1]) > 32
     assert large.any() and (~large).any()  # both paths are exercised
     for i, box in enumerate(boxes):
-        np.testing.assert_array_equal(crops[i], segment.cell_crop(normalised[box], labels[box] == i + 1, 32))
+        crop, mask = segment.cell_crop(normalised[box], labels[box] == i + 1, 32)
+        np.testing.assert_array_equal(crops[i], crop)
+        np.testing.assert_array_equal(masks[i], mask)
     edge = (bbox[:, 0] == 0) | (bbox[:, 1] == 0)
     assert edge.any()  # nuclei on the image border too
     assert ((bbox[:, 0] < 16) | (bbox[:, 2] > labels.shape[1] - 16)).any()  # windows cross it
     some = np.arange(0, len(bbox), 3)
     np.testing.assert_array_equal(segment.cell_crops(labels, normalised, bbox[some], 32,
-                                                     ids=some + 1), crops[some])
+                                                     ids=some + 1)[0], crops[some])
     # normalising only the nucleus pixels equals cutting from the normalised image
-    np.testing.assert_array_equal(segment.cell_crops(labels, rgb, bbox, 32, params.normalise),
+    np.testing.assert_array_equal(segment.cell_crops(labels, rgb, bbox, 32, params.normalise)[0],
                                   crops)

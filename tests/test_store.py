@@ -26,8 +26,15 @@ from wsicell.io.store import (
 
 def test_a_new_store_is_valid_and_empty(tmp_path):
     root = open_store(tmp_path / "s.zarr", mode="a")
-    assert root.attrs["wsicell_store_version"] == 1
+    assert root.attrs["wsicell_store_version"] == 2
     assert complete_slides(root) == [] and validate_store(tmp_path / "s.zarr") == []
+
+
+def test_a_store_of_an_older_version_asks_for_a_new_ingest(tmp_path):
+    zarr.open_group(tmp_path / "old.zarr", mode="w").attrs["wsicell_store_version"] = 1
+    with pytest.raises(WsicellError, match="old.zarr: a cell store of version 1.*ingest the "
+                       "slides again"):
+        open_store(tmp_path / "old.zarr")
 
 
 def test_opening_bad_paths_fails_with_one_line(tmp_path):

@@ -158,8 +158,8 @@ class SegmentationConfig(_Section):
     method: Literal["threshold", "adaptive"] = Field(
         "threshold", description="threshold: the paper's fixed-threshold recipe with the "
         "pixel sizes above; adaptive: the self-calibrating recipe of the ``adaptive`` "
-        "section at the image's native resolution (plain images only: whole-slide ingest "
-        "refuses it until per-slide calibration exists)."
+        "section, in microns (plain images at their native resolution; whole slides on the "
+        "reference grid, calibrated once per slide on ingest's stain sample)."
     )
     adaptive: AdaptiveConfig = AdaptiveConfig()
 
@@ -355,7 +355,7 @@ SEGMENTATION_PRESETS: dict[str, SegmentationConfig] = {
                                  min_fragment_px=30, opening_size_px=3, split_touching=True),
     # Self-calibrating and in microns (wsicell.segmentation.adaptive): one configuration
     # chosen on the train splits of MoNuSeg, CoNSeP and bm_graz together (README,
-    # "The adaptive preset").  Plain images only (wsicell segment / evaluate).
+    # "The adaptive preset").  Ingest calibrates it once per slide (its stain sample).
     "adaptive": SegmentationConfig(preset="adaptive", method="adaptive"),
 }
 

@@ -432,3 +432,51 @@ def segmentation_scores(reference: np.ndarray, predicted: np.ndarray,
     detection = detection_score(label_centroids(predicted), label_centroids(reference), radius)
     return {"iou": iou, "f1": f1, "aji": aggregated_jaccard_index(reference, predicted),
             "dq": pq.dq, "sq": pq.sq, "pq": pq.pq, "detection": detection}
+
+
+#: Nucleus area (um2) under which an object is implausibly small for a nucleus (a 3.6 um
+#: disk; lymphocyte nuclei, the smallest common ones, are ~20-40 um2).
+SMALL_NUCLEUS_UM2 = 10.0
+
+
+@dataclass(frozen=True)
+class AreaSummary:
+    """Distribution of nucleus areas, um2: count, quartiles and the implausibly small."""
+
+    n: int
+    q25: float
+    median: float
+    q75: float
+    small_fraction: float  #: fraction of objects under ``SMALL_NUCLEUS_UM2``
+
+    def __str__(self) -> str:
+        if not self.n:
+            return "no nuclei"
+        return (f"nucleus area median {self.median:.0f} um2 (quartiles {self.q25:.0f}-"
+                f"{self.q75:.0f}), {100 * self.small_fraction:.1f}% under "
+                f"{SMALL_NUCLEUS_UM2:g} um2")
+
+
+def area_summary(area_um2: np.ndarray) -> AreaSummary:
+    """Summarise nucleus areas.
+
+    Parameters
+    ----------
+    area_um2 : ndarray, shape (N,), float
+        Nucleus areas, um2.
+
+    Returns
+    -------
+    AreaSummary
+
+    Examples
+    --------
+    >>> print(area_summary(np.array([5.0, 20, 30, 40, 50])))
+    nucleus area median 30 um2 (quartiles 20-40), 20.0% under 10 um2
+    """
+    area = np.asarray(area_um2, dtype=np.float64)
+    if not len(area):
+        return AreaSummary(0, np.nan, np.nan, np.nan, np.nan)
+    q25, median, q75 = np.percentile(area, [25, 50, 75])
+    return AreaSummary(len(area), float(q25), float(median), float(q75),
+                       float((area < SMALL_NUCLEUS_UM2).mean()))

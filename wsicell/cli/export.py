@@ -13,8 +13,10 @@ from wsicell.io.export import FORMATS, GEOMETRIES
 @click.option("--out", required=True, type=click.Path(), help="Output file.")
 @click.option("--slide", "slide_ids", multiple=True,
               help="Slide id to export (repeatable) [default: all complete slides].")
-@click.option("--geometry", type=click.Choice(GEOMETRIES), default="box", show_default=True,
-              help="GeoJSON shape of a cell: its bounding box (polygon) or centroid (point).")
+@click.option("--geometry", type=click.Choice(GEOMETRIES), default="outline",
+              show_default=True,
+              help="GeoJSON shape of a cell: its nucleus outline (polygon), its bounding box "
+              "(polygon) or its centroid (point).")
 @click.option("--labels", default=None,
               help="Model id whose cluster labels (wsicell predict) are added as a column / "
               "QuPath classification.")
@@ -22,8 +24,8 @@ def export(store, fmt, out, slide_ids, geometry, labels):
     """Export the cells of STORE: one row per cell (slide_id, cell_id, x, y in level-0
     pixels, bounding box, area_um2, mean hematoxylin, tile_id).
 
-    GeoJSON is a FeatureCollection of QuPath detections (File > Import objects), one slide
-    per file. AnnData (.h5ad, for scanpy / squidpy) holds the cells as obs, the centroids
+    GeoJSON is a FeatureCollection of QuPath detections (File > Import objects) with the
+    nucleus outlines, one slide per file. AnnData (.h5ad, for scanpy / squidpy) holds the cells as obs, the centroids
     in obsm["spatial"] (level-0 pixels) and obsm["spatial_um"] (microns); it needs
     pip install 'wsicell[scverse]'.
     """

@@ -1,9 +1,11 @@
 """Export the cell table of a store: CSV, Parquet, GeoJSON that QuPath imports, or AnnData.
 
 One row (or feature) per cell: ``slide_id``, ``cell_id``, ``x``, ``y`` (level-0 pixels of the
-slide), bounding box, ``area_um2``, ``mean_hematoxylin``, ``tile_id`` and, when a model's
-labels exist, ``cluster`` and ``proba_0..proba_{k-1}`` (GeoJSON: a QuPath classification
-coloured by cluster).  AnnData (``.h5ad``, for scanpy / squidpy) holds the same table as
+slide), bounding box, ``area_um2``, ``mean_hematoxylin``, crop placement, ``tile_id`` and,
+when a model's labels exist, ``cluster`` and ``proba_0..proba_{k-1}``.  GeoJSON features are
+QuPath detections whose geometry is the nucleus outline (traced on its stored mask,
+:func:`mask_outlines`; the box or the centroid on request), with QuPath-style measurement
+names and units and, with labels, a classification coloured by cluster.  AnnData (``.h5ad``, for scanpy / squidpy) holds the same table as
 ``obs`` with the coordinates in ``obsm["spatial"]`` (level-0 pixels) and
 ``obsm["spatial_um"]`` (microns); it needs the optional ``anndata`` package
 (``pip install 'wsicell[scverse]'``).  Files are written to a temporary name and renamed,
@@ -20,6 +22,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import shapely
+from skimage.measure import find_contours
 
 import wsicell
 from wsicell.errors import WsicellError
@@ -33,12 +37,15 @@ from wsicell.io.store import (
     slide_attrs,
     slide_cells,
     slide_group,
+    slide_masks,
     slide_pictures,
 )
 from wsicell.palette import cluster_colours
 
 FORMATS = ("csv", "parquet", "geojson", "anndata")
-GEOMETRIES = ("box", "point")
+GEOMETRIES = ("outline", "box", "point")
+#: Cells whose masks are traced at a time (bounded memory on slides of millions of cells).
+OUTLINE_BLOCK = 4096
 
 
 def slide_table(root, slide_id: str, labels: str | None = None) -> pd.DataFrame:
@@ -77,24 +84,96 @@ def default_labels(root, slide_ids) -> str | None:
     return common.pop() if len(common) == 1 else None
 
 
-def cell_feature(row, geometry: str) -> dict:
-    """A QuPath detection: a GeoJSON Feature with a box polygon or a centroid point."""
+def mask_outline(mask: np.ndarray) -> np.ndarray | None:
+    """The outline of a nucleus mask: the ring of its largest connected part, traced midway
+    between inside and outside pixel centres (marching squares), so that its area matches
+    the pixel count.
+
+    Parameters
+    ----------
+    mask : ndarray, shape (S, S), bool
+
+    Returns
+    -------
+    ndarray, shape (M, 2), float64, or None
+        ``(x, y)`` vertices in pixel-edge coordinates of the mask (pixel ``(r, c)`` covers
+        ``[c, c + 1) x [r, r + 1)``), closed (first == last); None for an empty mask.
+
+    Examples
+    --------
+    >>> mask = np.zeros((8, 8), bool); mask[2:5, 3:7] = True
+    >>> ring = mask_outline(mask)
+    >>> bool((ring[0] == ring[-1]).all()), float(shapely.Polygon(ring).area)
+    (True, 11.5)
+    """
+    padded = np.pad(mask, 1).astype(np.float32)
+    rings = [r for r in find_contours(padded, 0.5) if len(r) >= 4]
+    if not rings:
+        return None
+    ring = max(rings, key=lambda r: abs(shapely.Polygon(r).area))
+    return ring[:, ::-1] - 0.5  # (row, col) of the padded mask -> (x, y) pixel edges
+
+
+def mask_outlines(masks: np.ndarray, origin: np.ndarray, pixel: np.ndarray) -> list:
+    """Nucleus outlines on the slide from the stored crop masks and placement.
+
+    Parameters
+    ----------
+    masks : ndarray, shape (N, S, S), bool
+        The store's ``masks``.
+    origin : ndarray, shape (N, 2), float64
+        ``crop_x0``, ``crop_y0``: level-0 position of each crop's top-left corner.
+    pixel : ndarray, shape (N,), float
+        ``crop_px``: level-0 pixels per crop pixel.
+
+    Returns
+    -------
+    list of shapely.Polygon or None
+        Valid polygons in level-0 pixel coordinates (None for an empty mask).
+    """
+    outlines = []
+    for mask, (x0, y0), px in zip(masks, origin, pixel):
+        ring = mask_outline(mask)
+        if ring is None:
+            outlines.append(None)
+            continue
+        polygon = shapely.Polygon(ring * px + (x0, y0))
+        if not polygon.is_valid:  # a ring touching itself at a corner pixel
+            parts = shapely.make_valid(polygon)
+            polygon = max(getattr(parts, "geoms", [parts]),
+                          key=lambda g: g.area if isinstance(g, shapely.Polygon) else 0)
+        outlines.append(polygon)
+    return outlines
+
+
+def _box(row) -> dict:
+    x0, y0, x1, y1 = (int(row[c]) for c in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"))
+    return {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1],
+                                                [x0, y0]]]}
+
+
+def cell_feature(row, geometry: str, outline=None) -> dict:
+    """A QuPath detection: a GeoJSON Feature with the nucleus outline (``outline``, a
+    shapely Polygon, for ``geometry="outline"``; the box when there is none), its box as a
+    polygon, or its centroid as a point; measurements named as QuPath names its own."""
     if geometry == "point":
         shape = {"type": "Point", "coordinates": [row["x"], row["y"]]}
+    elif geometry == "outline" and outline is not None:
+        shape = shapely.geometry.mapping(shapely.set_precision(outline, 0.01))
     else:
-        x0, y0, x1, y1 = (int(row[c]) for c in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"))
-        shape = {"type": "Polygon",
-                 "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
+        shape = _box(row)
     properties = {
         "objectType": "detection",
         "slide_id": row["slide_id"],
         "cell_id": int(row["cell_id"]),
-        "measurements": {"area_um2": float(row["area_um2"]),
-                         "mean_hematoxylin": float(row["mean_hematoxylin"])},
+        "measurements": {"Nucleus: Area µm^2": float(row["area_um2"]),
+                         "Nucleus: Hematoxylin mean (0-255, 0 = most stain)":
+                             float(row["mean_hematoxylin"])},
     }
     if "cluster" in row:
         cluster = int(row["cluster"])
-        probabilities = {k: float(v) for k, v in row.items() if k.startswith("proba_")}
+        probabilities = {f"Cluster {k.removeprefix('proba_')} probability": float(v)
+                         for k, v in row.items() if k.startswith("proba_")}
         colour = cluster_colours(max(len(probabilities), cluster + 1))[cluster]
         properties["classification"] = {"name": f"cluster {cluster}", "color": colour.tolist()}
         properties["measurements"].update(probabilities)
@@ -118,14 +197,24 @@ def _write_parquet(tables, tmp: Path) -> None:
             writer.close()
 
 
-def _write_geojson(tables, tmp: Path, geometry: str) -> None:
+def _outlines(root, slide_id: str, table: pd.DataFrame, start: int, stop: int) -> list:
+    masks = slide_masks(root, slide_id)[start:stop]
+    rows = table.iloc[start:stop]
+    return mask_outlines(masks, rows[["crop_x0", "crop_y0"]].to_numpy(),
+                         rows["crop_px"].to_numpy())
+
+
+def _write_geojson(root, slide_id: str, table: pd.DataFrame, tmp: Path, geometry: str) -> None:
+    records = table.to_dict("records")
     with tmp.open("w") as f:
         f.write('{"type": "FeatureCollection", "features": [\n')
-        first = True
-        for table in tables:
-            for row in table.to_dict("records"):
-                f.write(("" if first else ",\n") + json.dumps(cell_feature(row, geometry)))
-                first = False
+        for start in range(0, len(records), OUTLINE_BLOCK):
+            stop = min(start + OUTLINE_BLOCK, len(records))
+            outlines = (_outlines(root, slide_id, table, start, stop) if geometry == "outline"
+                        else [None] * (stop - start))
+            for i, outline in zip(range(start, stop), outlines):
+                feature = cell_feature(records[i], geometry, outline)
+                f.write(("" if i == 0 else ",\n") + json.dumps(feature))
         f.write("\n]}\n")
 
 
@@ -193,7 +282,7 @@ def cells_anndata(root, slide_ids, labels: str | None = None, *, store: str = ""
                                  "spatial_um": np.concatenate(spatial_um)})
 
 
-def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "box",
+def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "outline",
                  labels: str | None = None) -> int:
     """Write the cells of complete slides of a store to one file.
 
@@ -208,8 +297,9 @@ def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "box",
     slide_ids : list of str, optional
         Slides to export (default: every complete slide).  GeoJSON holds one slide's
         coordinates, so it needs exactly one.
-    geometry : {"box", "point"}
-        GeoJSON geometry: the nucleus bounding box as a polygon, or its centroid.
+    geometry : {"outline", "box", "point"}
+        GeoJSON geometry: the nucleus outline traced on its stored mask (a polygon in
+        level-0 pixels), its bounding box as a polygon, or its centroid.
     labels : str, optional
         Model id whose cluster labels (``labels/<model_id>``: cluster and probabilities)
         are added; by default those of the one model every slide has complete labels of.
@@ -234,7 +324,8 @@ def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "box",
     if fmt not in FORMATS:
         raise WsicellError(f"{out}: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if geometry not in GEOMETRIES:
-        raise WsicellError(f"{out}: unknown geometry {geometry!r}; choose box or point")
+        raise WsicellError(f"{out}: unknown geometry {geometry!r}; choose from "
+                           f"{', '.join(GEOMETRIES)}")
     root = open_store(store)
     slide_ids = list(slide_ids) if slide_ids else complete_slides(root)
     if not slide_ids:
@@ -270,7 +361,7 @@ def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "box",
         elif fmt == "parquet":
             _write_parquet(tables, tmp)
         else:
-            _write_geojson(tables, tmp, geometry)
+            _write_geojson(root, slide_ids[0], next(tables), tmp, geometry)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -4,11 +4,14 @@ This module is the one owner of the store's format: every group, array, attribut
 status constant below is defined, written and read here; the rest of wsicell calls these
 functions.  Layout (validated against ``schemas/store*.schema.json``)::
 
-    STORE.zarr/                     attrs {"wsicell_store_version": 1}
+    STORE.zarr/                     attrs {"wsicell_store_version": 2}
       slides/<slide_id>/            attrs: status, source_path, fingerprint, width, height, mpp,
                                     stain, config, wsicell_version, n_cells, ...
         crops                       (N, S, S, 3) uint8, chunks of ingest.crops_per_chunk crops
-        cells/<column>              (N,) one array per column of CELL_COLUMNS
+        masks                       (N, S, S) bool, each crop's nucleus pixels (same chunks)
+        cells/<column>              (N,) one array per column of CELL_COLUMNS; crop pixel
+                                    (r, c) of cell i covers the level-0 square of side
+                                    crop_px[i] at (crop_x0[i], crop_y0[i]) + crop_px[i] * (c, r)
         tiles/<column>              (T,) the tile manifest, one entry per tissue tile
         thumbnail                   (h, w, 3) uint8;  tissue_mask (h, w) bool
         labels/<model_id>/          attrs: status, model_id, k, n_cells, slide_fingerprint,
@@ -46,11 +49,11 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from wsicell.errors import WsicellError
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: nucleus masks and crop placement (crop_x0, crop_y0, crop_px)
 STATUS_INGESTING = "ingesting"
 STATUS_WRITING = "writing"  # labels whose chunks are being written
 STATUS_COMPLETE = "complete"
-SLIDES, CELLS, CROPS, TILES, LABELS = "slides", "cells", "crops", "tiles", "labels"
+SLIDES, CELLS, CROPS, MASKS, TILES, LABELS = "slides", "cells", "crops", "masks", "tiles", "labels"
 THUMBNAIL, TISSUE_MASK, REGION_GRID = "thumbnail", "tissue_mask", "region_proportions"
 
 CELL_COLUMNS: dict[str, str] = {
@@ -63,6 +66,9 @@ CELL_COLUMNS: dict[str, str] = {
     "bbox_y1": "int32",
     "area": "float32",
     "mean_hematoxylin": "float32",
+    "crop_x0": "float64",
+    "crop_y0": "float64",
+    "crop_px": "float32",
     "tile_id": "int32",
 }
 TILE_COLUMNS: dict[str, str] = {
@@ -135,6 +141,12 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     except Exception as err:
         raise WsicellError(f"{path}: not a readable Zarr v3 store ({err})") from None
     if not _is_store(root):
+        version = root.attrs.get("wsicell_store_version")
+        if isinstance(version, int) and version < STORE_VERSION:
+            raise WsicellError(
+                f"{path}: a cell store of version {version}, from an older wsicell (this one "
+                f"reads version {STORE_VERSION}, which adds nucleus masks); ingest the slides "
+                "again into a new store")
         raise WsicellError(f"{path}: not a wsicell cell store (no wsicell_store_version)")
     return root
 
@@ -311,6 +323,12 @@ def slide_crops(root: zarr.Group, slide_id: str) -> StoredArray:
     return _stored(root, slide_id, CROPS)
 
 
+def slide_masks(root: zarr.Group, slide_id: str) -> StoredArray:
+    """Nucleus masks of a complete slide's crops, (N, S, S) bool, in cell_id order; the
+    cell columns ``crop_x0``, ``crop_y0``, ``crop_px`` place them on the slide."""
+    return _stored(root, slide_id, MASKS)
+
+
 def slide_cells(root: zarr.Group, slide_id: str) -> pd.DataFrame:
     """Cell table of a complete slide, one row per cell in cell_id order."""
     return pd.DataFrame({name: _stored(root, slide_id, f"{CELLS}/{name}")[:]
@@ -439,11 +457,17 @@ def discard_slide(root: zarr.Group, slide_id: str) -> None:
 def create_cell_arrays(
     group: zarr.Group, n_cells: int, crop_size: int, crops_per_chunk: int, cells_per_chunk: int
 ) -> None:
-    """Create empty ``crops`` and ``cells/*`` arrays of ``n_cells`` rows (overwriting)."""
+    """Create empty ``crops``, ``masks`` and ``cells/*`` arrays of ``n_cells`` rows
+    (overwriting)."""
     group.create_array(
         CROPS, shape=(n_cells, crop_size, crop_size, 3), dtype="uint8",
         chunks=(crops_per_chunk, crop_size, crop_size, 3), compressors=_COMPRESSOR,
         fill_value=255, overwrite=True, dimension_names=("cell", "y", "x", "channel"),
+    )
+    group.create_array(
+        MASKS, shape=(n_cells, crop_size, crop_size), dtype="bool",
+        chunks=(crops_per_chunk, crop_size, crop_size), compressors=_COMPRESSOR,
+        fill_value=False, overwrite=True, dimension_names=("cell", "y", "x"),
     )
     cells = group.create_group(CELLS, overwrite=True)
     for name, dtype in CELL_COLUMNS.items():
@@ -466,10 +490,13 @@ def write_cell_rows(store: str | Path, slide_id: str, start: int,
         _every_chunk(cells[name])[start:start + len(values)] = values
 
 
-def write_crop_rows(store: str | Path, slide_id: str, start: int, crops: np.ndarray) -> None:
-    """Write crops ``start:start + n`` of a slide being ingested (whole chunks)."""
-    array = zarr.open_array(Path(store) / SLIDES / slide_id / CROPS, mode="r+")
-    _every_chunk(array)[start:start + len(crops)] = crops
+def write_crop_rows(store: str | Path, slide_id: str, start: int, crops: np.ndarray,
+                    masks: np.ndarray) -> None:
+    """Write crops and masks ``start:start + n`` of a slide being ingested (whole chunks)."""
+    group = Path(store) / SLIDES / slide_id
+    for name, rows in ((CROPS, crops), (MASKS, masks)):
+        array = zarr.open_array(group / name, mode="r+")
+        _every_chunk(array)[start:start + len(rows)] = rows
 
 
 def finish_slide(group: zarr.Group, tile_counts: np.ndarray, attrs: dict) -> None:

@@ -7,7 +7,9 @@ touches tile pixels runs inside Dask workers:
    ``segmentation.reference_mpp``) is cut into tiles of ``ingest.tile_size``; tiles with
    enough tissue are kept.  The slide group is created with ``status="ingesting"``.
 2. **Pass 1.** A seeded sample of tissue tiles gives a pixel sample from which the slide's
-   :class:`~wsicell.segmentation.stain.StainParameters` are fitted once and recorded.
+   :class:`~wsicell.segmentation.stain.StainParameters` are fitted once and recorded; the
+   ``adaptive`` recipe's threshold and nucleus scale are calibrated once on the same
+   tiles' hematoxylin and recorded beside them (``calibration``).
 3. **Pass 2.** Each task segments a few tiles: only a tile's tissue region (the box of the
    tissue mask inside it) is read, with a halo so that a nucleus on a border is found
    whole; a nucleus belongs to the tile whose region holds its centroid.  A finished
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsicell.analysis.metrics import area_summary
 from wsicell.config import WsicellConfig
 from wsicell.errors import WsicellError
 from wsicell.io.slide import find_slide_files
@@ -46,6 +49,7 @@ from wsicell.io.store import (
     open_store,
     slide_attrs,
     slide_begun,
+    slide_cells,
     slide_status,
     store_lock,
 )
@@ -61,13 +65,14 @@ from wsicell.pipeline.tiles import (
     SlidePlan,
     cell_blocks,
     plan_slide,
+    sample_hematoxylin,
     sample_stain_pixels,
     segment_tiles,
     slide_id_for,
     write_cell_columns,
     write_crops,
 )
-from wsicell.segmentation.nuclei import check_whole_slide_recipe
+from wsicell.segmentation.adaptive import calibrate, hematoxylin_od
 from wsicell.segmentation.stain import fit_stain_parameters
 
 SLIDES_IN_FLIGHT = 4  # slides ingested at the same time by a multi-slide run
@@ -87,17 +92,23 @@ def _resumable(root, plan: SlidePlan, attrs: dict) -> bool:
     return all(old.get(k) == v for k, v in attrs.items())
 
 
-def _stain_parameters(client, plan: SlidePlan, tiles: dict, config: WsicellConfig,
-                      bars: bool) -> dict:
-    """Pass 1: fit the slide's stain parameters on a seeded sample of tissue tiles."""
+def _sampled_regions(tiles: dict, config: WsicellConfig) -> list[tuple[int, tuple]]:
+    """The seeded sample of tissue tiles of pass 1: ``(tile_id, region)`` pairs."""
     rows = np.arange(len(tiles["tile_id"]))
     fractions = tiles["tissue_fraction"]
     candidates = rows[fractions >= 0.5] if (fractions >= 0.5).any() else rows
     rng = np.random.default_rng(config.ingest.seed)
     sample = np.sort(rng.choice(candidates, min(len(candidates), config.ingest.stain_sample_tiles),
                                 replace=False))
-    submissions = [(f"stain-{plan.slide_id}-{tiles['tile_id'][r]}", 1, sample_stain_pixels,
-                    (plan, tuple(int(v) for v in tiles["region"][r]))) for r in sample]
+    return [(int(tiles["tile_id"][r]), tuple(int(v) for v in tiles["region"][r]))
+            for r in sample]
+
+
+def _stain_parameters(client, plan: SlidePlan, tiles: dict, config: WsicellConfig,
+                      bars: bool) -> dict:
+    """Pass 1: fit the slide's stain parameters on a seeded sample of tissue tiles."""
+    submissions = [(f"stain-{plan.slide_id}-{tile_id}", 1, sample_stain_pixels, (plan, region))
+                   for tile_id, region in _sampled_regions(tiles, config)]
     with phase_bar(len(submissions), f"{plan.slide_id} stain", bars) as bar:
         pixels = np.concatenate(run_tasks(client, submissions, bar))
     if len(pixels) < 1000:
@@ -109,13 +120,34 @@ def _stain_parameters(client, plan: SlidePlan, tiles: dict, config: WsicellConfi
         raise WsicellError(f"{plan.path}: cannot estimate the stain ({err})") from None
 
 
+def _calibration(client, plan: SlidePlan, tiles: dict, stain: dict, config: WsicellConfig,
+                 bars: bool) -> dict | None:
+    """Pass 1, ``adaptive`` recipe: its threshold and nucleus radius, calibrated once for
+    the slide on the hematoxylin of the tiles sampled for the stain (None for the
+    fixed-threshold recipes)."""
+    seg = config.segmentation
+    if seg.method != "adaptive":
+        return None
+    submissions = [(f"calibrate-{plan.slide_id}-{tile_id}", 1, sample_hematoxylin,
+                    (plan, stain, region)) for tile_id, region in _sampled_regions(tiles, config)]
+    with phase_bar(len(submissions), f"{plan.slide_id} calibration", bars) as bar:
+        windows = run_tasks(client, submissions, bar)
+    found = calibrate([hematoxylin_od(h) for h in windows], seg.reference_mpp, seg.adaptive)
+    return {"threshold": found.threshold, "radius_um": found.radius_um}
+
+
 def _consolidate(client, plan: SlidePlan, tile_ids: np.ndarray, config: WsicellConfig,
                  bars: bool, known: dict[int, int]) -> np.ndarray:
-    """Write the final arrays from the staged tiles; returns cells per tile (``known``:
-    the counts this run's tasks returned; the tiles of an earlier run are read)."""
-    counts = np.array([known[t] if t in known else
-                       len(read_staged_tile(plan.staging, t, ["x"])["x"])
-                       for t in map(int, tile_ids)], dtype=np.int64)
+    """Write the final arrays from the staged tiles; returns cells and refused objects per
+    tile, (T, 2) int64 (``known``: the counts this run's tasks returned; the tiles of an
+    earlier run are read)."""
+    def staged(tile_id: int) -> tuple[int, int]:
+        tile = read_staged_tile(plan.staging, tile_id, ["x", "refused"])
+        return len(tile["x"]), int(tile["refused"][0])
+
+    both = np.array([known[t] if t in known else staged(t) for t in map(int, tile_ids)],
+                    dtype=np.int64).reshape(-1, 2)
+    counts = both[:, 0]
     group = ingesting_slide(open_store(plan.store, mode="r+"), plan.slide_id)
     ingest = config.ingest
     create_cell_arrays(group, int(counts.sum()), config.segmentation.crop_size,
@@ -131,7 +163,7 @@ def _consolidate(client, plan: SlidePlan, tile_ids: np.ndarray, config: WsicellC
     with phase_bar(sum(w for _, w, _, _ in submissions), f"{plan.slide_id} write",
                     bars) as bar:
         run_tasks(client, submissions, bar)
-    return counts
+    return both
 
 
 def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *,
@@ -160,9 +192,13 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
             # the block waits for it).
             begun = (pool.submit(begin_slide, root, plan.slide_id, attrs, thumb, tissue, tiles)
                      if fresh else None)
-            stain = None if fresh else slide_attrs(root, plan.slide_id).get("stain")
+            earlier = {} if fresh else slide_attrs(root, plan.slide_id)
+            stain = earlier.get("stain")
             if stain is None:
                 stain = _stain_parameters(client(), plan, tiles, config, phase_bars)
+            calibration = earlier.get("calibration")
+            if calibration is None:
+                calibration = _calibration(client(), plan, tiles, stain, config, phase_bars)
             if begun is not None:
                 begun.result()
     except WsicellError:  # a slide refused before any cell: take its new group away
@@ -171,7 +207,7 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
         raise
     group = ingesting_slide(root, plan.slide_id)
     if "stain" not in group.attrs:
-        group.attrs["stain"] = stain
+        group.attrs.update({"stain": stain, "calibration": calibration})
     tile_ids = tiles["tile_id"]
     done = staged_tiles(plan.staging)
     todo = [(int(t), tuple(int(v) for v in region))
@@ -183,7 +219,7 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
     shutil.rmtree(plan.staging / LOOKUP_DIR, ignore_errors=True)
     per_task = config.ingest.tiles_per_task
     submissions = [(f"segment-{plan.slide_id}-{todo[i][0]}", len(todo[i:i + per_task]),
-                    segment_tiles, (plan, stain, config, todo[i:i + per_task]))
+                    segment_tiles, (plan, stain, calibration, config, todo[i:i + per_task]))
                    for i in range(0, len(todo), per_task)]
     tiles_bar.add(len(tile_ids), done=len(tile_ids) - len(todo))
     known = {}
@@ -191,12 +227,28 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
         for task_counts in run_tasks(client(), submissions, tiles_bar):
             known.update(task_counts)
     counts = _consolidate(client(), plan, tile_ids, config, phase_bars, known)
-    finish_slide(group, counts, {"n_tiles": int(len(tile_ids))})
+    n_refused = int(counts[:, 1].sum())
+    finish_slide(group, counts[:, 0], {"n_tiles": int(len(tile_ids)), "n_refused": n_refused})
     remove_staging(store, plan.slide_id)
-    n_tiles = len(tile_ids)
-    tiles_bar.message(f"{plan.slide_id}: {int(counts.sum())} cells from {n_tiles} tissue "
-                      f"tile{'s' if n_tiles != 1 else ''}")
+    tiles_bar.message(ingest_summary(plan.slide_id, len(tile_ids), n_refused,
+                                     slide_cells(root, plan.slide_id)["area"].to_numpy()))
     return plan.slide_id
+
+
+def ingest_summary(slide_id: str, n_tiles: int, n_refused: int, area_um2: np.ndarray) -> str:
+    """The line ingest prints for a finished slide: cells, tiles, the nucleus-area
+    distribution and the objects refused as too large to be a nucleus.
+
+    Examples
+    --------
+    >>> ingest_summary("s", 1, 0, np.array([5.0, 20, 30, 40, 50]))
+    's: 5 cells from 1 tissue tile; nucleus area median 30 um2 (quartiles 20-40), 20.0% under 10 um2'
+    """
+    line = (f"{slide_id}: {len(area_um2)} cells from {n_tiles} tissue "
+            f"tile{'s' if n_tiles != 1 else ''}; {area_summary(area_um2)}")
+    if n_refused:
+        line += f"; {n_refused} object{'s' if n_refused != 1 else ''} refused as too large"
+    return line
 
 
 def ingest(store, paths, config: WsicellConfig | None = None, *, mpp=None, workers=2,
@@ -252,7 +304,6 @@ def ingest(store, paths, config: WsicellConfig | None = None, *, mpp=None, worke
     ['slide_a', 'slide_b']
     """
     config = config or WsicellConfig()
-    check_whole_slide_recipe(config.segmentation)
     paths = [paths] if isinstance(paths, (str, Path)) else paths
     files = [p.resolve() for p in find_slide_files(paths)]
     ids = [slide_id_for(p) for p in files]

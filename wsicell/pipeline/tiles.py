@@ -2,7 +2,8 @@
 
 The client plans a slide (:func:`plan_slide`: tissue on a thumbnail, the reference grid cut
 into tiles, tiles with enough tissue kept); workers then sample its stain
-(:func:`sample_stain_pixels`), segment its tiles into the staging directory
+(:func:`sample_stain_pixels`; and its hematoxylin for a per-slide calibration,
+:func:`sample_hematoxylin`), segment its tiles into the staging directory
 (:func:`segment_tiles`) and write the final arrays in blocks of whole chunks
 (:func:`write_cell_columns`, :func:`write_crops`).  The workers of one slide build its
 stain look-up table together (:func:`shared_lookup_blocks`).
@@ -44,7 +45,18 @@ from wsicell.io.store import (
     write_crop_rows,
 )
 from wsicell.pipeline.cluster import prepare_worker
-from wsicell.segmentation.nuclei import measure_nuclei, segment_hematoxylin
+from wsicell.segmentation.adaptive import (
+    Calibration,
+    background_block,
+    hematoxylin_od,
+    segment_hematoxylin_od,
+)
+from wsicell.segmentation.nuclei import (
+    Objects,
+    crop_placement,
+    measure_nuclei,
+    segment_hematoxylin,
+)
 from wsicell.segmentation.stain import StainLookup, StainParameters
 from wsicell.segmentation.tissue import (
     detect_tissue,
@@ -87,6 +99,7 @@ class SlidePlan:
     grid_rows: int
     max_plain_pixels: int
     stain_lookup: bool = True
+    align: int = 1  #: windows start on multiples of this (reference px; see :meth:`window`)
 
     def core(self, tile_id: int) -> tuple[int, int, int, int]:
         """``[x0, y0, x1, y1)`` of the tile itself (reference px)."""
@@ -96,9 +109,13 @@ class SlidePlan:
                                                                       self.grid.height)
 
     def window(self, region) -> tuple[int, int, int, int]:
-        """A region ``[x0, y0, x1, y1)`` grown by the halo, clipped to the slide (reference px)."""
+        """A region ``[x0, y0, x1, y1)`` grown by the halo, its start moved down to a
+        multiple of ``align`` (the block of the ``adaptive`` recipe's background, so that
+        a tile sees the background the whole slide would), clipped to the slide
+        (reference px)."""
         x0, y0, x1, y1 = region
-        return (max(x0 - self.halo, 0), max(y0 - self.halo, 0),
+        a = self.align
+        return (max((x0 - self.halo) // a * a, 0), max((y0 - self.halo) // a * a, 0),
                 min(x1 + self.halo, self.grid.width), min(y1 + self.halo, self.grid.height))
 
     @property
@@ -158,28 +175,55 @@ def read_tile(plan: SlidePlan, box: tuple[int, int, int, int]) -> np.ndarray:
     return read_reference_region(slide, plan.grid, x0, y0, x1 - x0, y1 - y0)
 
 
+def _sample_window(plan: SlidePlan, region) -> np.ndarray:
+    """Pixels of the central ``STAIN_WINDOW`` square of a tile's region, (h, w, 3) uint8."""
+    x0, y0, x1, y1 = region
+    cx, cy, half = (x0 + x1) // 2, (y0 + y1) // 2, STAIN_WINDOW // 2
+    return read_tile(plan, (max(x0, cx - half), max(y0, cy - half),
+                            min(x1, cx + half), min(y1, cy + half)))
+
+
 def sample_stain_pixels(plan: SlidePlan, region) -> np.ndarray:
     """The stained pixels among a regular subsample (at most ``STAIN_PIXELS_PER_TILE``) of
     the central ``STAIN_WINDOW`` square of a tile's region, (n, 3) uint8: glass would bias
     the slide's Reinhard statistics by how much of it the sampled windows happen to hold."""
     prepare_worker()
-    x0, y0, x1, y1 = region
-    cx, cy, half = (x0 + x1) // 2, (y0 + y1) // 2, STAIN_WINDOW // 2
-    rgb = read_tile(plan, (max(x0, cx - half), max(y0, cy - half),
-                           min(x1, cx + half), min(y1, cy + half)))
+    rgb = _sample_window(plan, region)
     stride = max(1, math.ceil(math.sqrt(rgb.shape[0] * rgb.shape[1] / STAIN_PIXELS_PER_TILE)))
     pixels = rgb[::stride, ::stride].reshape(-1, 3)
     return pixels[stained_pixels(pixels)]
 
 
+def sample_hematoxylin(plan: SlidePlan, stain: dict, region) -> np.ndarray:
+    """Dask task: the hematoxylin intensity (h, w) uint8 of the window
+    :func:`sample_stain_pixels` read, under the slide's fitted stain, for the per-slide
+    calibration of the ``adaptive`` recipe."""
+    prepare_worker()
+    return StainParameters.from_json(stain).hematoxylin_of(_sample_window(plan, region))
+
+
+def segment_objects(hematoxylin: np.ndarray, config: WsicellConfig,
+                    calibration: dict | None) -> tuple[Objects, np.ndarray]:
+    """The nuclei of a tile's hematoxylin (H, W) uint8 at the reference resolution by the
+    configured recipe, and the centroids (K, 2) of the objects refused as too large
+    (``adaptive``, with the slide's ``calibration``: threshold, radius_um)."""
+    seg = config.segmentation
+    if seg.method == "adaptive":
+        labels, refused = segment_hematoxylin_od(hematoxylin_od(hematoxylin), seg.reference_mpp,
+                                                 seg.adaptive, Calibration(**calibration))
+        return Objects.from_labels(labels), refused
+    return segment_hematoxylin(hematoxylin, seg), np.zeros((0, 2))
+
+
 def segment_tile(plan: SlidePlan, colours: StainLookup | StainParameters, config: WsicellConfig,
-                 region) -> dict[str, np.ndarray]:
+                 calibration: dict | None, region) -> dict[str, np.ndarray]:
     """The nuclei owned by one tile region ``[x0, y0, x1, y1)`` (reference px), in level-0
-    pixels, as staged columns plus ``crops``."""
+    pixels, as staged columns plus ``crops``, ``masks`` and ``refused`` (one value: the
+    objects refused as too large whose centroid lies in the region)."""
     wx0, wy0, wx1, wy1 = window = plan.window(region)
     rgb = read_tile(plan, window)
     hematoxylin = colours.hematoxylin_of(rgb)
-    objects = segment_hematoxylin(hematoxylin, config.segmentation)
+    objects, refused = segment_objects(hematoxylin, config, calibration)
     x, y = objects.x + wx0, objects.y + wy0
     x0, y0, x1, y1 = region
     # A nucleus touching a window edge inside the slide is cut by the window: it is
@@ -190,8 +234,11 @@ def segment_tile(plan: SlidePlan, colours: StainLookup | StainParameters, config
            | ((by1 == wy1 - wy0) & (wy1 < plan.grid.height)))
     owned = measure_nuclei(objects, hematoxylin, rgb, config.segmentation, colours.normalise,
                            which=(x >= x0) & (x < x1) & (y >= y0) & (y < y1) & ~cut)
+    rx, ry = refused[:, 0] + wx0, refused[:, 1] + wy0
+    n_refused = int(((rx >= x0) & (rx < x1) & (ry >= y0) & (ry < y1)).sum())
     scale = plan.grid.scale
     bbox = owned.bbox.astype(np.float64) + [wx0, wy0, wx0, wy0]
+    origin, crop_px = crop_placement(owned.bbox, config.segmentation.crop_size)
     return {
         "x": plan.grid.to_level0(owned.x + wx0),
         "y": plan.grid.to_level0(owned.y + wy0),
@@ -201,23 +248,29 @@ def segment_tile(plan: SlidePlan, colours: StainLookup | StainParameters, config
         "bbox_y1": np.ceil(bbox[:, 3] * scale).astype(np.int32),
         "area": (owned.area * plan.reference_mpp ** 2).astype(np.float32),
         "mean_hematoxylin": owned.mean_hematoxylin.astype(np.float32),
+        "crop_x0": (origin[:, 0] + wx0) * scale,
+        "crop_y0": (origin[:, 1] + wy0) * scale,
+        "crop_px": (crop_px * scale).astype(np.float32),
         "crops": owned.crops,
+        "masks": owned.masks,
+        "refused": np.array([n_refused]),
     }
 
 
-def segment_tiles(plan: SlidePlan, stain: dict, config: WsicellConfig,
-                  tiles: list[tuple[int, tuple[int, int, int, int]]]) -> dict[int, int]:
+def segment_tiles(plan: SlidePlan, stain: dict, calibration: dict | None,
+                  config: WsicellConfig, tiles: list[tuple[int, tuple[int, int, int, int]]]
+                  ) -> dict[int, tuple[int, int]]:
     """Dask task: segment ``(tile_id, region)`` tiles and stage each one atomically; returns
-    the number of cells of each tile."""
+    the numbers of cells and of refused objects of each tile."""
     prepare_worker()
     plan.staging.mkdir(parents=True, exist_ok=True)
     colours = (_worker_lookup(plan.staging, json.dumps(stain, sort_keys=True))
                if plan.stain_lookup else StainParameters.from_json(stain))
     counts = {}
     for tile_id, region in tiles:
-        cells = segment_tile(plan, colours, config, region)
+        cells = segment_tile(plan, colours, config, calibration, region)
         write_staged_tile(plan.staging, tile_id, cells)
-        counts[tile_id] = len(cells["x"])
+        counts[tile_id] = len(cells["x"]), int(cells["refused"][0])
     return counts
 
 
@@ -247,11 +300,12 @@ def write_cell_columns(plan: SlidePlan, start: int, pieces: list[tuple[int, int,
 
 
 def write_crops(plan: SlidePlan, start: int, pieces: list[tuple[int, int, int]]) -> int:
-    """Dask task: write the crops rows ``start..`` of ``pieces``, a block of whole chunks."""
+    """Dask task: write the crops and masks rows ``start..`` of ``pieces``, a block of whole
+    chunks."""
     prepare_worker()
-    block = _staged_rows(plan, pieces, ["crops"])["crops"]
-    write_crop_rows(plan.store, plan.slide_id, start, block)
-    return len(block)
+    block = _staged_rows(plan, pieces, ["crops", "masks"])
+    write_crop_rows(plan.store, plan.slide_id, start, block["crops"], block["masks"])
+    return len(block["crops"])
 
 
 def cell_blocks(counts: np.ndarray, tile_ids: np.ndarray, block: int):
@@ -294,6 +348,7 @@ def plan_slide(path: Path, store: Path, config: WsicellConfig, mpp: float | None
         Unreadable slide, a pyramid without mpp, or no tissue.
     """
     fingerprint = file_fingerprint(path)
+    seg = config.segmentation
     slide = open_slide(path, config.ingest.max_plain_image_pixels)
     try:
         slide_mpp = resolve_mpp(slide, mpp, config.segmentation.reference_mpp)
@@ -311,6 +366,8 @@ def plan_slide(path: Path, store: Path, config: WsicellConfig, mpp: float | None
         halo=config.ingest.halo, grid_cols=math.ceil(grid.width / size),
         grid_rows=math.ceil(grid.height / size),
         max_plain_pixels=config.ingest.max_plain_image_pixels,
+        align=background_block(seg.adaptive.tophat_radius_um / seg.reference_mpp)
+        if seg.method == "adaptive" else 1,
     )
     all_ids = np.arange(plan.grid_cols * plan.grid_rows)
     cores = np.array([plan.core(t) for t in all_ids])

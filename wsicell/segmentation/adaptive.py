@@ -89,17 +89,29 @@ def contrast(od: np.ndarray, mpp: float, p: AdaptiveConfig) -> np.ndarray:
     return sm
 
 
+def background_block(radius_px: float) -> int:
+    """Side (pixels) of the blocks :func:`local_background` averages for a disk of
+    ``radius_px``: images whose origins lie on multiples of it (a slide's tiles and the
+    whole slide) get the same background wherever the disk stays inside both."""
+    return max(int(radius_px // 5), 1)
+
+
 def local_background(image: np.ndarray, radius_px: float) -> np.ndarray:
-    """Grey opening of a float32 (H, W) image by a disk, computed on a copy shrunk so that
-    the disk is about 5 px in radius (area averaging), then enlarged back (bilinear): the
-    background is smooth at that scale and a large disk opening costs ~40x more."""
-    f = max(int(radius_px // 5), 1)
+    """Grey opening of a float32 (H, W) image by a disk, computed on a copy shrunk by an
+    integer factor (:func:`background_block`; area averaging of whole blocks, the image
+    padded by edge replication to a multiple of it) so that the disk is about 5 px in
+    radius, then enlarged back by the same factor (bilinear): the background is smooth at
+    that scale and a large disk opening costs ~40x more."""
+    f = background_block(radius_px)
     if f == 1:
         return cv2.morphologyEx(image, cv2.MORPH_OPEN, _disk(radius_px))
     h, w = image.shape
-    small = cv2.resize(image, (max(w // f, 1), max(h // f, 1)), interpolation=cv2.INTER_AREA)
+    padded = cv2.copyMakeBorder(image, 0, -h % f, 0, -w % f, cv2.BORDER_REPLICATE)
+    small = cv2.resize(padded, (padded.shape[1] // f, padded.shape[0] // f),
+                       interpolation=cv2.INTER_AREA)
     small = cv2.morphologyEx(small, cv2.MORPH_OPEN, _disk(radius_px / f))
-    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(small, (padded.shape[1], padded.shape[0]),
+                      interpolation=cv2.INTER_LINEAR)[:h, :w]
 
 
 def fill_holes(mask: np.ndarray, max_hole_px: int) -> np.ndarray:
@@ -271,8 +283,9 @@ def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None 
     -------
     labels : ndarray, shape (H, W), int32
         Nuclei labelled 1..N, 0 = background.
-    refused : int
-        Objects larger than ``p.max_area_um2`` that were removed.
+    refused : ndarray, shape (K, 2), float64
+        Centroids ``(x, y)`` (pixels) of the objects larger than ``p.max_area_um2`` that
+        were removed.
     """
     p = p or AdaptiveConfig()
     con = contrast(od, mpp, p)
@@ -293,6 +306,17 @@ def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None 
     keep[0] = big[0] = False
     new = np.zeros(len(area), dtype=np.int32)
     new[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return new[labels], int(big.sum())
+    return new[labels], _centroids(labels, big)
+
+
+def _centroids(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Centroids (K, 2) float64 ``(x, y)`` of the labels flagged in ``which`` (bool, one per
+    label value), in label order; one pass over their pixels only."""
+    if not which.any():
+        return np.zeros((0, 2))
+    rows, cols = np.nonzero(which[labels])
+    ids, index = np.unique(labels[rows, cols], return_inverse=True)
+    n = np.bincount(index)
+    return np.column_stack([np.bincount(index, cols) / n, np.bincount(index, rows) / n])
 
 

@@ -127,7 +127,8 @@ def resample_labels(labels: np.ndarray, shape: tuple[int, int], scale: float) ->
 
 def _empty_nuclei(crop_size: int) -> Nuclei:
     return Nuclei(np.zeros(0), np.zeros(0), np.zeros((0, 4), np.int32), np.zeros(0, np.int32),
-                  np.zeros(0, np.float32), np.zeros((0, crop_size, crop_size, 3), np.uint8))
+                  np.zeros(0, np.float32), np.zeros((0, crop_size, crop_size, 3), np.uint8),
+                  np.zeros((0, crop_size, crop_size), bool))
 
 
 def _segment_adaptive(slide, file_mpp: float, grid: ReferenceGrid, rgb: np.ndarray,
@@ -143,8 +144,8 @@ def _segment_adaptive(slide, file_mpp: float, grid: ReferenceGrid, rgb: np.ndarr
     else:
         stain = fit_stain_parameters(image, config.stain)
         hematoxylin = stain.hematoxylin_of(image)
-    labels, refused = segment_hematoxylin_od(hematoxylin_od(hematoxylin), seg_mpp,
-                                             config.segmentation.adaptive)
+    labels, big = segment_hematoxylin_od(hematoxylin_od(hematoxylin), seg_mpp,
+                                         config.segmentation.adaptive)
     if native:
         # objects smaller than a reference pixel vanish: number the survivors 1..N, and the
         # native labels alike (the vanished ones become background there too)
@@ -159,7 +160,7 @@ def _segment_adaptive(slide, file_mpp: float, grid: ReferenceGrid, rgb: np.ndarr
     objects = Objects.from_labels(reference)
     nuclei = measure_nuclei(objects, reference_h, rgb, config.segmentation,
                             None if stain is None else stain.normalise)
-    return nuclei, reference, native_labels, refused
+    return nuclei, reference, native_labels, len(big)
 
 
 def segment_file(path: str | Path, config: WsicellConfig, mpp: float | None = None,

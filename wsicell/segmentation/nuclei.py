@@ -20,7 +20,6 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from wsicell.config import SegmentationConfig, WsicellConfig
-from wsicell.errors import WsicellError
 from wsicell.segmentation.stain import StainParameters, fit_stain_parameters
 
 
@@ -190,25 +189,6 @@ class Objects:
                        self.x[which], self.y[which])
 
 
-def check_whole_slide_recipe(config: SegmentationConfig) -> None:
-    """Refuse a recipe that cannot segment a whole slide tile by tile.
-
-    The ``adaptive`` method calibrates its threshold and nucleus scale on the image it is
-    given; on a slide's tiles that would give each tile its own calibration, so it needs a
-    per-slide calibration that ingest does not make yet.
-
-    Raises
-    ------
-    WsicellError
-        For ``config.method == "adaptive"``.
-    """
-    if config.method != "threshold":
-        raise WsicellError(
-            f"segmentation preset {config.preset!r} (method {config.method}) segments plain "
-            "images only (wsicell segment / evaluate): whole-slide ingest would need a "
-            "per-slide calibration that does not exist yet; use paper, sensitive or tissue")
-
-
 def segment_hematoxylin(hematoxylin: np.ndarray, config: SegmentationConfig) -> Objects:
     """Label nuclei in a hematoxylin channel.
 
@@ -230,10 +210,12 @@ def segment_hematoxylin(hematoxylin: np.ndarray, config: SegmentationConfig) -> 
 
     Raises
     ------
-    WsicellError
-        A configuration of another method (:func:`check_whole_slide_recipe`).
+    ValueError
+        A configuration of another method (``adaptive`` has its own module,
+        :mod:`wsicell.segmentation.adaptive`).
     """
-    check_whole_slide_recipe(config)
+    if config.method != "threshold":
+        raise ValueError(f"segment_hematoxylin runs the threshold recipe, not {config.method!r}")
     foreground = fill_holes(hematoxylin < config.hematoxylin_threshold, config.max_hole_px)
     foreground = remove_small_objects(foreground, config.min_area_px)
     foreground = _open(foreground, cv2.MORPH_ELLIPSE, config.protrusion_width_px)
@@ -265,6 +247,8 @@ class Nuclei:
         Mean hematoxylin intensity over the nucleus (0..255, dark = much stain).
     crops : ndarray, shape (N, S, S, 3), uint8
         Cell images: the nucleus from the normalised image, centred on white.
+    masks : ndarray, shape (N, S, S), bool
+        The nucleus pixels of each crop (placed by :func:`crop_placement` of ``bbox``).
     """
 
     x: np.ndarray
@@ -273,6 +257,7 @@ class Nuclei:
     area: np.ndarray
     mean_hematoxylin: np.ndarray
     crops: np.ndarray
+    masks: np.ndarray
 
     def __len__(self) -> int:
         return len(self.x)
@@ -283,10 +268,12 @@ class Nuclei:
                       for f in fields(cls)})
 
 
-def cell_crop(region: np.ndarray, inside: np.ndarray, size: int) -> np.ndarray:
-    """One cell image: the pixels of a nucleus centred on white, shrunk to fit if needed.
+def cell_crop(region: np.ndarray, inside: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One cell image and its nucleus mask: the pixels of a nucleus centred on white,
+    shrunk to fit if needed.
 
-    :func:`cell_crops` does the same for many nuclei at once.
+    :func:`cell_crops` does the same for many nuclei at once; :func:`crop_placement` says
+    where the crop lies in the image.
 
     Parameters
     ----------
@@ -299,28 +286,76 @@ def cell_crop(region: np.ndarray, inside: np.ndarray, size: int) -> np.ndarray:
 
     Returns
     -------
-    ndarray, shape (size, size, 3), uint8
+    crop : ndarray, shape (size, size, 3), uint8
         White (255) outside the nucleus; a box longer than ``size`` is rescaled so that
         its longer side is ``size`` (aspect ratio kept).
+    mask : ndarray, shape (size, size), bool
+        The nucleus pixels of ``crop`` (of a rescaled nucleus: crop pixels at least half
+        covered by it).
     """
     h, w = inside.shape
-    cell = region
+    cell, copied = region, inside
     if max(h, w) > size:
         scale = size / max(h, w)
         h, w = max(1, round(h * scale)), max(1, round(w * scale))
         cell = region.copy()
         cell[~inside] = 255
-        inside = slice(None)  # the whole shrunk box: its background is white already
         cell = cv2.resize(cell, (w, h), interpolation=cv2.INTER_AREA)
+        copied = slice(None)  # the whole shrunk box: its background is white already
+        inside = cv2.resize(inside.astype(np.float32), (w, h),
+                            interpolation=cv2.INTER_AREA) >= 0.5
     crop = np.full((size, size, 3), 255, dtype=np.uint8)
+    mask = np.zeros((size, size), dtype=bool)
     top, left = (size - h) // 2, (size - w) // 2
-    crop[top:top + h, left:left + w][inside] = cell[inside]
-    return crop
+    crop[top:top + h, left:left + w][copied] = cell[copied]
+    mask[top:top + h, left:left + w] = inside
+    return crop, mask
+
+
+def crop_placement(bbox: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where the cell images of :func:`cell_crop` lie in the image they were cut from.
+
+    Crop pixel ``(row, col)`` covers the image square of side ``scale`` whose top-left
+    corner is ``origin + scale * (col, row)`` (pixel-edge coordinates: image pixel
+    ``(r, c)`` covers ``[c, c + 1) x [r, r + 1)``).  A shrunk crop's two axes are rounded
+    separately, so its ``scale`` is exact along the longer side and within half a crop
+    pixel along the other.
+
+    Parameters
+    ----------
+    bbox : ndarray, shape (N, 4), int
+        ``[x0, y0, x1, y1)`` of each nucleus, image pixels.
+    size : int
+        Side of the crops.
+
+    Returns
+    -------
+    origin : ndarray, shape (N, 2), float64
+        ``(x, y)`` of each crop's top-left corner, image pixels.
+    scale : ndarray, shape (N,), float64
+        Image pixels per crop pixel (1 unless the nucleus was shrunk to fit).
+
+    Examples
+    --------
+    >>> origin, scale = crop_placement(np.array([[10, 20, 16, 30], [0, 0, 64, 40]]), 32)
+    >>> origin.tolist(), scale.tolist()
+    ([[-3.0, 9.0], [0.0, -12.0]], [1.0, 2.0])
+    """
+    bbox = np.asarray(bbox, dtype=np.int64).reshape(-1, 4)
+    x0, y0, x1, y1 = bbox.T
+    w, h = x1 - x0, y1 - y0
+    scale = np.maximum(np.maximum(w, h) / size, 1.0)
+    shrunk_w = np.where(scale > 1, np.maximum(1, np.round(w / scale)), w)
+    shrunk_h = np.where(scale > 1, np.maximum(1, np.round(h / scale)), h)
+    left, top = (size - shrunk_w) // 2, (size - shrunk_h) // 2
+    origin = np.column_stack([x0 - left * scale, y0 - top * scale]).astype(np.float64)
+    return origin, scale.astype(np.float64)
 
 
 def cell_crops(labels: np.ndarray, image: np.ndarray, bbox: np.ndarray, size: int,
-               normalise=None, ids: np.ndarray | None = None) -> np.ndarray:
-    """Cell images of labelled nuclei (see :func:`cell_crop`), vectorised.
+               normalise=None, ids: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Cell images and nucleus masks of labelled nuclei (see :func:`cell_crop`), vectorised.
 
     Nuclei whose box fits in ``size``, centred in a ``size`` window that lies inside the
     image, are gathered at once; the others (larger nuclei and nuclei at the image's left
@@ -344,17 +379,20 @@ def cell_crops(labels: np.ndarray, image: np.ndarray, bbox: np.ndarray, size: in
 
     Returns
     -------
-    ndarray, shape (N, size, size, 3), uint8
+    crops : ndarray, shape (N, size, size, 3), uint8
+    masks : ndarray, shape (N, size, size), bool
     """
     bbox = np.asarray(bbox, dtype=np.int64).reshape(-1, 4)
     ids = np.arange(1, len(bbox) + 1) if ids is None else np.asarray(ids)
     x0, y0, x1, y1 = bbox.T
     crops = np.empty((len(x0), size, size, 3), dtype=np.uint8)
+    masks = np.empty((len(x0), size, size), dtype=bool)
     left = _window_starts(x0, x1, size)
     fits = ((np.maximum(x1 - x0, y1 - y0) <= size) & (left >= 0)
             & (left + size <= labels.shape[1]))
     if fits.any():
-        crops[fits] = _fitting_crops(labels, image, bbox[fits], ids[fits], size, normalise)
+        crops[fits], masks[fits] = _fitting_crops(labels, image, bbox[fits], ids[fits], size,
+                                                  normalise)
     others = np.flatnonzero(~fits)
     boxes = [np.s_[y0[i]:y1[i], x0[i]:x1[i]] for i in others]
     regions = [image[box] for box in boxes]
@@ -364,8 +402,8 @@ def cell_crops(labels: np.ndarray, image: np.ndarray, bbox: np.ndarray, size: in
         regions = [part.reshape(region.shape) for part, region
                    in zip(np.split(pixels, ends[:-1]), regions)]
     for i, box, region in zip(others, boxes, regions):
-        crops[i] = cell_crop(region, labels[box] == ids[i], size)
-    return crops
+        crops[i], masks[i] = cell_crop(region, labels[box] == ids[i], size)
+    return crops, masks
 
 
 def _window_starts(start: np.ndarray, stop: np.ndarray, size: int) -> np.ndarray:
@@ -375,10 +413,10 @@ def _window_starts(start: np.ndarray, stop: np.ndarray, size: int) -> np.ndarray
 
 
 def _fitting_crops(labels: np.ndarray, image: np.ndarray, bbox: np.ndarray, ids: np.ndarray,
-                   size: int, normalise) -> np.ndarray:
+                   size: int, normalise) -> tuple[np.ndarray, np.ndarray]:
     """:func:`cell_crops` of the nuclei ``ids`` (labels) whose ``bbox`` (N, 4) int64 fits in
     ``size`` and whose window's columns lie inside the image, all at once:
-    (N, size, size, 3) uint8."""
+    crops (N, size, size, 3) uint8 and masks (N, size, size) bool."""
     x0, y0, x1, y1 = bbox.T
     offsets = np.arange(size)
     rows = _window_starts(y0, y1, size)[:, None] + offsets  # (N, size), may leave the image
@@ -398,8 +436,8 @@ def _fitting_crops(labels: np.ndarray, image: np.ndarray, bbox: np.ndarray, ids:
     # faster than numpy's boolean masks.
     pixels = pixels.reshape(-1, size, 3)
     white = np.full_like(pixels, 255)
-    return cv2.copyTo(pixels, inside.view(np.uint8).reshape(-1, size), white).reshape(
-        len(ids), size, size, 3)
+    crops = cv2.copyTo(pixels, inside.view(np.uint8).reshape(-1, size), white)
+    return crops.reshape(len(ids), size, size, 3), inside
 
 
 def _row_windows(image: np.ndarray, size: int) -> np.ndarray:
@@ -415,7 +453,7 @@ def measure_nuclei(
     objects: Objects, hematoxylin: np.ndarray, rgb: np.ndarray, config: SegmentationConfig,
     normalise=None, which: np.ndarray | None = None,
 ) -> Nuclei:
-    """Centroid, box, area, mean hematoxylin and cell image of every nucleus.
+    """Centroid, box, area, mean hematoxylin, cell image and mask of every nucleus.
 
     Parameters
     ----------
@@ -443,8 +481,9 @@ def measure_nuclei(
     area = objects.area[picked]
     mean_h = (hema_sum[ids] / np.maximum(area, 1)).astype(np.float32)
     bbox = objects.bbox[picked]
-    crops = cell_crops(objects.label_image, rgb, bbox, config.crop_size, normalise, ids=ids)
-    return Nuclei(objects.x[picked], objects.y[picked], bbox, area, mean_h, crops)
+    crops, masks = cell_crops(objects.label_image, rgb, bbox, config.crop_size, normalise,
+                              ids=ids)
+    return Nuclei(objects.x[picked], objects.y[picked], bbox, area, mean_h, crops, masks)
 
 
 def is_grayscale(rgb: np.ndarray) -> bool:
