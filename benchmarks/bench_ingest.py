@@ -114,6 +114,7 @@ def timed_ingest(slide: Path, store: Path, config: WsicellConfig, workers: int) 
         "tissue_mp": float((ref_px * tiles["tissue_fraction"][:]).sum() / 1e6),
         "tile_mp": float(ref_px.sum() / 1e6), "n_cells": int(group.attrs["n_cells"]),
         "n_tiles": int(tiles["tile_id"].shape[0]), "stain": group.attrs["stain"],
+        "calibration": group.attrs["calibration"],
     }
 
 
@@ -161,7 +162,7 @@ def time_recipes_on_tiles(slide: Path, run: dict, config: WsicellConfig, n_tiles
         htk_recipe(rgb)
         htk_s += time.perf_counter() - start
         start = time.perf_counter()
-        segment_tile(plan, lookup, config, region)
+        segment_tile(plan, lookup, config, run["calibration"], region)
         kernel_s += time.perf_counter() - start
     return htk_s / megapixels, kernel_s / megapixels, megapixels, processed_mp
 
@@ -180,13 +181,16 @@ def main(argv=None):
                         help="also ingest a 4x larger slide for peak_rss_growth_4x")
     parser.add_argument("--tile-size", type=int, default=IngestConfig().tile_size)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default=None,
+                        help="segmentation preset (default: the configuration's default)")
     parser.add_argument("--checksum-ratio", action=argparse.BooleanOptionalAction,
                         default=False, help="also ingest without checksums: checksum_cost_ratio")
     parser.add_argument("--repeats", type=int, default=3,
                         help="ingests per timed configuration (the median counts)")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    config = WsicellConfig(ingest=IngestConfig(tile_size=args.tile_size))
+    config = WsicellConfig(ingest=IngestConfig(tile_size=args.tile_size)).with_options(
+        args.preset)
     slide = build_slide(args.workdir / f"bench_{args.gigapixels:g}gp.tif", args.gigapixels)
 
     store = args.workdir / "store.zarr"

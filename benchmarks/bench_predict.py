@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128, help="Channels of the networks.")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    config = WsicellConfig()
+    config = WsicellConfig().with_options("paper")
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         store, model_dir = Path(tmp) / "bench.zarr", save_model(Path(tmp) / "model", args.width,

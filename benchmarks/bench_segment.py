@@ -45,7 +45,7 @@ def main(argv=None):
     paths = sorted((bm_graz_dir() / "images").glob("*.png"))
     if args.images:
         paths = paths[: args.images]
-    config = WsicellConfig()
+    config = WsicellConfig().with_options("paper")  # the paper's recipe, next to its HTK composition
     threshold = config.segmentation.hematoxylin_threshold
     segment_image(read_rgb_image(paths[0])[:256, :256], config)  # warm-up (imports, caches)
     htk_recipe(read_rgb_image(paths[0])[:256, :256])

@@ -12,8 +12,8 @@ detection, on the three dev sets of ../shared/data.
 Presets run through the product path (``wsicell.segmentation.fov.segment_file``, labels
 at the file's resolution), one image at a time: each image calibrates itself.  The
 ``adaptive (per tile)`` row is the same kernel with the stain fit and calibration pooled
-over the patches of one original CoNSeP tile (what a per-slide calibration would give;
-not reachable from the command line yet).  HistomicsTK: ``htk_kofahi.py``, on the
+over the patches of one original CoNSeP tile: what ``wsicell ingest``'s per-slide
+calibration gives a slide.  HistomicsTK: ``htk_kofahi.py``, on the
 hematoxylin of wsicell's per-image stain fit.
 
 Run single-threaded (a full run is a few minutes; ``--limit N`` takes the first N images
@@ -22,7 +22,7 @@ of each set and of each CoNSeP split)::
     .venv/bin/python benchmarks/segmentation_accuracy.py [--limit N] [--no-train]
 
 Ends with ``name: value`` lines: the default preset's ``monuseg_aji``, ``monuseg_pq``,
-``consep_aji``, ``consep_det_f1``, ``bm_graz_det_f1``, the same prefixed ``adaptive_`` and
+``consep_aji``, ``consep_det_f1``, ``bm_graz_det_f1``, the same prefixed ``paper_`` and
 ``htk_``, and ``adaptive_tile_consep_aji`` / ``adaptive_tile_consep_det_f1``.
 """
 
@@ -233,7 +233,7 @@ def main():
               bm_graz(args.limit, methods))
     print()
     figures = {}
-    for prefix, name in (("", default), ("adaptive_", "adaptive"), ("htk_", "htk kofahi")):
+    for prefix, name in (("", default), ("paper_", "paper"), ("htk_", "htk kofahi")):
         figures.update({
             f"{prefix}monuseg_aji": monuseg[name]["aji"],
             f"{prefix}monuseg_pq": monuseg[name]["pq"],

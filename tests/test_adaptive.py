@@ -1,5 +1,5 @@
 """The ``adaptive`` preset: its kernel on synthetic nuclei, its use on image files at their
-native resolution, and the whole-slide refusal; ``paper`` stays the default, unchanged."""
+native resolution; ``adaptive`` is the default, ``paper`` stays unchanged."""
 
 import cv2
 import numpy as np
@@ -20,6 +20,7 @@ from wsicell.segmentation.adaptive import (
 )
 from wsicell.segmentation.fov import segment_file
 from wsicell.segmentation.nuclei import segment_hematoxylin
+from wsicell.segmentation.stain import fit_stain_parameters
 
 SAMPLE = TEST_DATA / "BM_GRAZ_HE_0001_01.png"
 
@@ -67,11 +68,12 @@ def test_otsu_threshold_separates_two_levels():
     assert 0.1 < otsu_threshold(values) <= 0.7
 
 
-def test_paper_is_still_the_default_and_unchanged():
-    assert load_config().segmentation == SEGMENTATION_PRESETS["paper"] == SegmentationConfig(
-        preset="paper")
-    assert SEGMENTATION_PRESETS["paper"].method == "threshold"
+def test_adaptive_is_the_default_and_paper_is_unchanged():
+    assert load_config().segmentation == SEGMENTATION_PRESETS["adaptive"]
     assert SEGMENTATION_PRESETS["adaptive"].method == "adaptive"
+    assert SEGMENTATION_PRESETS["paper"] == SegmentationConfig(preset="paper")
+    assert SEGMENTATION_PRESETS["paper"].method == "threshold"
+    assert SEGMENTATION_PRESETS["paper"].hematoxylin_threshold == 120
 
 
 def test_the_threshold_kernel_refuses_an_adaptive_configuration():
@@ -119,3 +121,13 @@ def test_segment_command_with_adaptive(tmp_path):
     assert run["config"]["segmentation"]["method"] == "adaptive"
     assert run["n_cells"] > 10 and run["n_refused"] >= 0
     assert np.load(tmp_path / "out" / "field" / "crops.npy").shape[1:] == (32, 32, 3)
+
+
+def test_stain_noise_without_nuclei_gives_almost_no_objects():
+    rng = np.random.default_rng(0)
+    pink = (np.array([235, 150, 200]) + rng.normal(0, 8, (500, 600, 3))).clip(0, 255)
+    od = hematoxylin_od(fit_stain_parameters(pink.astype(np.uint8)).hematoxylin_of(
+        pink.astype(np.uint8)))
+    assert segment_hematoxylin_od(od, 0.4)[0].max() <= 20
+    # Otsu alone splits the noise into ~2,000 "nuclei"
+    assert segment_hematoxylin_od(od, 0.4, AdaptiveConfig(min_peak_contrast=0))[0].max() > 1000

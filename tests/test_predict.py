@@ -314,7 +314,8 @@ def test_export_includes_clusters_and_probabilities(world, tmp_path):
     feature = json.loads(geojson.read_text())["features"][0]["properties"]
     assert feature["classification"]["name"] == f"cluster {table.cluster[0]}"
     assert len(feature["classification"]["color"]) == 3
-    assert feature["measurements"]["proba_0"] == pytest.approx(table.proba_0[0], rel=1e-6)
+    assert feature["measurements"]["Cluster 0 probability"] == pytest.approx(table.proba_0[0],
+                                                                      rel=1e-6)
 
 
 def _quadrant_points(slides, directory):

@@ -161,5 +161,22 @@ def test_report_summary_numbers_are_the_stores(tmp_path):
     assert "distance to group centre" not in page  # 2 slides, 2 slide groups: hidden
     assert (out / "report" / "losses.png").exists() and 'alt="losses.png"' in page
     assert len(re.findall(r"<figure>", page)) == k and "no cell of these slides" in page
+    assert 'alt="nucleus_areas.png"' in page and "refused as too large" in page
     for picture in (out / "report").glob("*.png"):
         assert not image_is_blank(picture), picture
+
+
+def test_nuclei_table_gives_the_area_distribution_and_warns_of_tiny_objects(tmp_path):
+    from conftest import write_test_slide
+
+    from wsicell.io.store import open_store, write_cell_rows
+    from wsicell.viz.report import nuclei_html
+
+    root = open_store(tmp_path / "cells.zarr", mode="a")
+    write_test_slide(root, "fine", tmp_path, 6)  # every nucleus 30.5 um2
+    write_test_slide(root, "specks", tmp_path, 6)
+    write_cell_rows(root.store.root, "specks", 0, {"area": np.array([4.0, 6, 8, 25, 30, 40])})
+    table, areas, notes = nuclei_html(root, ["fine", "specks"])
+    assert areas["specks"].tolist() == [4, 6, 8, 25, 30, 40]
+    assert "<td>fine</td>" in table and "50.0%" in table  # half of the specks under 10 um2
+    assert len(notes) == 1 and notes[0].startswith("50.0% of the nuclei of specks are smaller")

@@ -199,7 +199,7 @@ def test_foreground_mask_matches_histomicstk_on_bm_graz():
     """Hematoxylin foreground and nuclei equal the HistomicsTK-composed recipe's when the
     stains are fitted on all pixels; the default strided fit stays close."""
     ref = htk_reference()
-    exact = WsicellConfig(stain=StainConfig(fit_max_pixels=0))
+    exact = WsicellConfig(stain=StainConfig(fit_max_pixels=0)).with_options("paper")
     threshold = exact.segmentation.hematoxylin_threshold
     pooled = {"foreground": [0, 0], "sampled_fit_nuclei": [0, 0]}
     for path in bm_graz_images():
@@ -209,7 +209,7 @@ def test_foreground_mask_matches_histomicstk_on_bm_graz():
         foreground = params.hematoxylin(params.normalise(rgb)) < threshold
         _, labels = segment.segment_image(rgb, exact)
         assert iou(labels > 0, labels_ref > 0) >= 0.99, path.name
-        _, labels_sampled = segment.segment_image(rgb, WsicellConfig())
+        _, labels_sampled = segment.segment_image(rgb, WsicellConfig().with_options("paper"))
         for key, (a, b) in {"foreground": (foreground, foreground_ref),
                             "sampled_fit_nuclei": (labels_sampled > 0, labels_ref > 0)}.items():
             pooled[key][0] += (a & b).sum()

@@ -59,7 +59,7 @@ def dashboard_address(value: str) -> str | None:
 @click.option("--config", "config_file", type=click.Path(), default=None,
               help="JSON configuration file (wsicell.config.WsicellConfig).")
 @click.option("--preset", type=click.Choice(sorted(SEGMENTATION_PRESETS)), default=None,
-              help="Segmentation preset [default: the configuration's, paper].")
+              help="Segmentation preset [default: the configuration's, adaptive].")
 @click.option("--tile-size", type=int, default=None,
               help="Tile side in pixels at the reference resolution [default: config].")
 @click.option("--overwrite", is_flag=True, help="Redo slides the store already holds complete.")

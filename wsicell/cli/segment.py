@@ -9,7 +9,7 @@ from wsicell.config import SEGMENTATION_PRESETS, load_config
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory.")
 @click.option("--preset", type=click.Choice(sorted(SEGMENTATION_PRESETS)), default=None,
-              help="Segmentation preset [default: the configuration's, paper].")
+              help="Segmentation preset [default: the configuration's, adaptive].")
 @click.option("--config", "config_file", type=click.Path(), default=None,
               help="JSON configuration file (schemas/config.schema.json).")
 @click.option("--mpp", type=float, default=None,

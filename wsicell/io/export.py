@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
+import shapely.affinity
 from skimage.measure import find_contours
 
 import wsicell
@@ -84,10 +85,9 @@ def default_labels(root, slide_ids) -> str | None:
     return common.pop() if len(common) == 1 else None
 
 
-def mask_outline(mask: np.ndarray) -> np.ndarray | None:
-    """The outline of a nucleus mask: the ring of its largest connected part, traced midway
-    between inside and outside pixel centres (marching squares), so that its area matches
-    the pixel count.
+def mask_outline(mask: np.ndarray):
+    """The outline of a nucleus mask, traced midway between inside and outside pixel centres
+    (marching squares), so that its area matches the pixel count.
 
     Parameters
     ----------
@@ -95,23 +95,29 @@ def mask_outline(mask: np.ndarray) -> np.ndarray | None:
 
     Returns
     -------
-    ndarray, shape (M, 2), float64, or None
-        ``(x, y)`` vertices in pixel-edge coordinates of the mask (pixel ``(r, c)`` covers
-        ``[c, c + 1) x [r, r + 1)``), closed (first == last); None for an empty mask.
+    shapely.Polygon, shapely.MultiPolygon or None
+        In pixel-edge coordinates of the mask (pixel ``(r, c)`` covers
+        ``[c, c + 1) x [r, r + 1)``), holes included; a MultiPolygon for a mask in several
+        pieces; None for an empty mask.
 
     Examples
     --------
     >>> mask = np.zeros((8, 8), bool); mask[2:5, 3:7] = True
-    >>> ring = mask_outline(mask)
-    >>> bool((ring[0] == ring[-1]).all()), float(shapely.Polygon(ring).area)
-    (True, 11.5)
+    >>> outline = mask_outline(mask)
+    >>> outline.geom_type, float(outline.area), outline.bounds
+    ('Polygon', 11.5, (3.0, 2.0, 7.0, 5.0))
     """
     padded = np.pad(mask, 1).astype(np.float32)
-    rings = [r for r in find_contours(padded, 0.5) if len(r) >= 4]
+    # (row, col) of the padded mask -> (x, y) pixel edges; nested rings alternate between
+    # outlines and holes, so the even-odd combination of all rings is the mask
+    rings = [shapely.Polygon(r[:, ::-1] - 0.5) for r in find_contours(padded, 0.5)
+             if len(r) >= 4]
     if not rings:
         return None
-    ring = max(rings, key=lambda r: abs(shapely.Polygon(r).area))
-    return ring[:, ::-1] - 0.5  # (row, col) of the padded mask -> (x, y) pixel edges
+    outline = rings[0]
+    for ring in rings[1:]:
+        outline = outline.symmetric_difference(ring)
+    return outline if outline.is_valid else shapely.make_valid(outline)
 
 
 def mask_outlines(masks: np.ndarray, origin: np.ndarray, pixel: np.ndarray) -> list:
@@ -128,21 +134,15 @@ def mask_outlines(masks: np.ndarray, origin: np.ndarray, pixel: np.ndarray) -> l
 
     Returns
     -------
-    list of shapely.Polygon or None
-        Valid polygons in level-0 pixel coordinates (None for an empty mask).
+    list of shapely geometries or None
+        Valid polygons (multipolygons for masks in pieces) in level-0 pixel coordinates;
+        None for an empty mask.
     """
     outlines = []
     for mask, (x0, y0), px in zip(masks, origin, pixel):
-        ring = mask_outline(mask)
-        if ring is None:
-            outlines.append(None)
-            continue
-        polygon = shapely.Polygon(ring * px + (x0, y0))
-        if not polygon.is_valid:  # a ring touching itself at a corner pixel
-            parts = shapely.make_valid(polygon)
-            polygon = max(getattr(parts, "geoms", [parts]),
-                          key=lambda g: g.area if isinstance(g, shapely.Polygon) else 0)
-        outlines.append(polygon)
+        outline = mask_outline(mask)
+        outlines.append(None if outline is None else shapely.affinity.affine_transform(
+            outline, [px, 0, 0, px, x0, y0]))
     return outlines
 
 
@@ -154,8 +154,8 @@ def _box(row) -> dict:
 
 def cell_feature(row, geometry: str, outline=None) -> dict:
     """A QuPath detection: a GeoJSON Feature with the nucleus outline (``outline``, a
-    shapely Polygon, for ``geometry="outline"``; the box when there is none), its box as a
-    polygon, or its centroid as a point; measurements named as QuPath names its own."""
+    shapely (Multi)Polygon, for ``geometry="outline"``; the box when there is none), its box
+    as a polygon, or its centroid as a point; measurements named as QuPath names its own."""
     if geometry == "point":
         shape = {"type": "Point", "coordinates": [row["x"], row["y"]]}
     elif geometry == "outline" and outline is not None:

@@ -264,7 +264,7 @@ def ingest(store, paths, config: WsicellConfig | None = None, *, mpp=None, worke
         Slide files (OpenSlide formats, other pyramids large_image reads, plain images)
         or directories searched for them.
     config : WsicellConfig, optional
-        Default: the paper's configuration.
+        Default: ``WsicellConfig()`` (the ``adaptive`` segmentation).
     mpp : float, optional
         Level-0 microns per pixel of every slide, overriding the metadata.
     workers, threads_per_worker, memory_limit

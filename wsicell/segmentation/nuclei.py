@@ -492,7 +492,7 @@ def is_grayscale(rgb: np.ndarray) -> bool:
 
 
 def segment_image(
-    rgb: np.ndarray, config: WsicellConfig = WsicellConfig(), stain: StainParameters | None = None
+    rgb: np.ndarray, config: WsicellConfig | None = None, stain: StainParameters | None = None
 ) -> tuple[Nuclei, np.ndarray]:
     """The paper's whole-image recipe: normalise, deconvolve, segment, measure.
 
@@ -503,7 +503,8 @@ def segment_image(
     ----------
     rgb : ndarray, shape (H, W, 3), uint8
         Image at ``config.segmentation.reference_mpp``.
-    config : WsicellConfig
+    config : WsicellConfig, optional
+        A configuration of a fixed-threshold preset; default: the ``paper`` preset.
     stain : StainParameters, optional
         Fixed colour standardisation (a slide's); fitted on this image when omitted.
 
@@ -512,6 +513,7 @@ def segment_image(
     nuclei : Nuclei
     labels : ndarray, shape (H, W), int32
     """
+    config = config or WsicellConfig().with_options("paper")
     if stain is None and is_grayscale(rgb):
         hematoxylin, normalise = rgb[..., 0], None
     else:

@@ -296,6 +296,35 @@ def draw_losses(rows: list[dict], title: str, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def draw_area_histograms(areas: dict[str, np.ndarray], small_um2: float, path: str | Path
+                         ) -> Path:
+    """Nucleus-area distribution of each slide: the share of its nuclei per 2 um2 bin
+    (0-150 um2, the last bin holding everything larger), with the implausibly small ones
+    (under ``small_um2``) shaded.
+
+    Parameters
+    ----------
+    areas : dict of str to ndarray
+        Slide id -> nucleus areas (N,) in um2; at most the first 8 slides are drawn.
+    small_um2 : float
+    path : str or Path
+    """
+    fig = Figure(figsize=(8, 3))
+    ax = fig.subplots()
+    edges = np.arange(0, 152, 2.0)
+    ax.axvspan(0, small_um2, color="0.85", label=f"under {small_um2:g} \u00b5m\u00b2")
+    for slide_id, area in list(areas.items())[:8]:
+        if len(area):
+            counts, _ = np.histogram(np.clip(area, 0, edges[-1] - 1e-6), edges)
+            ax.step(edges[:-1], counts / len(area), where="post", lw=1.2, label=slide_id)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_xlabel("nucleus area (\u00b5m\u00b2; the last bin: 150 and more)")
+    ax.set_ylabel("share of the slide's nuclei")
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def draw_occupancy(rows: list[dict], path: str | Path) -> Path:
     """Q's cluster occupancy during training: the share of a fixed sample of real cells in
     each category against the iteration (one cluster's line near 1 = collapse).

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from wsicell.analysis.metrics import SMALL_NUCLEUS_UM2, area_summary
 from wsicell.analysis.proportions import cluster_warnings
 from wsicell.errors import WsicellError
 from wsicell.io.slide import open_slide
@@ -32,6 +33,7 @@ from wsicell.io.store import (
 )
 from wsicell.palette import cluster_colours
 from wsicell.viz.figures import (
+    draw_area_histograms,
     draw_cluster_gallery,
     draw_generator_grid,
     draw_losses,
@@ -275,6 +277,38 @@ def summary_html(summary: dict, extra_warnings: list[str] = ()) -> str:
 # --------------------------------------------------------------------------- tables
 
 
+#: A slide with more of its objects under SMALL_NUCLEUS_UM2 than this is flagged.
+SMALL_FRACTION_WARNING = 0.2
+
+
+def nuclei_html(root, slide_ids: list[str]) -> tuple[str, dict[str, np.ndarray], list[str]]:
+    """The nuclei the segmentation found on each slide: the segmentation preset, the area
+    distribution (quartiles, share under ``SMALL_NUCLEUS_UM2``) and the objects refused as
+    too large.  Returns the table, the areas per slide (um2) and warnings in plain words."""
+    rows, areas, notes = [], {}, []
+    for slide_id in slide_ids:
+        attrs = slide_attrs(root, slide_id)
+        area = slide_cells(root, slide_id)["area"].to_numpy(np.float64)
+        areas[slide_id] = area
+        found = area_summary(area)
+        preset = attrs.get("config", {}).get("segmentation", {}).get("preset", "")
+        refused = attrs.get("n_refused", 0)
+        rows.append([html.escape(slide_id), html.escape(preset), f"{found.n:,}",
+                     *(("",) * 4 if not found.n else (
+                         f"{found.q25:.0f}", f"{found.median:.0f}", f"{found.q75:.0f}",
+                         _percent(found.small_fraction))), f"{refused:,}"])
+        if found.n and found.small_fraction > SMALL_FRACTION_WARNING:
+            notes.append(f"{_percent(found.small_fraction)} of the nuclei of {slide_id} are "
+                         f"smaller than {SMALL_NUCLEUS_UM2:g} \u00b5m\u00b2, smaller than a "
+                         "nucleus: the segmentation may be outlining debris, keratin or "
+                         "fragments there; look at its cells before trusting its proportions.")
+    table = _html_table(["slide", "segmentation", "nuclei", "area q1 (\u00b5m\u00b2)",
+                         "median", "q3", f"under {SMALL_NUCLEUS_UM2:g} \u00b5m\u00b2",
+                         "refused as too large"], rows, numeric={2, 3, 4, 5, 6, 7})
+    return table, areas, notes
+
+
+
 def proportions_html(predictions: pd.DataFrame, k: int, show_kmeans: bool) -> str:
     """Per slide: cells, the share of each cell type in percent, and the slide-level
     predictions that mean something (k-means only with more slides than slide clusters)."""
@@ -414,6 +448,9 @@ def write_prediction_report(out_dir: Path, root, model, results, predictions: pd
     k = model.k
     slide_ids = [r.slide_id for r in results]
     overview = report_summary(root, slide_ids, model.model_id, k)
+    nuclei_table, areas, nuclei_notes = nuclei_html(root, slide_ids)
+    overview["warnings"].extend(nuclei_notes)
+    area_picture = draw_area_histograms(areas, SMALL_NUCLEUS_UM2, pictures / "nucleus_areas.png")
     counts = np.asarray(overview["cluster_cells"])
     total = max(int(counts.sum()), 1)
     reference_mpp = model.config.segmentation.reference_mpp
@@ -471,7 +508,8 @@ def write_prediction_report(out_dir: Path, root, model, results, predictions: pd
     occupancy = draw_occupancy(watched, pictures / "occupancy.png") if watched else None
     training_pictures = [p for p in (losses, occupancy) if p]
 
-    drawn = [*galleries, generator, *overviews, *slide_images, *training_pictures]
+    drawn = [*galleries, generator, area_picture, *overviews, *slide_images,
+             *training_pictures]
     blank = [p.name for p in drawn if image_is_blank(p)]
     if blank:
         warnings.warn(f"report: blank picture(s) {', '.join(blank)}", stacklevel=2)
@@ -492,6 +530,11 @@ def write_prediction_report(out_dir: Path, root, model, results, predictions: pd
                 f"wide ({reference_mpp:g} \u00b5m per pixel); nuclei larger than that are shrunk "
                 "to fit.", html=cluster_table_html(root, slide_ids, model.model_id, k),
                 images=galleries, grid=True, captions=gallery_captions),
+        Section("Nuclei", "What the segmentation found on each slide: nucleus areas "
+                "(quartiles and distribution, \u00b5m\u00b2) and the share of objects too "
+                f"small to be a nucleus (under {SMALL_NUCLEUS_UM2:g} \u00b5m\u00b2). Objects "
+                "too large to be one nucleus are not split into cells but counted as refused.",
+                html=nuclei_table, images=[area_picture]),
         Section("What the model draws for each cell type", "The generator's cells for each "
                 "category (rows = random noise z, columns = category): a column should look "
                 "like one kind of cell.", images=[generator]),
