@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -41,6 +42,22 @@ def test_segment_writes_crops_table_and_pictures(tmp_path, crop_png):
     run_info = json.loads((folder / "run.json").read_text())
     assert run_info["config"]["segmentation"]["preset"] == "adaptive"
     assert run_info["n_cells"] == len(table)
+    labels = cv2.imread(str(folder / "labels.png"), cv2.IMREAD_UNCHANGED)
+    assert labels.shape == (300, 300) and labels.dtype == np.uint16
+    assert labels.max() == len(table)  # label i is the row of cell_id i - 1
+    rows, cols = np.nonzero(labels == 1)
+    assert abs(cols.mean() - table.x[0]) < 1 and abs(rows.mean() - table.y[0]) < 1
+
+
+def test_segment_writes_labels_at_the_files_resolution(tmp_path, crop_png):
+    result = run("segment", crop_png, "--out", tmp_path / "out", "--mpp", "0.25",
+                 "--no-progress")
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "out" / "field"
+    labels = cv2.imread(str(folder / "labels.png"), cv2.IMREAD_UNCHANGED)
+    assert labels.shape == (300, 300)  # segmented at 0.25 um/px, crops on the 0.4 grid
+    assert labels.max() == len(pd.read_csv(folder / "cells.csv")) > 10
+    assert np.asarray(Image.open(folder / "overlay.png")).shape == (188, 188, 3)
 
 
 def test_grayscale_and_rgba_are_handled(tmp_path, crop_png):

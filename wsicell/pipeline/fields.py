@@ -37,8 +37,22 @@ def _write_image_outputs(result: SegmentedImage, folder: Path) -> None:
     result.table().to_csv(folder / "cells.csv", index=False)
     np.save(folder / "crops.npy", result.nuclei.crops)
     Image.fromarray(outline_overlay(result.rgb, result.labels)).save(folder / "overlay.png")
+    write_label_image(result.file_labels(), folder)
     gallery = crop_mosaic(result.nuclei.crops[:GALLERY_CELLS], columns=20)
     Image.fromarray(gallery).save(folder / "crops.png")
+
+
+def write_label_image(labels: np.ndarray, folder: Path) -> Path:
+    """The nucleus instance labels (H, W) int as ``labels.png`` (16-bit; 0 = background,
+    nucleus i = the row of ``cells.csv`` with cell_id i - 1), or ``labels.tif`` (32-bit)
+    when there are more than 65,535 nuclei."""
+    if labels.max(initial=0) <= np.iinfo(np.uint16).max:
+        path = folder / "labels.png"
+        cv2.imwrite(str(path), labels.astype(np.uint16))
+    else:
+        path = folder / "labels.tif"
+        Image.fromarray(labels.astype(np.int32)).save(path)
+    return path
 
 
 def write_segmentation(result: SegmentedImage, out_dir: Path, config: WsicellConfig) -> Path:
@@ -46,8 +60,9 @@ def write_segmentation(result: SegmentedImage, out_dir: Path, config: WsicellCon
 
     Files: ``cells.csv`` (one row per nucleus), ``crops.npy`` ((N, 32, 32, 3) uint8),
     ``crops.png`` (a gallery of the first cells), ``overlay.png`` (outlines on the image
-    at the reference resolution) and ``run.json`` (configuration, version, source, objects
-    refused as too large to be a nucleus).
+    at the reference resolution), ``labels.png`` (the instance labels at the file's
+    resolution, :func:`write_label_image`) and ``run.json`` (configuration, version,
+    source, objects refused as too large to be a nucleus).
     An existing folder of the same image is replaced only once the new one is complete.
     """
     folder = out_dir / result.path.stem

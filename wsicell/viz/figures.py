@@ -355,7 +355,8 @@ def draw_occupancy(rows: list[dict], path: str | Path) -> Path:
 
 
 def outline_overlay(rgb: np.ndarray, labels: np.ndarray, colour=(0, 200, 0)) -> np.ndarray:
-    """The image with every nucleus outlined.
+    """The image with every nucleus outlined, 2 px wide (the pixels on both sides of each
+    boundary), so that the outlines show at full size.
 
     Parameters
     ----------
@@ -367,5 +368,5 @@ def outline_overlay(rgb: np.ndarray, labels: np.ndarray, colour=(0, 200, 0)) -> 
     ndarray, shape (H, W, 3), uint8
     """
     out = rgb.copy()
-    out[find_boundaries(labels, mode="inner")] = colour
+    out[find_boundaries(labels, mode="thick")] = colour
     return out
