@@ -57,7 +57,7 @@ def test_segment_writes_labels_at_the_files_resolution(tmp_path, crop_png):
     labels = cv2.imread(str(folder / "labels.png"), cv2.IMREAD_UNCHANGED)
     assert labels.shape == (300, 300)  # segmented at 0.25 um/px, crops on the 0.4 grid
     assert labels.max() == len(pd.read_csv(folder / "cells.csv")) > 10
-    assert np.asarray(Image.open(folder / "overlay.png")).shape == (188, 188, 3)
+    assert np.asarray(Image.open(folder / "overlay.png")).shape == (187, 187, 3)  # 0.4 um/px
 
 
 def test_grayscale_and_rgba_are_handled(tmp_path, crop_png):
