@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/cell_types.py [--work DIR] [--preset NAME] [--seeds 0 1 2]
         [--width 16] [--set FIELD=VALUE ...] [--max-iters N] [--threads 1]
 
-    smoke run (16 + 16 patches, about a minute):  --limit 16 --max-iters 5 --seeds 0
+    smoke run (24 + 24 patches, about a minute):  --limit 24 --max-iters 5 --seeds 0
+        --set batch_size=16   (the default segmentation finds ~4 cells per patch)
 
 1. Ingest the CoNSeP patches (train + test, 256x256 at 40x, 0.25 um/px; resampled by ingest
    to the segmentation's 0.4 um/px) into ``WORK/consep-<preset>.zarr``, one slide per patch,

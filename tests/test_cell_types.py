@@ -65,8 +65,9 @@ def test_scores_and_summary():
 def test_smoke_run_on_consep(tmp_path, capsys, monkeypatch):
     if not cell_types.DATA.is_dir():
         pytest.skip("../shared/data/consep_patches is absent")
-    monkeypatch.setattr(sys, "argv", ["cell_types.py", "--work", str(tmp_path), "--limit", "8",
-                                      "--max-iters", "2", "--seeds", "0"])
+    monkeypatch.setattr(sys, "argv", ["cell_types.py", "--work", str(tmp_path), "--limit", "24",
+                                      "--max-iters", "2", "--seeds", "0",
+                                      "--set", "batch_size=16"])
     cell_types.main()
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines()
                  if ": " in line)
