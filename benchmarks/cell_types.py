@@ -204,8 +204,7 @@ def train_q(store: Path, work: Path, slides: list[str], config: WsicellConfig,
     """Train (or reuse, or resume) the model of ``config`` on ``slides``; its directory."""
     from wsicell.pipeline.training import train
 
-    key = json.dumps([config.train.model_dump(mode="json", exclude_defaults=True), max_iters,
-                      sorted(slides)])  # a new field at its default keeps models reusable
+    key = json.dumps([config.train.model_dump(mode="json"), max_iters, sorted(slides)])
     model_dir = work / (f"model-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
                         f"-seed{config.train.seed}")
     if not (model_dir / "config.json").exists():
