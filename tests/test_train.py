@@ -18,7 +18,12 @@ from wsicell.learning.augment import prepare_batch
 from wsicell.learning.device import resolve_device
 from wsicell.learning.model import build_model
 from wsicell.learning.saved_model import load_trained_model, weights_id
-from wsicell.learning.trainer import Trainer, gradient_penalty, invariant_information
+from wsicell.learning.trainer import (
+    Trainer,
+    gradient_penalty,
+    invariant_information,
+    marginal_entropy,
+)
 from wsicell.pipeline.training import train
 from wsicell.viz.figures import image_is_blank
 
@@ -117,9 +122,19 @@ def test_invariant_information_is_ln_k_for_confident_balanced_agreement_and_0_fo
     assert invariant_information(one_category, one_category).item() == pytest.approx(0, abs=1e-6)
 
 
-def test_clustering_term_trains_the_trunk_and_q_on_real_crops(crops):
+def test_marginal_entropy_is_ln_k_for_a_balanced_batch_and_0_for_one_category():
+    balanced = torch.eye(5).repeat(4, 1) * 50
+    assert marginal_entropy(balanced).item() == pytest.approx(np.log(5), abs=1e-4)
+    assert marginal_entropy(torch.zeros(20, 5)).item() == pytest.approx(np.log(5), abs=1e-6)
+    one_category = torch.zeros(20, 5)
+    one_category[:, 0] = 50
+    assert marginal_entropy(one_category).item() == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("term", ["lambda_cluster", "lambda_marginal"])
+def test_real_crop_terms_train_the_trunk_and_q_on_real_crops(crops, term):
     config = TINY.model_copy(update={"train": TINY.train.model_copy(
-        update={"lambda_info": 0.0, "lambda_cluster": 1.0})})
+        update={"lambda_info": 0.0, term: 1.0})})
     model = build_model(5, 32, 8, seed=0)
     trainer = Trainer(model, config, torch.device("cpu"))
     real = prepare_batch(torch.from_numpy(crops[:16]), trainer.generator, rotate=True)

@@ -209,7 +209,7 @@ class IngestConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """GAN training (method section 2); defaults are the paper's."""
+    """GAN training (method section 2); defaults are the paper's, except ``lambda_marginal``."""
 
     categories: PositiveInt = Field(5, description="k, the number of cell clusters.")
     noise_dim: PositiveInt = Field(32, description="Dimension of the Gaussian noise z.")
@@ -229,6 +229,14 @@ class TrainConfig(_Section):
         "the mutual information of Q's categories between two random rotations / flips of "
         "each real crop (IIC, Ji et al. 2019), so that Q also splits real cells and not only "
         "G's samples (0 = the paper)."
+    )
+    lambda_marginal: float = Field(
+        1.0, ge=0, description="Beyond the paper: weight of the entropy of Q's mean category "
+        "distribution over two random rotations / flips of the real crops of the Q step's "
+        "batch (SCAN, Van Gansbeke et al. 2020), so that Q spreads real cells over its "
+        "categories instead of collapsing them into one (0 = the paper). On CoNSeP (3 seeds) "
+        "it shrank the largest cluster from 75% to 60% of the cells and raised NMI from 0.022 "
+        "to 0.038 on the train patches' cells (README, Cell types on CoNSeP)."
     )
     epochs: PositiveFloat = Field(10, description="Passes over the training crops.")
     width: PositiveInt = Field(128, description="Channels of the residual networks.")

@@ -25,9 +25,8 @@ from wsicell.learning.baseline import baseline_clusters
 from wsicell.learning.saved_model import load_trained_model
 
 
-def matched_cells(store: str | Path, points_dir: str | Path, radius: float
-                  ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Crops of the detected cells matched to annotated points, with their labels.
+def matched_rows(store: str | Path, points_dir: str | Path, radius: float) -> pd.DataFrame:
+    """The detected cells matched one-to-one to annotated points, and their labels.
 
     Parameters
     ----------
@@ -41,10 +40,15 @@ def matched_cells(store: str | Path, points_dir: str | Path, radius: float
 
     Returns
     -------
-    crops : ndarray, shape (M, S, S, 3), uint8
-    labels : ndarray, shape (M,), str
-    matched : dict
-        Matched cells per slide.
+    DataFrame
+        One row per match, slide by slide in file order and by cell within a slide:
+        ``slide_id`` (categorical; its categories are all the slides with a points file,
+        matched or not), ``cell`` (row of the slide's cell table and crops), ``label`` (str).
+
+    Raises
+    ------
+    WsicellError
+        No points directory or file, or no file named like a complete slide.
     """
     points_dir = Path(points_dir)
     if not points_dir.is_dir():
@@ -54,29 +58,51 @@ def matched_cells(store: str | Path, points_dir: str | Path, radius: float
         raise WsicellError(f"{points_dir}: no .csv points file")
     root = open_store(store)
     slides = set(complete_slides(root))
-    unknown = [f.name for f in files if f.stem not in slides]
-    if unknown:
+    known = [f for f in files if f.stem in slides]
+    if len(known) < len(files):
+        unknown = [f.name for f in files if f.stem not in slides]
         warnings.warn(f"{points_dir}: {len(unknown)} points file(s) name no complete slide of "
                       f"the store and are skipped ({', '.join(unknown[:3])}...)", stacklevel=2)
-    crops, labels, matched = [], [], {}
-    for path in files:
-        if path.stem not in slides:
-            continue
+    if not known:
+        raise WsicellError(f"{points_dir}: no points file is named like a complete slide of {store}")
+    parts = []
+    for path in known:
         points = read_points(path)
         cells = slide_cells(root, path.stem)
         pairs = match_points(cells[["x", "y"]].to_numpy(), points[["x", "y"]].to_numpy(), radius)
-        order = np.argsort(pairs[:, 0], kind="stable")
-        pairs = pairs[order]
-        matched[path.stem] = len(pairs)
-        if len(pairs):
-            crops.append(slide_crops(root, path.stem).oindex[pairs[:, 0]])
-            labels.append(points.label.to_numpy()[pairs[:, 1]])
-    if not matched:
-        raise WsicellError(f"{points_dir}: no points file is named like a complete slide of {store}")
-    if not crops:
+        pairs = pairs[np.argsort(pairs[:, 0], kind="stable")]
+        parts.append(pd.DataFrame({"slide_id": path.stem, "cell": pairs[:, 0],
+                                   "label": points.label.to_numpy()[pairs[:, 1]].astype(str)}))
+    rows = pd.concat(parts, ignore_index=True)
+    rows["slide_id"] = pd.Categorical(rows.slide_id, categories=[f.stem for f in known])
+    return rows
+
+
+def matched_cells(store: str | Path, points_dir: str | Path, radius: float
+                  ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Crops of the detected cells matched to annotated points, with their labels.
+
+    Parameters
+    ----------
+    store, points_dir, radius
+        As :func:`matched_rows`.
+
+    Returns
+    -------
+    crops : ndarray, shape (M, S, S, 3), uint8
+    labels : ndarray, shape (M,), str
+    matched : dict
+        Matched cells per slide (slides with points files).
+    """
+    rows = matched_rows(store, points_dir, radius)
+    if rows.empty:
         raise WsicellError(f"{points_dir}: no annotated point lies within {radius:g} px of a "
                            "detected cell")
-    return np.concatenate(crops), np.concatenate(labels).astype(str), matched
+    root = open_store(store)
+    matched = rows.groupby("slide_id", observed=False).cell.apply(np.asarray)
+    crops = [slide_crops(root, s).oindex[cells] for s, cells in matched.items() if len(cells)]
+    return (np.concatenate(crops), rows.label.to_numpy(),
+            {s: len(cells) for s, cells in matched.items()})
 
 
 def evaluate_clustering(store: str | Path, model_dir: str | Path, points_dir: str | Path,

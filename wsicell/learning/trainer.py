@@ -9,7 +9,8 @@ and one Q step, each from freshly drawn noise z and categorical code c:
   is the critic's estimate of the Wasserstein distance;
 * generator: ``L_G = -E[D(G(z,c))]`` (steps G);
 * Q: ``L_Q = lambda2 * cross_entropy(Q(G(z,c)), c)`` (steps G and Q = the shared trunk
-  with the Q head, as the research code does).
+  with the Q head, as the research code does); beyond the paper, optional terms on Q's
+  categories of real crops (``lambda_cluster``, ``lambda_marginal``).
 
 Under ``torchrun`` gradients are averaged across ranks with ``all_reduce`` (NCCL on GPUs,
 gloo on CPUs).  The training run itself (store, checkpoints, pictures) is
@@ -131,20 +132,23 @@ class Trainer:
 
     def info_step(self, real: torch.Tensor) -> torch.Tensor:
         """One Q step, ``L_Q = lambda2 * CE(Q(G(z, c)), c)`` on G, the trunk and the Q head,
-        plus ``lambda3`` times the negative :func:`invariant_information` of Q on two random
-        symmetries of the real batch when ``lambda_cluster > 0``; returns L_Q, detached."""
+        minus ``lambda_cluster`` times the :func:`invariant_information` of Q on two random
+        symmetries of the real batch and ``lambda_marginal`` times the
+        :func:`marginal_entropy` of Q on them, when those weights are set; returns L_Q,
+        detached."""
         with frozen(self.model.critic_head.parameters()):
             fake, code = self._fake(self.cfg.batch_size)
             with self.amp:
                 logits = self.fast_q(fake).float()
             info = self.cfg.lambda_info * F.cross_entropy(logits, code)
             loss = info
-            if self.cfg.lambda_cluster > 0:
+            if self.cfg.lambda_cluster > 0 or self.cfg.lambda_marginal > 0:
                 views = torch.cat([random_dihedral(real, self.generator) for _ in range(2)])
                 with self.amp:
                     view_logits = self.fast_q(views).float()
-                loss = loss - self.cfg.lambda_cluster * invariant_information(
-                    *view_logits.chunk(2))
+                loss = (loss - self.cfg.lambda_cluster * invariant_information(
+                    *view_logits.chunk(2)) - self.cfg.lambda_marginal * marginal_entropy(
+                    view_logits))
             self._step("info", loss)
         return info.detach()
 
@@ -178,6 +182,23 @@ def invariant_information(logits_a: torch.Tensor, logits_b: torch.Tensor) -> tor
     joint = ((joint + joint.T) / (2 * logits_a.shape[0])).clamp_min(1e-12)
     marginal = joint.sum(dim=1)
     return (joint * (joint.log() - marginal.log()[:, None] - marginal.log()[None, :])).sum()
+
+
+def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the mean of Q's category distributions over a batch (SCAN's entropy term).
+
+    Parameters
+    ----------
+    logits : Tensor, shape (B, k)
+
+    Returns
+    -------
+    Tensor, scalar
+        ``H(mean_b softmax(logits_b))`` in nats: ``ln k`` when the batch's cells are spread
+        evenly over the k categories, 0 when they all go to one.
+    """
+    marginal = torch.softmax(logits, dim=1).mean(dim=0).clamp_min(1e-12)
+    return -(marginal * marginal.log()).sum()
 
 
 def cluster_occupancy(model: InfoWGAN, crops: np.ndarray, batch_size: int = 512) -> list[int]:

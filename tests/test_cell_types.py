@@ -1,0 +1,75 @@
+"""benchmarks/cell_types.py: the mask-feature baseline, the fitting of baselines on train
+cells only, and the closing figures (the full benchmark runs on ../shared/data)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
+if BENCHMARKS not in sys.path:
+    sys.path.insert(0, BENCHMARKS)
+
+import cell_types
+
+
+def nucleus_crop(radius_rows: float, radius_cols: float, shade: int) -> np.ndarray:
+    """A 32x32 crop on white with one elliptic nucleus of grey-purple ``shade``."""
+    rows, cols = np.mgrid[:32, :32] - 15.5
+    inside = (rows / radius_rows) ** 2 + (cols / radius_cols) ** 2 <= 1
+    crop = np.full((32, 32, 3), 255, np.uint8)
+    crop[inside] = (shade, shade // 2, shade + 40)
+    return crop
+
+
+def test_mask_features_see_size_shape_and_stain():
+    round_dark = nucleus_crop(8, 8, 60)
+    long_pale = nucleus_crop(3, 12, 150)
+    features = cell_types.mask_features(np.stack([round_dark, long_pale]), np.array([40.0, 20.0]))
+    assert features.shape == (2, 7)
+    assert features[:, 0] == pytest.approx(np.log([40.0, 20.0]))
+    eccentricity, solidity, extent, roughness, mean_h, _ = features.T[1:]
+    assert eccentricity[0] < 0.2 and eccentricity[1] > 0.9
+    assert (solidity > 0.9).all() and (extent > 0.6).all() and (roughness > 0.8).all()
+    assert mean_h[0] > mean_h[1]  # darker nucleus, more hematoxylin
+
+
+def test_baselines_fit_on_train_cells_only():
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(200, 3))
+    test = rng.normal(size=(50, 3)) + 100.0  # far from every train centre
+    features = np.vstack([train, test])
+    fit = np.arange(250) < 200
+    clusters = cell_types.baseline_clusters("mask", features, fit, seed=0)
+    assert len(np.unique(clusters[:200])) == cell_types.K
+    assert len(np.unique(clusters[200:])) == 1  # test cells only assigned, never fitted
+
+
+def test_scores_and_summary():
+    labels = np.array(["a"] * 60 + ["b"] * 40)
+    perfect = cell_types.scores(np.r_[np.zeros(60, int), np.ones(40, int)], labels)
+    assert perfect["purity"] == 1 and perfect["nmi"] == pytest.approx(1)
+    assert perfect["largest"] == 0.6 and perfect["sizes"] == [60, 40, 0, 0, 0]
+    collapsed = cell_types.scores(np.zeros(100, int), labels)
+    assert collapsed["purity"] == 0.6 and collapsed["nmi"] == 0 and collapsed["largest"] == 1
+    rows = pd.DataFrame([{"method": "Q", "split": "test", "seed": s, **perfect} for s in (0, 1)]
+                        + [{"method": "pixel_pca", "split": "test", "seed": 0, **collapsed}])
+    figures = cell_types.summary(rows, "test")
+    assert figures["purity_min"] == 1 and figures["largest_cluster_fraction"] == 0.6
+    assert figures["best_baseline_purity"] == 0.6 and figures["best_baseline"] == "pixel_pca"
+
+
+@pytest.mark.slow
+def test_smoke_run_on_consep(tmp_path, capsys, monkeypatch):
+    if not cell_types.DATA.is_dir():
+        pytest.skip("../shared/data/consep_patches is absent")
+    monkeypatch.setattr(sys, "argv", ["cell_types.py", "--work", str(tmp_path), "--limit", "24",
+                                      "--max-iters", "2", "--seeds", "0",
+                                      "--set", "batch_size=16"])
+    cell_types.main()
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines()
+                 if ": " in line)
+    assert 0 < float(lines["purity_mean"]) <= 1
+    assert 0 < float(lines["largest_cluster_fraction"]) <= 1
