@@ -329,10 +329,11 @@ def slide_masks(root: zarr.Group, slide_id: str) -> StoredArray:
     return _stored(root, slide_id, MASKS)
 
 
-def slide_cells(root: zarr.Group, slide_id: str) -> pd.DataFrame:
-    """Cell table of a complete slide, one row per cell in cell_id order."""
+def slide_cells(root: zarr.Group, slide_id: str, columns=None) -> pd.DataFrame:
+    """Cell table of a complete slide, one row per cell in cell_id order (only the named
+    ``columns`` of :data:`CELL_COLUMNS` when given: each column is an array of its own)."""
     return pd.DataFrame({name: _stored(root, slide_id, f"{CELLS}/{name}")[:]
-                         for name in CELL_COLUMNS})
+                         for name in (columns or CELL_COLUMNS)})
 
 
 def slide_attrs(root: zarr.Group, slide_id: str) -> dict:

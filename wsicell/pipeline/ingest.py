@@ -230,8 +230,8 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
     n_refused = int(counts[:, 1].sum())
     finish_slide(group, counts[:, 0], {"n_tiles": int(len(tile_ids)), "n_refused": n_refused})
     remove_staging(store, plan.slide_id)
-    tiles_bar.message(ingest_summary(plan.slide_id, len(tile_ids), n_refused,
-                                     slide_cells(root, plan.slide_id)["area"].to_numpy()))
+    areas = slide_cells(root, plan.slide_id, ["area"])["area"].to_numpy()
+    tiles_bar.message(ingest_summary(plan.slide_id, len(tile_ids), n_refused, areas))
     return plan.slide_id
 
 

@@ -318,7 +318,7 @@ def _centroids(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
     if not which.any():
         return np.zeros((0, 2))
     rows, cols = np.nonzero(which[labels])
-    ids, index = np.unique(labels[rows, cols], return_inverse=True)
+    _, index = np.unique(labels[rows, cols], return_inverse=True)
     n = np.bincount(index)
     return np.column_stack([np.bincount(index, cols) / n, np.bincount(index, rows) / n])
 

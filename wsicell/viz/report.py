@@ -288,7 +288,7 @@ def nuclei_html(root, slide_ids: list[str]) -> tuple[str, dict[str, np.ndarray],
     rows, areas, notes = [], {}, []
     for slide_id in slide_ids:
         attrs = slide_attrs(root, slide_id)
-        area = slide_cells(root, slide_id)["area"].to_numpy(np.float64)
+        area = slide_cells(root, slide_id, ["area"])["area"].to_numpy(np.float64)
         areas[slide_id] = area
         found = area_summary(area)
         preset = attrs.get("config", {}).get("segmentation", {}).get("preset", "")
