@@ -1,19 +1,29 @@
-"""Trainer throughput: generator iterations per second and crops per second from disk.
+"""Trainer throughput: generator iterations per second, the same against nu_gan's own training
+loop, and crops per second from disk.
 
     .venv/bin/python benchmarks/bench_train.py [--store STORE.zarr] [--device auto]
-        [--width 32] [--iters 3] [--workers 2] [--threads N]
+        [--width 32] [--iters 3] [--workers 2] [--threads N] [--block N] [--warmup 2]
 
 Without ``--store`` the vendored bone-marrow image is ingested into a temporary store.
 ``loader_crops_per_s`` streams uint8 batches through :class:`wsicell.learning.data.CropStream` and a
 DataLoader (``--workers`` processes, pinned memory on a GPU) and copies them to the device;
-``gen_iters_per_s`` times full iterations (5 critic steps with gradient penalty, one G step,
-one Q step, batch 64) on batches from that loader.  On a GPU it also compares bf16 autocast
-on/off and ``torch.compile`` on/off on the same card.
+``gen_iters_per_s`` times full iterations of the default configuration (5 critic steps with
+gradient penalty, one G step, one Q step, batch 64) on batches from that loader.
+
+``nu_gan_iters_per_s`` times one iteration of the research code's ``train_representation``
+(Hu et al. 2018, github.com/bohu615/nu_gan; ported to current torch in
+``nu_gan_reference.py``) at the same width, batch 64, device and threads, on batches of the
+same loader, in the same run: after ``--warmup`` untimed iterations of each, the two are timed
+in alternating blocks of ``--block`` iterations (the side that goes first alternates), so that
+drift of the machine's load affects both.  ``speedup_vs_nu_gan`` is ``gen_iters_per_s``
+divided by ``nu_gan_iters_per_s``.  On a GPU it also compares bf16 autocast on/off and
+``torch.compile`` on/off on the same card (``gen_iters_per_s_default`` is the paired run).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +37,9 @@ from wsicell.learning.data import CropStream, crop_loader
 from wsicell.learning.device import resolve_device
 from wsicell.learning.model import build_model
 from wsicell.learning.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nu_gan_reference import NuGanReference  # noqa: E402  (benchmark-only, next to this file)
 
 VENDORED = Path(__file__).resolve().parents[1] / "tests" / "data" / "BM_GRAZ_HE_0001_01.png"
 
@@ -57,9 +70,10 @@ def loader_rate(store: Path, slides: list[str], device: torch.device, workers: i
     return batches * 64 / (time.perf_counter() - start)
 
 
-def iteration_rate(store: Path, slides: list[str], device: torch.device, width: int,
-                   iters: int, workers: int, amp: bool, compile: bool) -> float:
-    """Generator iterations per second (after two warm-up iterations)."""
+def wsicell_trainer(store: Path, slides: list[str], device: torch.device, width: int,
+                    workers: int, amp: bool, compile: bool):
+    """A fresh :class:`Trainer` (default configuration at ``width``) and an endless iterator
+    of prepared (augmented, float, on the device) batches from the store's loader."""
     config = WsicellConfig(train=TrainConfig(width=width, amp=amp))
     cfg = config.train
     model = build_model(cfg.categories, cfg.noise_dim, cfg.width, cfg.seed).to(device)
@@ -69,15 +83,51 @@ def iteration_rate(store: Path, slides: list[str], device: torch.device, width: 
     pin = device.type == "cuda"
     batches = (prepare_batch(b.to(device, non_blocking=pin), trainer.generator, True)
                for b in crop_loader(stream, workers, pin))
-    for _ in range(2):
-        trainer.iteration(batches)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    return trainer, batches
+
+
+def timed(iteration, batches, iters: int, device: torch.device) -> float:
+    """Seconds for ``iters`` calls of ``iteration(batches)``, the device synchronised."""
     start = time.perf_counter()
     for _ in range(iters):
-        losses = trainer.iteration(batches)
+        losses = iteration(batches)
     losses.cpu()
-    return iters / (time.perf_counter() - start)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def iteration_rate(store: Path, slides: list[str], device: torch.device, width: int,
+                   iters: int, workers: int, amp: bool, compile: bool) -> float:
+    """Generator iterations per second (after two warm-up iterations)."""
+    trainer, batches = wsicell_trainer(store, slides, device, width, workers, amp, compile)
+    timed(trainer.iteration, batches, 2, device)
+    return iters / timed(trainer.iteration, batches, iters, device)
+
+
+def paired_rates(store: Path, slides: list[str], device: torch.device, width: int,
+                 iters: int, workers: int, block: int, warmup: int) -> tuple[float, float]:
+    """Iterations per second of wsicell's default iteration and of nu_gan's
+    (:mod:`nu_gan_reference`, same width, batch 64, same device and threads), timed in
+    alternating blocks of ``block`` iterations (each side's first block goes first in turn)
+    on batches of the same loader, after ``warmup`` iterations of each."""
+    trainer, batches = wsicell_trainer(store, slides, device, width, workers, False, False)
+    reference = NuGanReference(width=width, rand=trainer.cfg.noise_dim,
+                               dis_category=trainer.cfg.categories,
+                               batch_size=trainer.cfg.batch_size, device=device,
+                               seed=trainer.cfg.seed)
+    sides = {"wsicell": trainer.iteration, "nu_gan": reference.iteration}
+    for iteration in sides.values():
+        timed(iteration, batches, warmup, device)
+    seconds = dict.fromkeys(sides, 0.0)
+    done = 0
+    while done < iters:
+        n = min(block, iters - done)
+        names = list(sides) if (done // block) % 2 == 0 else list(sides)[::-1]
+        for name in names:
+            seconds[name] += timed(sides[name], batches, n, device)
+        done += n
+    return iters / seconds["wsicell"], iters / seconds["nu_gan"]
 
 
 def main() -> None:
@@ -90,6 +140,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=None,
                         help="timed iterations [default: 50 on a GPU, 3 on the CPU]")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--block", type=int, default=None,
+                        help="iterations per alternating timing block of wsicell and nu_gan "
+                        "[default: 10 on a GPU, 1 on the CPU]")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed iterations of each before the comparison")
     parser.add_argument("--loader-batches", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
@@ -109,17 +164,21 @@ def main() -> None:
         print(f"torch_threads: {torch.get_num_threads()}")
         print(f"width: {width}")
         loader = loader_rate(store, slides, device, args.workers, args.loader_batches)
+        rate, reference = paired_rates(store, slides, device, width, iters, args.workers,
+                                       args.block or (10 if gpu else 1), args.warmup)
+        print(f"nu_gan_iters_per_s: {reference:.3f}", flush=True)
         # on a GPU each variant is printed as soon as it is measured (a failing compile
         # loses nothing); the headline is the default: float32 (TF32 convolutions), eager
-        variants = {"default": (False, False), "amp": (True, False), "compile": (False, True),
-                    "amp_compile": (True, True)} if gpu else {"cpu": (False, False)}
-        rates = {}
-        for name, (amp, compile) in variants.items():
-            rates[name] = iteration_rate(store, slides, device, width, iters, args.workers,
-                                         amp, compile)
-            if gpu:
-                print(f"gen_iters_per_s_{name}: {rates[name]:.3f}", flush=True)
-        print(f"gen_iters_per_s: {next(iter(rates.values())):.3f}")
+        if gpu:
+            print(f"gen_iters_per_s_default: {rate:.3f}", flush=True)
+            variants = {"amp": (True, False), "compile": (False, True),
+                        "amp_compile": (True, True)}
+            for name, (amp, compile) in variants.items():
+                other = iteration_rate(store, slides, device, width, iters, args.workers,
+                                       amp, compile)
+                print(f"gen_iters_per_s_{name}: {other:.3f}", flush=True)
+        print(f"gen_iters_per_s: {rate:.3f}")
+        print(f"speedup_vs_nu_gan: {rate / reference:.3f}")
         print(f"loader_crops_per_s: {loader:.0f}")
 
 

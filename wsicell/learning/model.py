@@ -12,6 +12,12 @@ train on a CPU:
   blocks (mean-pool downsampling, no normalisation), ReLU and global average pooling to
   ``width`` features.  Critic head: linear ``width -> 1``.  Q head: linear ``width -> k``
   (logits; softmax gives the cluster probabilities).
+
+Computed, not changed: each "upsample, then 3x3 convolution" is one stride-2 transposed 4x4
+convolution (:func:`upsample_conv`), each "3x3 convolution, then mean pool" one stride-2
+4x4 convolution (:func:`conv_mean_pool`), and the 1x1 shortcuts run on the small side of
+an upsampling or a pooling: the same functions of the same parameters (equal to rounding),
+with about half the multiply-adds (twice the iterations per second on a CPU).
 """
 
 from __future__ import annotations
@@ -34,6 +40,26 @@ def upsample(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
+def _box_sum(weight: torch.Tensor) -> torch.Tensor:
+    """The mean of a 3x3 kernel's four shifts by 0/1 pixel, (O, I, 3, 3) -> (O, I, 4, 4)."""
+    return F.avg_pool2d(F.pad(weight, (1, 1, 1, 1)), 2, stride=1)
+
+
+def conv_mean_pool(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``mean_pool(conv(x))`` for a 3x3, padding-1 ``conv``, computed as one 4x4 convolution
+    of stride 2 (the 3x3 kernel averaged over the pool's four shifts): the same linear map
+    and parameters, 16/36 of the multiply-adds and no full-resolution intermediate."""
+    return F.conv2d(x, _box_sum(conv.weight), conv.bias, stride=2, padding=1)
+
+
+def upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(upsample(x))`` for a 3x3, padding-1 ``conv``, computed as one 4x4 transposed
+    convolution of stride 2 on ``x`` (the kernel summed over the four shifts of each
+    upsampled pixel): the same linear map and parameters, 16/36 of the multiply-adds."""
+    kernel = (4 * _box_sum(conv.weight)).flip(2, 3).transpose(0, 1)
+    return F.conv_transpose2d(x, kernel, conv.bias, stride=2, padding=1)
+
+
 class GeneratorBlock(nn.Module):
     """Up residual block of G: BN-ReLU-upsample-conv3-BN-ReLU-conv3, shortcut upsample-conv1."""
 
@@ -46,9 +72,10 @@ class GeneratorBlock(nn.Module):
         self.shortcut = nn.Conv2d(width, width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(upsample(F.relu(self.bn1(x))))
+        h = upsample_conv(self.conv1, F.relu(self.bn1(x)))
         h = self.conv2(F.relu(self.bn2(h)))
-        return self.shortcut(upsample(x)) + h
+        # a 1x1 convolution commutes with nearest upsampling: convolve the small image
+        return upsample(self.shortcut(x)) + h
 
 
 class Generator(nn.Module):
@@ -78,7 +105,7 @@ class OptimizedDownBlock(nn.Module):
         self.shortcut = nn.Conv2d(in_channels, width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = mean_pool(self.conv2(F.relu(self.conv1(x))))
+        h = conv_mean_pool(self.conv2, F.relu(self.conv1(x)))
         return self.shortcut(mean_pool(x)) + h
 
 
@@ -93,10 +120,11 @@ class CriticBlock(nn.Module):
         self.shortcut = nn.Conv2d(width, width, 1) if down else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv2(F.relu(self.conv1(F.relu(x))))
+        h = F.relu(self.conv1(F.relu(x)))
         if not self.down:
-            return x + h
-        return mean_pool(self.shortcut(x)) + mean_pool(h)
+            return x + self.conv2(h)
+        # mean pooling commutes with the 1x1 shortcut: pool first
+        return self.shortcut(mean_pool(x)) + conv_mean_pool(self.conv2, h)
 
 
 class CriticTrunk(nn.Module):
