@@ -166,7 +166,7 @@ def main() -> None:
         loader = loader_rate(store, slides, device, args.workers, args.loader_batches)
         rate, reference = paired_rates(store, slides, device, width, iters, args.workers,
                                        args.block or (10 if gpu else 1), args.warmup)
-        print(f"nu_gan_iters_per_s: {reference:.3f}", flush=True)
+        print(f"nu_gan_iters_per_s: {reference:.4g}", flush=True)
         # on a GPU each variant is printed as soon as it is measured (a failing compile
         # loses nothing); the headline is the default: float32 (TF32 convolutions), eager
         if gpu:
@@ -177,7 +177,7 @@ def main() -> None:
                 other = iteration_rate(store, slides, device, width, iters, args.workers,
                                        amp, compile)
                 print(f"gen_iters_per_s_{name}: {other:.3f}", flush=True)
-        print(f"gen_iters_per_s: {rate:.3f}")
+        print(f"gen_iters_per_s: {rate:.4g}")
         print(f"speedup_vs_nu_gan: {rate / reference:.3f}")
         print(f"loader_crops_per_s: {loader:.0f}")
 

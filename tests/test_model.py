@@ -12,6 +12,8 @@ from wsicell.learning.model import (
     generator_grid,
     init_gain,
     init_weights,
+    mean_pool,
+    upsample,
 )
 from wsicell.learning.saved_model import weights_id
 
@@ -99,3 +101,24 @@ def test_generator_grid_rows_share_noise_columns_share_category(model):
     assert not np.array_equal(grid[0, 0], grid[0, 1])  # categories differ
     assert not np.array_equal(grid[0, 0], grid[1, 0])  # noise differs
     assert model.generator.training  # the grid leaves the training mode alone
+
+
+def test_folded_convolutions_equal_the_plain_blocks():
+    """The blocks compute upsample-then-conv3 and conv3-then-mean-pool as stride-2 4x4
+    convolutions, and the 1x1 shortcuts on the small side: the same functions as the plain
+    formulation (float64, to rounding)."""
+    torch.manual_seed(0)
+    model = build_model(K, NOISE, 8, seed=0).double()
+    up = model.generator.blocks[0]
+    x = torch.randn(3, 8, 4, 4, dtype=torch.float64)
+    h = up.conv1(upsample(F.relu(up.bn1(x))))
+    plain = up.shortcut(upsample(x)) + up.conv2(F.relu(up.bn2(h)))
+    assert torch.allclose(up(x), plain, rtol=0, atol=1e-12)
+    first, down = model.trunk.blocks[0], model.trunk.blocks[1]
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    plain = first.shortcut(mean_pool(x)) + mean_pool(first.conv2(F.relu(first.conv1(x))))
+    assert torch.allclose(first(x), plain, rtol=0, atol=1e-12)
+    x = torch.randn(3, 8, 16, 16, dtype=torch.float64)
+    h = down.conv2(F.relu(down.conv1(F.relu(x))))
+    plain = mean_pool(down.shortcut(x)) + mean_pool(h)
+    assert torch.allclose(down(x), plain, rtol=0, atol=1e-12)
