@@ -23,6 +23,7 @@ from wsicell.learning.trainer import (
     gradient_penalty,
     invariant_information,
     marginal_entropy,
+    mean_entropy,
 )
 from wsicell.pipeline.training import train
 from wsicell.viz.figures import image_is_blank
@@ -131,7 +132,16 @@ def test_marginal_entropy_is_ln_k_for_a_balanced_batch_and_0_for_one_category():
     assert marginal_entropy(one_category).item() == pytest.approx(0, abs=1e-6)
 
 
-@pytest.mark.parametrize("term", ["lambda_cluster", "lambda_marginal"])
+def test_mean_entropy_is_0_for_confident_crops_and_ln_k_for_uniform_ones():
+    confident = torch.eye(5).repeat(4, 1) * 50
+    assert mean_entropy(confident).item() == pytest.approx(0, abs=1e-6)
+    assert mean_entropy(torch.zeros(20, 5)).item() == pytest.approx(np.log(5), abs=1e-6)
+    # the marginal term cannot tell these apart, the mean entropy can
+    assert marginal_entropy(confident).item() == pytest.approx(marginal_entropy(
+        torch.zeros(20, 5)).item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("term", ["lambda_cluster", "lambda_marginal", "lambda_confidence"])
 def test_real_crop_terms_train_the_trunk_and_q_on_real_crops(crops, term):
     config = TINY.model_copy(update={"train": TINY.train.model_copy(
         update={"lambda_info": 0.0, term: 1.0})})
