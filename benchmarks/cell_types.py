@@ -22,7 +22,7 @@
    (as Q is; no labels) and applied to every cell: k-means on a 50-component PCA of the
    pixels (``pixel_pca``), the paper's hand-made features + k-means (``handmade``,
    ``wsicell.learning.baseline``), and k-means on standardised mask shape / size / stain
-   features (``mask``, :func:`mask_features`; mask = the crop's non-white pixels).
+   features (``mask``, :func:`mask_features`, from the nucleus masks the store keeps).
 5. Score every method on the matched cells of the train patches (``train_*``: the figures to
    choose settings by) and of the test patches (the figures to report): purity, entropy,
    F-score (``wsicell.analysis.metrics.clustering_score``, method section 4), NMI, ARI
@@ -64,7 +64,13 @@ from sklearn.preprocessing import StandardScaler
 from wsicell.analysis.evaluation import matched_rows
 from wsicell.analysis.metrics import clustering_score
 from wsicell.config import IngestConfig, WsicellConfig
-from wsicell.io.store import complete_slides, open_store, slide_cells, slide_crops
+from wsicell.io.store import (
+    complete_slides,
+    open_store,
+    slide_cells,
+    slide_crops,
+    slide_masks,
+)
 from wsicell.learning.baseline import handmade_features
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "consep_patches"
@@ -127,8 +133,8 @@ def write_points(data: Path, out: Path, images: list[Path]) -> None:
 
 
 def load_cells(store: Path, slides: list[str], points: Path,
-               radius: float) -> tuple[pd.DataFrame, np.ndarray]:
-    """Every cell of the slides with its split and annotated type, and its crop.
+               radius: float) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Every cell of the slides with its split and annotated type, its crop and its mask.
 
     Returns
     -------
@@ -136,6 +142,8 @@ def load_cells(store: Path, slides: list[str], points: Path,
         The store's cell columns plus ``slide_id``, ``split`` (``train`` / ``test``) and
         ``label`` (the matched type, empty for a cell matched to no annotation).
     crops : ndarray, shape (N, 32, 32, 3), uint8
+    masks : ndarray, shape (N, 32, 32), bool
+        The nucleus masks (``wsicell.io.store.slide_masks``), same geometry as the crops.
     """
     root = open_store(store)
     tables = [slide_cells(root, s).assign(slide_id=s, cell=lambda t: np.arange(len(t)))
@@ -149,16 +157,19 @@ def load_cells(store: Path, slides: list[str], points: Path,
     cells = cells.merge(matched, on=["slide_id", "cell"], how="left")
     cells["label"] = cells.label.fillna("")
     crops = np.concatenate([slide_crops(root, s)[:] for s in slides])
-    return cells, crops
+    masks = np.concatenate([slide_masks(root, s)[:] for s in slides])
+    return cells, crops, masks
 
 
-def mask_features(crops: np.ndarray, area_um2: np.ndarray) -> np.ndarray:
-    """Shape, size and stain of each nucleus from its crop's non-white pixels.
+def mask_features(crops: np.ndarray, masks: np.ndarray, area_um2: np.ndarray) -> np.ndarray:
+    """Shape, size and stain of each nucleus from its stored mask.
 
     Parameters
     ----------
     crops : ndarray, shape (N, S, S, 3), uint8
-        Nucleus crops on white (255, 255, 255).
+        Nucleus crops.
+    masks : ndarray, shape (N, S, S), bool
+        Their nucleus masks.
     area_um2 : ndarray, shape (N,)
         The nuclei's areas from the cell table (the crop shrinks nuclei that do not fit).
 
@@ -166,13 +177,12 @@ def mask_features(crops: np.ndarray, area_um2: np.ndarray) -> np.ndarray:
     -------
     ndarray, shape (N, 7), float64
         log area (um2), eccentricity, solidity, extent, perimeter^2 / (4 pi area) of the
-        largest non-white component, and the mean and standard deviation of the
-        hematoxylin optical density (``skimage.color.rgb2hed``) over the non-white pixels.
+        mask's largest component, and the mean and standard deviation of the hematoxylin
+        optical density (``skimage.color.rgb2hed``) over the mask.
     """
-    mask = (crops != 255).any(axis=-1)
     hematoxylin = rgb2hed(crops)[..., 0]
     rows = []
-    for one, stain in zip(mask, hematoxylin):
+    for one, stain in zip(masks, hematoxylin):
         regions = regionprops(label(one))
         region = max(regions, key=lambda r: r.area)
         stained = stain[one]
@@ -182,12 +192,13 @@ def mask_features(crops: np.ndarray, area_um2: np.ndarray) -> np.ndarray:
     return np.column_stack([np.log(area_um2), np.asarray(rows)])
 
 
-def baseline_features(cells: pd.DataFrame, crops: np.ndarray) -> dict[str, np.ndarray]:
+def baseline_features(cells: pd.DataFrame, crops: np.ndarray,
+                      masks: np.ndarray) -> dict[str, np.ndarray]:
     """Each baseline's features of every cell: ``pixel_pca`` (raw pixels in 0..1),
     ``handmade`` (the paper's colour + LBP + HOG) and ``mask`` (:func:`mask_features`)."""
     return {"pixel_pca": crops.reshape(len(crops), -1).astype(np.float32) / 255.0,
             "handmade": handmade_features(crops),
-            "mask": mask_features(crops, cells.area.to_numpy())}
+            "mask": mask_features(crops, masks, cells.area.to_numpy())}
 
 
 def baseline_clusters(name: str, features: np.ndarray, fit: np.ndarray, seed: int) -> np.ndarray:
@@ -308,7 +319,7 @@ def main() -> None:
           f"{time.perf_counter() - started:.0f} s")
     points = args.work / f"points{f'-limit{args.limit}' if args.limit else ''}"
     write_points(args.data, points, images)
-    cells, crops = load_cells(store, slides, points, args.radius_um / MPP)
+    cells, crops, masks = load_cells(store, slides, points, args.radius_um / MPP)
     fit = (cells.split == "train").to_numpy()
     scored = {split: ((cells.split == split) & (cells.label != "")).to_numpy()
               for split in ("train", "test")}
@@ -322,7 +333,7 @@ def main() -> None:
         train={"width": args.width, **{k: parse_value(v) for k, v in train_options.items()}})
     print(f"train: {json.dumps(base.train.model_dump(mode='json'))} max_iters {args.max_iters}")
     train_slides = [s for s in slides if s.startswith("train")]
-    features = baseline_features(cells, crops)
+    features = baseline_features(cells, crops, masks)
     rows = []
     for seed in args.seeds:
         config = base.with_options(train={"seed": seed})

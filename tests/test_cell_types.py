@@ -27,13 +27,18 @@ def nucleus_crop(radius_rows: float, radius_cols: float, shade: int) -> np.ndarr
 def test_mask_features_see_size_shape_and_stain():
     round_dark = nucleus_crop(8, 8, 60)
     long_pale = nucleus_crop(3, 12, 150)
-    features = cell_types.mask_features(np.stack([round_dark, long_pale]), np.array([40.0, 20.0]))
+    crops = np.stack([round_dark, long_pale])
+    masks = (crops != 255).any(axis=-1)
+    features = cell_types.mask_features(crops, masks, np.array([40.0, 20.0]))
     assert features.shape == (2, 7)
     assert features[:, 0] == pytest.approx(np.log([40.0, 20.0]))
     eccentricity, solidity, extent, roughness, mean_h, _ = features.T[1:]
     assert eccentricity[0] < 0.2 and eccentricity[1] > 0.9
     assert (solidity > 0.9).all() and (extent > 0.6).all() and (roughness > 0.8).all()
     assert mean_h[0] > mean_h[1]  # darker nucleus, more hematoxylin
+    # the shape is the stored mask's, not the crop's non-white pixels
+    swapped = cell_types.mask_features(crops, masks[::-1], np.array([40.0, 20.0]))
+    assert swapped[0, 1] > 0.9 and swapped[1, 1] < 0.2
 
 
 def test_baselines_fit_on_train_cells_only():
