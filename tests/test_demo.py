@@ -1,0 +1,27 @@
+"""`make demo` end to end: the bundled sample through segment, ingest, train and predict, and
+a result worth looking at (slow: minutes; run with -m slow or `make test-all`)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_sorts_the_sample_into_at_least_four_cell_types(tmp_path):
+    demo = tmp_path / "demo"
+    subprocess.run(["make", "-C", str(ROOT), "demo", f"DEMO={demo}"], check=True,
+                   capture_output=True, timeout=1800)
+    proportions = pd.read_csv(demo / "results" / "slide_proportions.csv")
+    counts = proportions.filter(like="count_").sum()
+    assert (counts > 0).sum() >= 4, counts.to_dict()
+    assert counts.max() <= 0.8 * counts.sum(), counts.to_dict()
+    report = (demo / "results" / "report.html").read_text()
+    # neither collapse warning (wsicell.analysis.proportions.cluster_warnings)
+    assert "holds no cell" not in report and "of all cells: the model" not in report
+    assert (demo / "model" / "occupancy.png").stat().st_size > 0
