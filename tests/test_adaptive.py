@@ -14,6 +14,7 @@ from wsicell.config import (
 )
 from wsicell.segmentation.adaptive import (
     calibrate,
+    fill_holes,
     hematoxylin_od,
     otsu_threshold,
     segment_hematoxylin_od,
@@ -61,6 +62,30 @@ def test_too_large_objects_are_refused_and_counted():
     labels, refused = segment_hematoxylin_od(hematoxylin_od(h), 0.25,
                                              AdaptiveConfig(max_area_um2=1000))
     assert len(refused) == 0 and labels[200, 300] > 0
+
+
+def test_fill_holes_fills_small_enclosed_holes_only():
+    mask = np.zeros((40, 60), np.uint8)
+    mask[2:12, 2:12] = 1
+    mask[5:8, 5:8] = 0  # a 9-pixel hole
+    mask[15:35, 15:35] = 1
+    mask[18:32, 18:32] = 0  # a 196-pixel hole
+    mask[0:10, 40:50] = 1
+    mask[0:4, 43:46] = 0  # a notch open to the border: not a hole
+    mask[20:30, 45:55] = 1
+    mask[24, 49] = 0  # a 1-pixel hole ...
+    mask[25, 50] = 0  # ... and a diagonal neighbour: two 4-connected holes
+    filled = fill_holes(mask, 9)
+    assert filled[5:8, 5:8].all() and filled[24, 49] and filled[25, 50]
+    assert not filled[18:32, 18:32].any() and not filled[0:4, 43:46].any()
+    assert (filled >= mask).all() and filled.dtype == np.uint8
+    assert (fill_holes(mask, 196)[18:32, 18:32] == 1).all()
+    assert not fill_holes(np.zeros((5, 5), np.uint8), 10).any()
+
+
+def test_an_image_without_foreground_gives_no_nuclei():
+    labels, refused = segment_hematoxylin_od(np.zeros((64, 64), np.float32), 0.4)
+    assert labels.shape == (64, 64) and not labels.any() and refused.shape == (0, 2)
 
 
 def test_otsu_threshold_separates_two_levels():
