@@ -36,8 +36,8 @@ $(VENV)/.reference: $(VENV)/.installed
 # The bundled sample: two bone-marrow fields at the reference 0.4 um/px. The GAN is
 # CPU-sized (width 16, 150 iterations, the Q step at lr 1e-3 so that G uses its code within
 # such a short run, and lambda_confidence 1 so that Q spreads the sample's cells over its
-# categories: without it 2 of 5 were used, with it all 5) so the demo takes minutes; the model is kept and reused by later runs
-# (delete demo-output/ to start again).
+# categories: without it 2 of 5 were used, with it all 5) so the demo takes minutes; the
+# model is kept and reused by later runs (delete demo-output/ to start again).
 SAMPLE := tests/data/bm_graz/images
 demo: $(VENV)/.installed
 	$(WSICELL) segment $(SAMPLE) --out $(DEMO)/segment --mpp 0.4 --no-progress

@@ -136,13 +136,13 @@ class Trainer:
         symmetries of the real batch, minus ``lambda_marginal`` times the
         :func:`marginal_entropy` of Q on them and plus ``lambda_confidence`` times their
         :func:`mean_entropy`, when those weights are set; returns L_Q, detached."""
+        cfg = self.cfg
         with frozen(self.model.critic_head.parameters()):
-            fake, code = self._fake(self.cfg.batch_size)
+            fake, code = self._fake(cfg.batch_size)
             with self.amp:
                 logits = self.fast_q(fake).float()
-            info = self.cfg.lambda_info * F.cross_entropy(logits, code)
+            info = cfg.lambda_info * F.cross_entropy(logits, code)
             loss = info
-            cfg = self.cfg
             if cfg.lambda_cluster > 0 or cfg.lambda_marginal > 0 or cfg.lambda_confidence > 0:
                 views = torch.cat([random_dihedral(real, self.generator) for _ in range(2)])
                 with self.amp:
