@@ -236,3 +236,217 @@ def test_the_dashboard_listens_on_this_machine_only():
         assert local.scheduler_address.startswith("tcp://127.0.0.1:")
 
 
+
+
+# --------------------------------------------------------------------------- round two
+
+
+def _refused(result, *names):
+    """Exit 2, one ``wsicell: error:`` line naming ``names``, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("wsicell: error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert all(name in errors[0] for name in names), errors[0]
+    return errors[0]
+
+
+def _left(base: Path) -> list[str]:
+    return sorted(p.name for p in base.iterdir())
+
+
+METADATA_DAMAGE = {  # node below slides/s1 -> what is done to its zarr.json
+    "cells/bbox_x0": lambda b: b[:40] + b"\n\x01",  # truncated, a control character
+    "crops": lambda b: b.replace(b'"uint8"', b'"uint99"'),
+    "tiles/n_cells": lambda b: b"",
+    "masks": lambda b: b"[1, 2]",
+    "": lambda b: b[:30],  # the slide's own group
+}
+
+
+def _damaged_store(base: Path, node: str) -> Path:
+    store = base / "cells.zarr"
+    for slide_id in ("s1", "s2"):
+        write_test_slide(open_store(store, mode="a"), slide_id, base, 6)
+    meta = store / "slides" / "s1" / node / "zarr.json"
+    meta.write_bytes(METADATA_DAMAGE[node](meta.read_bytes()))
+    return store
+
+
+def test_damaged_array_metadata_is_one_line_naming_the_array(tmp_path):
+    """Case 1: a truncated cells/bbox_x0/zarr.json made validate --deep and export end in
+    a JSONDecodeError traceback."""
+    store = _damaged_store(tmp_path, "cells/bbox_x0")
+    result = _run("validate", store, "--deep")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith(f"{store}: slide 's1', cells/bbox_x0: unreadable metadata in "
+                               "slides/s1/cells/bbox_x0/zarr.json ("), lines
+    assert lines[-1].endswith("damaged: s1; still good: s2"), lines
+    result = _run("export", store, "--format", "csv", "--out", tmp_path / "cells.csv")
+    _refused(result, str(store), "slide 's1', cells/bbox_x0: unreadable metadata")
+    assert not (tmp_path / "cells.csv").exists()
+
+
+@pytest.mark.parametrize("node", list(METADATA_DAMAGE))
+def test_every_damaged_metadata_file_is_named(tmp_path, node):
+    from wsicell.errors import WsicellError
+    from wsicell.io.store import complete_slides, slide_cells, slide_crops, slide_masks, \
+        validate_store
+
+    store = _damaged_store(tmp_path, node)
+    where = f"slide 's1', {node}: " if node else "slide 's1': "
+    problems = validate_store(store, deep=True)
+    assert len(problems) == 1 and where + "unreadable metadata" in problems[0], problems
+    root = open_store(store)
+    for read in (lambda: complete_slides(root), lambda: slide_cells(root, "s1"),
+                 lambda: slide_crops(root, "s1")[:], lambda: slide_masks(root, "s1")[:]):
+        try:
+            read()
+        except WsicellError as err:
+            assert where + "unreadable metadata" in str(err), err
+    assert slide_cells(root, "s2")["cell_id"].tolist() == list(range(6))
+
+
+def test_a_damaged_cell_column_refuses_training_in_one_line(tmp_path):
+    store = _damaged_store(tmp_path, "crops")
+    result = _run("train", "--store", store, "--out", tmp_path / "model", "--slides", "s1",
+                  "--width", 8, "--max-iters", 1, "--workers", 0, "--device", "cpu", "--quiet")
+    _refused(result, "slide 's1', crops: unreadable metadata")
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("mpp", ["100", "inf", "0", "-1", "nan", "1e-9"])
+def test_a_nonsense_resolution_is_refused_before_anything_is_written(tmp_path, mpp):
+    """Cases 2, 3 and 6: --mpp 100 ran on for 90 s growing to 2.4 GB; --mpp inf ended in a
+    ZeroDivisionError; --mpp 0 / -1 were refused only after an empty store and its lock
+    had been made."""
+    result = _run("ingest", TEST_DATA / f"{SLIDE}.png", "--store", tmp_path / "s.zarr",
+                  "--mpp", mpp, timeout=60)
+    _refused(result, "--mpp", mpp)
+    assert _left(tmp_path) == []
+
+
+@pytest.mark.parametrize("mpp", [float("inf"), 0.0, -1.0, 100.0, float("nan")])
+def test_the_library_refuses_a_nonsense_resolution_too(tmp_path, mpp):
+    from wsicell.errors import WsicellError
+    from wsicell.pipeline.ingest import ingest
+
+    with pytest.raises(WsicellError, match=r"--mpp .* is outside 0\.02-20 um/px"):
+        ingest(tmp_path / "s.zarr", [TEST_DATA / f"{SLIDE}.png"], mpp=mpp, progress=False)
+    assert _left(tmp_path) == []
+
+
+def test_the_coarsest_accepted_resolution_keeps_the_plan_small(tmp_path):
+    """At 20 um/px (the largest accepted) the tissue thumbnail is never enlarged beyond the
+    slide itself; before, a coarse --mpp made it grow with the resolution (2.4 GB)."""
+    import tracemalloc
+
+    from wsicell.pipeline.tiles import plan_slide
+
+    tracemalloc.start()
+    plan, attrs, thumb, tissue, tiles = plan_slide(TEST_DATA / f"{SLIDE}.png", tmp_path / "s",
+                                                   WsicellConfig(), 20.0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert thumb.shape[:2] == (1200, 1200) and attrs["thumbnail_mpp"] == 20.0
+    assert plan.grid.width == 60000 and len(tiles["tile_id"]) > 0
+    assert peak < 200e6, peak
+
+
+def test_an_unreadable_slide_leaves_no_store_behind(tmp_path):
+    """Case 6: an unreadable input into a new store left an empty store and its lock that
+    validate called valid."""
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
+    result = _run("ingest", garbage, "--store", tmp_path / "s.zarr", "--no-progress")
+    _refused(result, "garbage.png")
+    assert _left(tmp_path) == ["garbage.png"]
+
+
+def test_export_into_a_missing_directory_is_one_line(world):
+    """Case 5: export --out missing_dir/cells.csv ended in a 41-line traceback (exit 1)."""
+    out = world["base"] / "missing_dir" / "cells.csv"
+    result = _run("export", world["full"], "--format", "csv", "--out", out)
+    _refused(result, str(out), "parent directory", "does not exist")
+    assert not out.parent.exists()
+
+
+def test_a_pickled_model_is_refused_without_advice_to_turn_the_protection_off(world, tmp_path):
+    """Case 7: the refusal quoted PyTorch's hint that weights_only=False "will likely
+    succeed"."""
+    import shutil
+
+    import torch
+
+    model = tmp_path / "model"
+    shutil.copytree(world["model"], model)
+    ran = tmp_path / "ran"
+    torch.save({"format": "wsicell-model-v1", "state_dict": _Payload(str(ran))},
+               model / "model.pt")
+    result = _run("predict", "--slides", world["slides"], "--model", model, "--store",
+                  tmp_path / "s.zarr", "--out", tmp_path / "out", "--no-progress")
+    line = _refused(result, "model.pt: refused: it holds Python objects (getattr)")
+    assert "weights_only" not in result.stderr and "succeed" not in result.stderr, line
+    assert not ran.exists() and _left(tmp_path) == ["model"]
+
+
+class _Payload:
+    """Unpickling this would create a file: the code a malicious model.pt would run."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.path),)
+
+
+#: A Dask preload run by each worker process as it starts: the worker exits at once (as if
+#: the OOM killer took it), every time, or only the first time when WSICELL_TEST_DIE_ONCE
+#: names a directory that does not exist yet.
+DIE_AT_START = """
+import os
+marker = os.environ.get("WSICELL_TEST_DIE_ONCE")
+try:
+    if marker:
+        os.mkdir(marker)
+except FileExistsError:
+    pass
+else:
+    os._exit(1)
+"""
+
+
+def test_workers_dying_at_every_start_are_one_line_after_three_attempts(tmp_path):
+    """Case 4: both workers of the embedded cluster killed while it starts gave an 80-line
+    traceback ending "RuntimeError: Nanny failed to start." (a rerun then succeeded)."""
+    import os
+
+    preload = tmp_path / "die.py"
+    preload.write_text(DIE_AT_START)
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([str(preload)])}
+    result = subprocess.run(
+        [sys.executable, "-m", "wsicell.cli.main", "ingest", str(TEST_DATA / f"{SLIDE}.png"),
+         "--store", str(tmp_path / "s.zarr"), "--mpp", "0.4", "--workers", "2",
+         "--no-progress"], capture_output=True, text=True, timeout=300, env=env)
+    _refused(result, "the local Dask cluster of 2 worker(s) failed to start 3 times",
+             "Nanny failed to start")
+    assert result.stderr.count("retrying (") == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 3, result.stderr
+    assert _left(tmp_path) == ["die.py"]
+
+
+def test_a_worker_dying_at_the_first_start_is_retried(tmp_path, monkeypatch):
+    import dask
+    from distributed import Client
+
+    from wsicell.pipeline.cluster import start_local_cluster
+
+    preload = tmp_path / "die.py"
+    preload.write_text(DIE_AT_START)
+    monkeypatch.setenv("WSICELL_TEST_DIE_ONCE", str(tmp_path / "died"))
+    with dask.config.set({"distributed.worker.preload": [str(preload)]}), \
+            pytest.warns(UserWarning, match=r"failed to start .*retrying \(2/3\)"):
+        cluster, client = start_local_cluster(1, 1, "1GB", dashboard=None)
+    with cluster, client:
+        assert isinstance(client, Client) and client.submit(sum, [1, 2]).result() == 3
+    assert (tmp_path / "died").is_dir()

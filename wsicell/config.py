@@ -34,10 +34,14 @@ from wsicell.errors import WsicellError
 from wsicell.files import read_json
 
 Triple = tuple[float, float, float]
+#: Plausible level-0 resolutions, um/px: a slide's metadata outside is ignored, an ``--mpp``
+#: outside is refused (0.02: beyond any light microscope; 20: a macro overview camera).
+MPP_RANGE = (0.02, 20.0)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are no value of any field (an infinite epoch count would never end)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class StainConfig(_Section):

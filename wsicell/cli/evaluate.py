@@ -4,6 +4,7 @@ import json
 
 import click
 
+from wsicell.cli.options import MPP, SEED, positive
 from wsicell.config import SEGMENTATION_PRESETS
 
 
@@ -19,11 +20,11 @@ def evaluate():
 @click.option("--preset", default="paper", show_default=True,
               type=click.Choice(sorted(SEGMENTATION_PRESETS) + ["all"]),
               help="Segmentation preset to evaluate, or all of them.")
-@click.option("--radius", type=float, default=12.0, show_default=True,
+@click.option("--radius", type=positive(1e4, "px"), default=12.0, show_default=True,
               help="Largest centroid-to-point distance of a match (image pixels).")
 @click.option("--config", "config_file", type=click.Path(), default=None,
               help="JSON configuration file the presets apply to.")
-@click.option("--mpp", type=float, default=None, help="Microns per pixel of the images.")
+@click.option("--mpp", type=MPP, default=None, help="Microns per pixel of the images.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def detection(image_dir, points_dir, preset, radius, config_file, mpp, as_json):
     """Detection precision / recall / F1 of nucleus centroids against centre points.
@@ -52,7 +53,7 @@ def detection(image_dir, points_dir, preset, radius, config_file, mpp, as_json):
 @click.option("--masks", "mask_dir", required=True, type=click.Path(),
               help="Directory of instance-mask PNGs named like the images (8- or 16-bit "
               "integer, 0 = background).")
-@click.option("--mpp", type=float, required=True, help="Microns per pixel of the images.")
+@click.option("--mpp", type=MPP, required=True, help="Microns per pixel of the images.")
 @click.option("--preset", default="paper", show_default=True,
               type=click.Choice(sorted(SEGMENTATION_PRESETS) + ["all"]),
               help="Segmentation preset to evaluate, or all of them.")
@@ -100,10 +101,10 @@ def _print_scores(rows: list[tuple[str, dict]], columns: list[str]) -> None:
               help="Trained model directory.")
 @click.option("--points", "points_dir", required=True, type=click.Path(),
               help="Directory of x,y,label CSV files named by slide id (image stem).")
-@click.option("--radius", type=float, default=12.0, show_default=True,
+@click.option("--radius", type=positive(1e4, "px"), default=12.0, show_default=True,
               help="Largest cell-to-point distance of a match (level-0 pixels).")
 @click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the baseline.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the baseline.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def clustering(store, model_dir, points_dir, radius, device, seed, as_json):
     """Purity / entropy / F-score of the model's cell clusters against annotated cell

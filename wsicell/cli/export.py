@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import click
 
+from wsicell.cli.options import OUTPUT_FILE
 from wsicell.io.export import FORMATS, GEOMETRIES
 
 
 @click.command()
 @click.argument("store", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True)
-@click.option("--out", required=True, type=click.Path(), help="Output file.")
+@click.option("--out", required=True, type=OUTPUT_FILE, help="Output file.")
 @click.option("--slide", "slide_ids", multiple=True,
               help="Slide id to export (repeatable) [default: all complete slides].")
 @click.option("--geometry", type=click.Choice(GEOMETRIES), default="outline",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from wsicell.cli.options import MPP, OUTPUT_DIR, MemoryLimit, count
 from wsicell.config import SEGMENTATION_PRESETS, load_config
 
 EPILOG = """\b
@@ -26,12 +27,13 @@ def ingest_options(command):
     ``--mpp``, ``--workers``, ``--threads-per-worker``, ``--memory-limit``, ``--scheduler``,
     ``--dashboard``."""
     options = [
-        click.option("--mpp", type=float, default=None,
+        click.option("--mpp", type=MPP, default=None,
                      help="Level-0 microns per pixel of the slides, overriding their metadata."),
-        click.option("--workers", type=int, default=2, show_default=True,
+        click.option("--workers", type=count(1, 1024), default=2, show_default=True,
                      help="Worker processes of the local Dask cluster."),
-        click.option("--threads-per-worker", type=int, default=1, show_default=True),
-        click.option("--memory-limit", default="4GB", show_default=True,
+        click.option("--threads-per-worker", type=count(1, 1024), default=1,
+                     show_default=True),
+        click.option("--memory-limit", type=MemoryLimit(), default="4GB", show_default=True,
                      help="Per local worker."),
         click.option("--scheduler", default=None,
                      help="An existing Dask scheduler instead of a local cluster: its address "
@@ -53,14 +55,14 @@ def dashboard_address(value: str) -> str | None:
 
 @click.command(epilog=EPILOG)
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--store", required=True, type=click.Path(),
+@click.option("--store", required=True, type=OUTPUT_DIR,
               help="Zarr cell store (created if missing).")
 @ingest_options
 @click.option("--config", "config_file", type=click.Path(), default=None,
               help="JSON configuration file (wsicell.config.WsicellConfig).")
 @click.option("--preset", type=click.Choice(sorted(SEGMENTATION_PRESETS)), default=None,
               help="Segmentation preset [default: the configuration's, adaptive].")
-@click.option("--tile-size", type=int, default=None,
+@click.option("--tile-size", type=count(256, 16384), default=None,
               help="Tile side in pixels at the reference resolution [default: config].")
 @click.option("--overwrite", is_flag=True, help="Redo slides the store already holds complete.")
 @click.option("--progress/--no-progress", default=True, show_default=True,

@@ -53,6 +53,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     click.echo(f"wsicell: warning: {message}", err=True)
 
 
+def usage_error(err: click.UsageError) -> str:
+    """A refused command line as one line: the command, the option and the problem.
+
+    Examples
+    --------
+    >>> usage_error(click.UsageError("Missing option '--out'."))
+    "Missing option '--out'."
+    """
+    command = err.ctx.command_path.removeprefix("wsicell").strip() if err.ctx else ""
+    message = " ".join(err.format_message().split())
+    return f"{command}: {message}" if command else message
+
+
 def main(argv=None):
     """Run the command line; turn user errors into one line and a non-zero exit code."""
     warnings.showwarning = _show_warning
@@ -65,6 +78,9 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("wsicell: aborted", err=True)
         sys.exit(130)
+    except click.UsageError as err:  # a refused option or argument: one line, no usage text
+        click.echo(f"wsicell: error: {usage_error(err)}", err=True)
+        sys.exit(err.exit_code)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from wsicell.cli.ingest import dashboard_address, ingest_options
+from wsicell.cli.options import OUTPUT_DIR, count, positive
 from wsicell.config import load_config
 
 EPILOG = """\b
@@ -30,9 +31,9 @@ same model does not recompute them.
               help="Directory of slides; those not yet in the store are ingested first.")
 @click.option("--model", "model_dir", required=True, type=click.Path(),
               help="Trained model directory (wsicell train --out).")
-@click.option("--store", required=True, type=click.Path(), help="Zarr cell store.")
-@click.option("--out", "out_dir", required=True, type=click.Path(), help="Results directory.")
-@click.option("--region-size", type=float, default=None,
+@click.option("--store", required=True, type=OUTPUT_DIR, help="Zarr cell store.")
+@click.option("--out", "out_dir", required=True, type=OUTPUT_DIR, help="Results directory.")
+@click.option("--region-size", type=positive(1e6, "um"), default=None,
               help="Side of the proportion grid's square regions, microns [default: 500].")
 @click.option("--regions", type=click.Path(), default=None,
               help="GeoJSON polygon annotations (QuPath export): <slide_id>.geojson or a "
@@ -40,11 +41,11 @@ same model does not recompute them.
 @click.option("--fix-regions", is_flag=True,
               help="Repair invalid region polygons (self-intersections, ...) instead of "
               "refusing them.")
-@click.option("--slide-clusters", type=int, default=None,
+@click.option("--slide-clusters", type=count(1, 10000), default=None,
               help="k-means clusters of slides [default: 2].")
 @click.option("--labels", type=click.Path(), default=None,
               help="CSV slide_id,label: train and cross-validate a linear SVM on slides.")
-@click.option("--folds", type=int, default=None, help="Cross-validation folds [default: 4].")
+@click.option("--folds", type=count(2, 1000), default=None, help="Cross-validation folds [default: 4].")
 @click.option("--classifier", type=click.Path(), default=None,
               help="Apply a slide_classifier.json saved by an earlier run.")
 @click.option("--device", default="auto", show_default=True,

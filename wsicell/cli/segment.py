@@ -2,17 +2,18 @@
 
 import click
 
+from wsicell.cli.options import MPP, OUTPUT_DIR
 from wsicell.config import SEGMENTATION_PRESETS, load_config
 
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory.")
+@click.option("--out", "out_dir", required=True, type=OUTPUT_DIR, help="Output directory.")
 @click.option("--preset", type=click.Choice(sorted(SEGMENTATION_PRESETS)), default=None,
               help="Segmentation preset [default: the configuration's, adaptive].")
 @click.option("--config", "config_file", type=click.Path(), default=None,
               help="JSON configuration file (schemas/config.schema.json).")
-@click.option("--mpp", type=float, default=None,
+@click.option("--mpp", type=MPP, default=None,
               help="Microns per pixel of the images, overriding their metadata.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def segment(paths, out_dir, preset, config_file, mpp, progress):

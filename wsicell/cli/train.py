@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from wsicell.cli.options import OUTPUT_DIR, count, field_type
 from wsicell.config import TrainConfig, load_config
 
 EPILOG = """\b
@@ -35,11 +36,12 @@ def _config_options(function):
         if isinstance(default, bool):
             option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
         elif isinstance(default, tuple):
-            option = click.option(flag, name, type=type(default[0]), nargs=len(default),
-                                  default=None, help=help_text)
+            option = click.option(flag, name, type=field_type(name, field) or type(default[0]),
+                                  nargs=len(default), default=None, help=help_text)
         else:
             kind = field.annotation if field.annotation in (int, float, str) else type(default)
-            option = click.option(flag, name, type=kind, default=None, help=help_text)
+            option = click.option(flag, name, type=field_type(name, field) or kind,
+                                  default=None, help=help_text)
         function = option(function)
     return function
 
@@ -48,23 +50,23 @@ def _config_options(function):
 @click.option("--store", required=True, type=click.Path(), help="Zarr cell store (wsicell ingest).")
 @click.option("--slides", default=None,
               help="Comma-separated slide ids to train on [default: all complete slides].")
-@click.option("--out", "out_dir", required=True, type=click.Path(), help="Model directory.")
+@click.option("--out", "out_dir", required=True, type=OUTPUT_DIR, help="Model directory.")
 @click.option("--config", "config_file", type=click.Path(), default=None,
               help="JSON configuration file; the options below override its train section.")
 @_config_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--max-iters", type=int, default=None,
+@click.option("--max-iters", type=count(), default=None,
               help="Stop after this many iterations (short runs) [default: the epochs].")
-@click.option("--checkpoint-every", type=int, default=1000, show_default=True,
+@click.option("--checkpoint-every", type=count(), default=1000, show_default=True,
               help="Iterations between checkpoints (one is also written at the end).")
-@click.option("--sample-every", type=int, default=1000, show_default=True,
+@click.option("--sample-every", type=count(), default=1000, show_default=True,
               help="Iterations between loss / sample PNGs (also written at the end).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
-@click.option("--workers", type=int, default=2, show_default=True,
+@click.option("--workers", type=count(0, 256), default=2, show_default=True,
               help="Data-loading processes per GPU/process (0 = load in the training process).")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the forward passes (GPU; the first iterations are slow).")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=count(1, 1024), default=None,
               help="CPU threads of torch [default: torch's]; on a busy machine 1 is often faster.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(store, slides, out_dir, config_file, device, max_iters, checkpoint_every,

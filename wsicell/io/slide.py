@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from wsicell.config import MPP_RANGE
 from wsicell.errors import WsicellError
 from wsicell.files import existing_file
 
@@ -41,7 +42,7 @@ PLAIN_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bm
 SLIDE_SUFFIXES = PLAIN_IMAGE_SUFFIXES | frozenset(
     {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".qptiff", ".ome.tif"}
 )
-_MPP_RANGE = (0.02, 20.0)  # plausible microscope resolutions, um/px
+_MPP_RANGE = MPP_RANGE  # plausible microscope resolutions, um/px
 
 
 @contextmanager
@@ -568,6 +569,32 @@ def open_slide(path: str | Path, max_plain_pixels: int = MAX_PLAIN_IMAGE_PIXELS)
     return LargeImageSlide(path)
 
 
+def check_mpp(mpp: float, where: str | Path = "--mpp") -> float:
+    """``mpp`` (a given level-0 resolution, um/px) as a float when it lies in
+    :data:`~wsicell.config.MPP_RANGE`.
+
+    Raises
+    ------
+    WsicellError
+        NaN, infinite, or outside the range: ``<where>: --mpp ... is not a microscope's
+        resolution``.
+
+    Examples
+    --------
+    >>> check_mpp(0.25)
+    0.25
+    """
+    low, high = MPP_RANGE
+    try:
+        value = float(mpp)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not low <= value <= high:  # NaN fails too
+        raise WsicellError(f"{where}: --mpp {mpp} um/px is outside {low:g}-{high:g} um/px: "
+                           "not a microscope's resolution (check the value and its unit)")
+    return value
+
+
 def resolve_mpp(slide: Slide, mpp: float | None, reference_mpp: float) -> float:
     """The level-0 microns per pixel to work with.
 
@@ -576,9 +603,7 @@ def resolve_mpp(slide: Slide, mpp: float | None, reference_mpp: float) -> float:
     metadata is an error (its levels would be guessed at the wrong scale).
     """
     if mpp is not None:
-        if not mpp > 0:
-            raise WsicellError(f"{slide.path}: --mpp must be positive, got {mpp}")
-        return float(mpp)
+        return check_mpp(mpp, slide.path)
     if slide.mpp is not None:
         return slide.mpp
     if slide.level_count > 1:

@@ -38,6 +38,7 @@ import shutil
 import uuid
 import warnings
 from contextlib import contextmanager
+from functools import wraps
 from importlib.resources import files
 from pathlib import Path
 
@@ -91,6 +92,64 @@ _SLIDE_ID = re.compile(r"[A-Za-z0-9._-]+")
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def damaged_metadata(path: str | Path) -> list[tuple[str, str]]:
+    """Every node of a store whose metadata (``zarr.json``) zarr cannot read.
+
+    Each group and array below ``path`` is opened on its own, so one damaged node does
+    not hide the others.
+
+    Returns
+    -------
+    list of (str, str)
+        ``(node, reason)`` pairs in path order: the node relative to the store (``""`` for
+        the root, ``slides/s1/cells/bbox_x0``), the first line of zarr's error.
+    """
+    path = Path(path)
+    damaged = []
+    for meta in sorted(path.rglob("zarr.json")):
+        node = meta.parent.relative_to(path).as_posix()
+        try:
+            kind = json.loads(meta.read_bytes()).get("node_type")
+            opener = zarr.open_array if kind == "array" else zarr.open_group
+            if kind not in ("array", "group"):
+                raise ValueError(f"node_type {kind!r} is neither array nor group")
+            opener(meta.parent, mode="r", zarr_format=3)
+        except Exception as err:  # noqa: BLE001 - any failure is damage to report
+            damaged.append(("" if node == "." else node, _reason(err)))
+    return damaged
+
+
+def _metadata_problem(path: str | Path, node: str, reason: str) -> str:
+    """One line naming the store, the slide and the array (or group) of a damaged node."""
+    parts = node.split("/") if node else []
+    if len(parts) >= 2 and parts[0] == SLIDES:
+        where = f"{path}: slide {parts[1]!r}" + (f", {'/'.join(parts[2:])}" if parts[2:] else "")
+    else:
+        where = f"{path}: {node or 'the store root'}"
+    return (f"{where}: unreadable metadata in {node + '/' if node else ''}zarr.json ({reason}); "
+            "the store is damaged")
+
+
+def _reads_metadata(function):
+    """Decorate a reading function whose first argument is an open store: a failure that
+    damaged metadata (a truncated or edited ``zarr.json``) caused becomes one
+    :class:`WsicellError` naming the store, slide and array; other errors pass unchanged."""
+    @wraps(function)
+    def read(root, *args, **kwargs):
+        try:
+            return function(root, *args, **kwargs)
+        except WsicellError:
+            raise
+        except Exception:
+            path = store_path(root)
+            damaged = damaged_metadata(path)
+            if not damaged:
+                raise
+            raise WsicellError(_metadata_problem(path, *damaged[0])) from None
+    return read
+
 
 
 def _is_store(group: zarr.Group) -> bool:
@@ -195,6 +254,7 @@ def _slide_ids(root: zarr.Group) -> list[str]:
     return sorted(_slides(root).group_keys())
 
 
+@_reads_metadata
 def slide_status(root: zarr.Group, slide_id: str) -> str | None:
     """``"complete"``, ``"ingesting"``, or None when the store has no such slide (or the
     name could be no slide's: ``..``, ``a/b``)."""
@@ -204,6 +264,7 @@ def slide_status(root: zarr.Group, slide_id: str) -> str | None:
     return slides[slide_id].attrs.get("status")
 
 
+@_reads_metadata
 def complete_slides(root: zarr.Group) -> list[str]:
     """Ids of the complete slides, sorted; warns about (and skips) incomplete ones."""
     complete = []
@@ -216,6 +277,7 @@ def complete_slides(root: zarr.Group) -> list[str]:
     return complete
 
 
+@_reads_metadata
 def slide_group(root: zarr.Group, slide_id: str) -> zarr.Group:
     """The group of a complete slide."""
     status = slide_status(root, slide_id)
@@ -313,6 +375,7 @@ def _chunk_problem(array: zarr.Array, coords: tuple[int, ...]) -> str | None:
     return None
 
 
+@_reads_metadata
 def _stored(root: zarr.Group, slide_id: str, name: str) -> StoredArray:
     return StoredArray(slide_group(root, slide_id)[name],
                        f"{store_path(root)}: slide {slide_id!r}, array {name}")
@@ -329,6 +392,7 @@ def slide_masks(root: zarr.Group, slide_id: str) -> StoredArray:
     return _stored(root, slide_id, MASKS)
 
 
+@_reads_metadata
 def slide_cells(root: zarr.Group, slide_id: str, columns=None) -> pd.DataFrame:
     """Cell table of a complete slide, one row per cell in cell_id order (only the named
     ``columns`` of :data:`CELL_COLUMNS` when given: each column is an array of its own)."""
@@ -345,6 +409,7 @@ def slide_attrs(root: zarr.Group, slide_id: str) -> dict:
         return {}
 
 
+@_reads_metadata
 def slide_pictures(root: zarr.Group, slide_id: str) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Thumbnail (h, w, 3) uint8 and tissue mask (h', w') bool of a complete slide (None
     for one the store lacks)."""
@@ -353,6 +418,7 @@ def slide_pictures(root: zarr.Group, slide_id: str) -> tuple[np.ndarray | None, 
                  for name in (THUMBNAIL, TISSUE_MASK))
 
 
+@_reads_metadata
 def store_fingerprint(root: zarr.Group, slide_ids) -> str:
     """A hash identifying the cells of the given slides (content, config and stain).
 
@@ -411,6 +477,19 @@ def store_lock(path: str | Path, writer: str = "ingest"):
         yield
     finally:
         os.close(fd)
+
+
+def remove_empty_store(path: str | Path) -> bool:
+    """Delete a store that holds no slide, and its lock file: what a run that created the
+    store leaves when it refuses every input (the caller holds the lock).  Returns whether
+    it was removed (a store holding any slide, even an incomplete one, is kept)."""
+    path = Path(path)
+    slides = path / SLIDES
+    if slides.is_dir() and any(child.is_dir() for child in slides.iterdir()):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    Path(f"{path}.lock").unlink(missing_ok=True)
+    return True
 
 
 def begin_slide(
@@ -524,6 +603,7 @@ def _labels_group(root: zarr.Group, slide_id: str, model_id: str) -> zarr.Group 
         return None
 
 
+@_reads_metadata
 def labels_complete(root: zarr.Group, slide_id: str, model_id: str) -> bool:
     """True when the slide holds complete labels of this model for its current content."""
     slide = slide_group(root, slide_id)
@@ -536,6 +616,7 @@ def labels_complete(root: zarr.Group, slide_id: str, model_id: str) -> bool:
             and attrs.get("n_cells") == slide[CROPS].shape[0])
 
 
+@_reads_metadata
 def labelled_models(root: zarr.Group, slide_id: str) -> list[str]:
     """Ids of the models whose labels of this slide are complete (sorted)."""
     try:
@@ -545,12 +626,14 @@ def labelled_models(root: zarr.Group, slide_id: str) -> list[str]:
     return sorted(name for name, _ in group.groups() if labels_complete(root, slide_id, name))
 
 
+@_reads_metadata
 def labels_k(root: zarr.Group, slide_id: str, model_id: str) -> int | None:
     """The k of the labels a model wrote into a slide, complete or not (None when none)."""
     labels = _labels_group(root, slide_id, model_id)
     return None if labels is None else labels.attrs.get("k")
 
 
+@_reads_metadata
 def read_labels(root: zarr.Group, slide_id: str, model_id: str) -> tuple[np.ndarray, np.ndarray]:
     """A model's complete labels of one slide.
 
@@ -691,6 +774,23 @@ def _damaged_chunks(group: zarr.Group, where: str) -> list[str]:
     return problems
 
 
+def _listed_slides(root: zarr.Group, path: str | Path) -> list[str]:
+    """The slide ids of a store, from its directories when zarr cannot list them (a slide
+    group whose metadata is damaged)."""
+    try:
+        return _slide_ids(root)
+    except Exception:  # noqa: BLE001 - damaged_metadata names the damage
+        return sorted(p.name for p in (Path(path) / SLIDES).iterdir() if p.is_dir())
+
+
+def _crop_size(attrs: dict) -> object:
+    """The crop side a slide's recorded configuration names (32 when it names none; the
+    schema check reports attributes of the wrong shape)."""
+    config = attrs.get("config")
+    segmentation = config.get("segmentation") if isinstance(config, dict) else None
+    return segmentation.get("crop_size", 32) if isinstance(segmentation, dict) else 32
+
+
 def check_store(path: str | Path, deep: bool = False) -> dict[str, list[str]]:
     """The problems of a store, per slide: ``{"": root problems, slide_id: problems}``.
 
@@ -702,16 +802,27 @@ def check_store(path: str | Path, deep: bool = False) -> dict[str, list[str]]:
     """
     root = open_store(path)
     report = {"": _check(dict(root.attrs), load_schema("store.schema.json"), str(path))}
+    damaged: dict[str, list[str]] = {}  # unreadable zarr.json, per slide ("" = the root's)
+    for node, reason in damaged_metadata(path):
+        parts = node.split("/")
+        slide_id = parts[1] if len(parts) >= 2 and parts[0] == SLIDES else ""
+        damaged.setdefault(slide_id, []).append(_metadata_problem(path, node, reason))
+    if damaged.get(""):
+        report[""] += damaged[""]
+        return report
     slide_schema = load_schema("store_slide.schema.json")
     label_schema = load_schema("store_labels.schema.json")
-    for slide_id in _slide_ids(root):
+    for slide_id in _listed_slides(root, path):
+        if slide_id in damaged:  # nothing below a damaged node can be checked further
+            report[slide_id] = damaged[slide_id]
+            continue
         group = _slides(root)[slide_id]
         where = f"{path}/slides/{slide_id}"
         attrs = dict(group.attrs)
         problems = report[slide_id] = _check(attrs, slide_schema, where)
         if attrs.get("status") != STATUS_COMPLETE:
             continue
-        crop = attrs.get("config", {}).get("segmentation", {}).get("crop_size", 32)
+        crop = _crop_size(attrs)
         n_tiles = group["tiles/tile_id"].shape[0] if "tiles/tile_id" in group else -1
         thumb_h, thumb_w = group["tissue_mask"].shape if "tissue_mask" in group else (-1, -1)
         sizes = {"N": attrs.get("n_cells"), "T": n_tiles, "S": crop, "h": thumb_h, "w": thumb_w}

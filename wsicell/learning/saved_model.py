@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +107,25 @@ class TrainedModel:
         return generator_grid(self.network, n_rows, seed)
 
 
+def _load_weights(path: Path) -> dict:
+    """``torch.load`` of tensors only; a file holding other Python objects (a pickle that
+    could run code) is refused in one line that names what it holds.  PyTorch's own message
+    suggests loading such a file with ``weights_only=False``, which would run that code:
+    it is never shown."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise WsicellError(
+            f"{path}: refused: it holds Python objects{what}, not only tensors; a model "
+            "file can run code when such objects are loaded, so wsicell loads weights only "
+            "(use a model.pt written by wsicell train)") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"a {type(saved).__name__}, not a wsicell model")
+    return saved
+
+
 def load_trained_model(model_dir, device="cpu") -> TrainedModel:
     """Load the final model of a training run (``model.pt`` + ``config.json``).
 
@@ -118,12 +139,14 @@ def load_trained_model(model_dir, device="cpu") -> TrainedModel:
     try:
         meta = json.loads(meta_path.read_text())
         config = WsicellConfig.model_validate(meta["config"])
-        saved = torch.load(weights_path, map_location="cpu", weights_only=True)
+        saved = _load_weights(weights_path)
         if saved.get("format") != MODEL_FORMAT:
             raise ValueError("unknown format")
         cfg = config.train
         network = InfoWGAN(cfg.categories, cfg.noise_dim, cfg.width)
         network.load_state_dict(saved["state_dict"])
+    except WsicellError:
+        raise
     except Exception as err:  # noqa: BLE001 - any unreadable model is a user error here
         raise WsicellError(f"{model_dir}: unreadable model ({type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''})") from None

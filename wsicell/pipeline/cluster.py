@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from contextlib import ExitStack, contextmanager
 
 import dask
@@ -83,6 +84,45 @@ def local_cluster(workers: int, threads_per_worker: int, memory_limit: str,
                             dashboard_address=dashboard, silence_logs=logging.ERROR)
 
 
+#: Attempts at starting the embedded cluster: a worker killed while it starts (the OOM
+#: killer, a busy machine) fails the whole start, and a second start usually succeeds.
+START_ATTEMPTS = 3
+
+
+def start_local_cluster(workers: int, threads_per_worker: int, memory_limit: str,
+                        dashboard: str | None = DASHBOARD):
+    """:func:`local_cluster` and a client of it, started up to :data:`START_ATTEMPTS` times.
+
+    Returns
+    -------
+    (LocalCluster, Client)
+
+    Raises
+    ------
+    WsicellError
+        Every attempt failed (one line: the attempts and the last reason).
+    """
+    from distributed import Client
+
+    reason = ""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        cluster = None
+        try:
+            cluster = local_cluster(workers, threads_per_worker, memory_limit, dashboard)
+            return cluster, Client(cluster)
+        except (RuntimeError, OSError, TimeoutError, ValueError) as err:
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            if cluster is not None:
+                cluster.close()
+            if attempt < START_ATTEMPTS:
+                warnings.warn(f"the local Dask cluster failed to start ({reason}); "
+                              f"retrying ({attempt + 1}/{START_ATTEMPTS})", stacklevel=2)
+    raise WsicellError(
+        f"the local Dask cluster of {workers} worker(s) failed to start {START_ATTEMPTS} times "
+        f"(last: {reason}); its workers died while starting: check free memory and "
+        "--memory-limit, or lower --workers")
+
+
 @contextmanager
 def dask_client(workers: int, threads_per_worker: int, memory_limit: str,
                 scheduler: str | None, progress: bool, dashboard: str | None = DASHBOARD):
@@ -101,8 +141,8 @@ def dask_client(workers: int, threads_per_worker: int, memory_limit: str,
                 f"{scheduler}: cannot connect to the Dask scheduler ({err})") from None
         cluster = None
     else:
-        cluster = local_cluster(workers, threads_per_worker, memory_limit, dashboard)
-        client = Client(cluster)
+        cluster, client = start_local_cluster(workers, threads_per_worker, memory_limit,
+                                              dashboard)
     if progress and (scheduler or dashboard):
         print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
     try:

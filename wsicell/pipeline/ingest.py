@@ -37,7 +37,7 @@ import numpy as np
 from wsicell.analysis.metrics import area_summary
 from wsicell.config import WsicellConfig
 from wsicell.errors import WsicellError
-from wsicell.io.slide import find_slide_files
+from wsicell.io.slide import check_mpp, find_slide_files
 from wsicell.io.staging import read_staged_tile, remove_staging, staged_tiles
 from wsicell.io.store import (
     STATUS_COMPLETE,
@@ -47,6 +47,7 @@ from wsicell.io.store import (
     finish_slide,
     ingesting_slide,
     open_store,
+    remove_empty_store,
     slide_attrs,
     slide_begun,
     slide_cells,
@@ -304,6 +305,7 @@ def ingest(store, paths, config: WsicellConfig | None = None, *, mpp=None, worke
     ['slide_a', 'slide_b']
     """
     config = config or WsicellConfig()
+    mpp = None if mpp is None else check_mpp(mpp)
     paths = [paths] if isinstance(paths, (str, Path)) else paths
     files = [p.resolve() for p in find_slide_files(paths)]
     ids = [slide_id_for(p) for p in files]
@@ -312,6 +314,7 @@ def ingest(store, paths, config: WsicellConfig | None = None, *, mpp=None, worke
         raise WsicellError(f"{duplicates[0]}: two input slides share this id (file name); "
                            "ingest them into separate stores or rename one")
     store = Path(store).resolve()
+    created = not store.exists()  # a run that refuses all its slides removes what it made
     open_store(store, mode="a")  # refuse a file or foreign directory before locking
     one = len(files) == 1
     with store_lock(store), lazy_client(workers, threads_per_worker, memory_limit,
@@ -324,9 +327,16 @@ def ingest(store, paths, config: WsicellConfig | None = None, *, mpp=None, worke
                                 overwrite=overwrite, tiles_bar=tiles_bar,
                                 phase_bars=progress and one and sys.stderr.isatty())
 
-        if one:
-            return [run(files[0])]
-        done, failed = _ingest_concurrently(run, files)
+        try:
+            if one:
+                return [run(files[0])]
+            done, failed = _ingest_concurrently(run, files)
+        except WsicellError:
+            if created:
+                remove_empty_store(store)
+            raise
+        if created and not done:
+            remove_empty_store(store)
     for err in failed:
         warnings.warn(str(err), stacklevel=2)
     if failed:

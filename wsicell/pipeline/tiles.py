@@ -329,10 +329,24 @@ def cell_blocks(counts: np.ndarray, tile_ids: np.ndarray, block: int):
         yield start, pieces
 
 
+#: Largest side of a slide, millimetres: a glass slide is 75 mm long; a larger extent is a
+#: wrong resolution, refused before the reference grid and its tiles are made.
+MAX_SLIDE_MM = 200.0
+
+
+def _check_extent(slide, mpp: float) -> None:
+    width_mm, height_mm = slide.width * mpp / 1000, slide.height * mpp / 1000
+    if max(width_mm, height_mm) > MAX_SLIDE_MM:
+        raise WsicellError(
+            f"{slide.path}: {slide.width} x {slide.height} px at {mpp:g} um/px would be "
+            f"{width_mm:.0f} x {height_mm:.0f} mm, larger than any glass slide "
+            f"({MAX_SLIDE_MM:g} mm); check --mpp")
+
+
 def _thumbnail_and_tissue(slide, mpp: float, config: WsicellConfig):
-    tissue_mpp = config.ingest.tissue_mpp
-    thumb = slide.thumbnail(round(slide.width * mpp / tissue_mpp),
-                            round(slide.height * mpp / tissue_mpp))
+    # never above level 0: a coarse slide is not enlarged to the thumbnail's resolution
+    shrink = min(1.0, mpp / config.ingest.tissue_mpp)
+    thumb = slide.thumbnail(round(slide.width * shrink), round(slide.height * shrink))
     return thumb, detect_tissue(thumb), slide.width * mpp / thumb.shape[1]
 
 
@@ -352,6 +366,7 @@ def plan_slide(path: Path, store: Path, config: WsicellConfig, mpp: float | None
     slide = open_slide(path, config.ingest.max_plain_image_pixels)
     try:
         slide_mpp = resolve_mpp(slide, mpp, config.segmentation.reference_mpp)
+        _check_extent(slide, slide_mpp)
         mpp_source = "override" if mpp is not None else (
             "metadata" if slide.mpp is not None else "assumed")
         grid = ReferenceGrid.of(slide, slide_mpp, config.segmentation.reference_mpp)
@@ -370,7 +385,10 @@ def plan_slide(path: Path, store: Path, config: WsicellConfig, mpp: float | None
         if seg.method == "adaptive" else 1,
     )
     all_ids = np.arange(plan.grid_cols * plan.grid_rows)
-    cores = np.array([plan.core(t) for t in all_ids])
+    rows, cols = np.divmod(all_ids, plan.grid_cols)
+    x0, y0 = cols * size, rows * size
+    cores = np.stack([x0, y0, np.minimum(x0 + size, grid.width),
+                      np.minimum(y0 + size, grid.height)], axis=1).reshape(-1, 4)
     to_mask = config.segmentation.reference_mpp / thumb_mpp  # thumbnail px per reference px
     fractions = tile_tissue_fractions(tissue, cores, to_mask)
     keep = (fractions >= config.ingest.min_tissue_fraction) & (fractions > 0)

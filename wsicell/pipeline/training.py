@@ -72,6 +72,8 @@ def select_slides(store, slides: list[str] | None) -> tuple[list[str], str]:
         if missing:
             raise WsicellError(f"{store}: no complete slide(s) {', '.join(missing)}")
         complete = sorted(set(slides))
+    for slide_id in complete:  # damaged metadata is refused before anything is written
+        slide_crops(root, slide_id)
     return complete, store_fingerprint(root, complete)
 
 
