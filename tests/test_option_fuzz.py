@@ -177,3 +177,40 @@ def test_an_impossible_output_path_is_refused(tmp_path, path, param, problem):
     assert_refused(code, stderr, param.opts[0], workdir)
     assert expected in stderr and str(target) in stderr, stderr
     assert blocker.read_text() == "x"
+
+
+def _input_lines(given: Path, workdir: Path) -> dict[str, list]:
+    """Command lines whose input path (file or directory) is ``given``."""
+    out, store = workdir / "out", workdir / "s.zarr"
+    return {
+        "ingest PATHS": ["ingest", given, "--store", store, "--no-progress"],
+        "ingest --config": ["ingest", SLIDE, "--store", store, "--config", given],
+        "train --store": ["train", "--store", given, "--out", out],
+        "predict --slides": ["predict", "--slides", given, "--model", TEST_DATA, "--store",
+                             store, "--out", out],
+        "predict --model": ["predict", "--slides", TEST_DATA, "--model", given, "--store",
+                            store, "--out", out],
+        "export STORE": ["export", given, "--format", "csv", "--out", workdir / "c.csv"],
+        "validate STORE": ["validate", given],
+        "segment PATHS": ["segment", given, "--out", out, "--no-progress"],
+        "evaluate detection IMAGE_DIR": ["evaluate", "detection", given, "--points", TEST_DATA],
+        "evaluate detection --points": ["evaluate", "detection", TEST_DATA, "--points", given],
+        "evaluate segmentation --masks": ["evaluate", "segmentation", TEST_DATA, "--masks",
+                                          given, "--mpp", "0.4"],
+    }
+
+
+@pytest.mark.parametrize("option", list(_input_lines(Path(), Path())))
+@pytest.mark.parametrize("problem", ["missing", "a file where a directory belongs"])
+def test_a_missing_or_wrong_kind_of_input_is_refused(tmp_path, option, problem):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    if problem == "missing":
+        given = tmp_path / "missing" / "input"
+    elif option in ("ingest --config",):
+        given = tmp_path  # a directory where a file belongs
+    else:
+        given = tmp_path / "notes.txt"
+        given.write_text("not a slide, store or directory\n")
+    code, stderr = run_main(_input_lines(given, workdir)[option])
+    assert_refused(code, stderr, str(given), workdir)

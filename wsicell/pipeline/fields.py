@@ -91,9 +91,12 @@ def segment_files(paths: list[Path], out_dir: str | Path, config: WsicellConfig,
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise WsicellError(f"{out_dir}: output path exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return [write_segmentation(segment_file(p, config, mpp), out_dir, config)
-            for p in tqdm(paths, desc="segment", unit="image", disable=not progress)]
+    folders = []
+    for path in tqdm(paths, desc="segment", unit="image", disable=not progress):
+        result = segment_file(path, config, mpp)
+        out_dir.mkdir(parents=True, exist_ok=True)  # once an image is segmented, not before
+        folders.append(write_segmentation(result, out_dir, config))
+    return folders
 
 
 def annotated_images(image_dir: Path, points_dir: Path) -> list[tuple[Path, Path]]:
