@@ -450,3 +450,32 @@ def test_a_worker_dying_at_the_first_start_is_retried(tmp_path, monkeypatch):
     with cluster, client:
         assert isinstance(client, Client) and client.submit(sum, [1, 2]).result() == 3
     assert (tmp_path / "died").is_dir()
+
+
+@pytest.mark.parametrize(("name", "value"), [("mpp", "x"), ("n_cells", -3), ("config", "x"),
+                                             ("stain", None), ("width", 1.5)])
+def test_damaged_slide_attributes_are_one_line(tmp_path, name, value):
+    """Attributes a reader relies on (resolution, counts, configuration) that break the
+    store's schema are refused naming the slide and the attribute, not used."""
+    from wsicell.errors import WsicellError
+    from wsicell.io.store import ingesting_slide, slide_cells, validate_store
+
+    store = tmp_path / "cells.zarr"
+    for slide_id in ("s1", "s2"):
+        write_test_slide(open_store(store, mode="a"), slide_id, tmp_path, 6)
+    ingesting_slide(open_store(store, mode="r+"), "s1").attrs[name] = value
+    root = open_store(store)
+    with pytest.raises(WsicellError, match=rf"slide 's1': damaged attributes \({name}: "):
+        slide_cells(root, "s1")
+    assert len(slide_cells(root, "s2")) == 6
+    assert any(f"slides/s1: {name}: " in p for p in validate_store(store)), \
+        validate_store(store)
+
+
+def test_an_image_enlarged_past_the_plain_image_limit_is_refused(tmp_path):
+    """segment / evaluate read a field of view whole on the reference grid: at 20 um/px a
+    1200 px image would be 60000 x 60000 px (10.8 GB); it is refused, nothing written."""
+    result = _run("segment", TEST_DATA / f"{SLIDE}.png", "--out", tmp_path / "out", "--mpp",
+                  "20", "--no-progress", timeout=120)
+    _refused(result, f"{SLIDE}.png", "60000 x 60000 px", "max_plain_image_pixels")
+    assert _left(tmp_path) == []

@@ -38,7 +38,7 @@ import shutil
 import uuid
 import warnings
 from contextlib import contextmanager
-from functools import wraps
+from functools import lru_cache, wraps
 from importlib.resources import files
 from pathlib import Path
 
@@ -149,7 +149,6 @@ def _reads_metadata(function):
                 raise
             raise WsicellError(_metadata_problem(path, *damaged[0])) from None
     return read
-
 
 
 def _is_store(group: zarr.Group) -> bool:
@@ -286,7 +285,25 @@ def slide_group(root: zarr.Group, slide_id: str) -> zarr.Group:
     if status != STATUS_COMPLETE:
         raise WsicellError(f"{store_path(root)}: slide {slide_id!r} is incomplete "
                            f"(status {status!r})")
-    return _slides(root)[slide_id]
+    group = _slides(root)[slide_id]
+    problem = _attrs_problem("store_slide.schema.json",
+                             json.dumps(dict(group.attrs), sort_keys=True, default=str))
+    if problem:
+        raise WsicellError(f"{store_path(root)}: slide {slide_id!r}: damaged attributes "
+                           f"({problem}; wsicell validate STORE lists what is damaged)")
+    return group
+
+
+@lru_cache(maxsize=256)
+def _attrs_problem(schema: str, attrs_json: str) -> str | None:
+    """The first way attributes (as JSON text) break a schema of ``wsicell.schemas``, or
+    None (cached: readers ask for a slide's group once per array)."""
+    validator = jsonschema.Draft202012Validator(load_schema(schema))
+    error = next(validator.iter_errors(json.loads(attrs_json)), None)
+    if error is None:
+        return None
+    where = "/".join(map(str, error.absolute_path)) or "<attrs>"
+    return f"{where}: {error.message[:200]}"
 
 
 class StoredArray:

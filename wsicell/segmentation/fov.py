@@ -189,6 +189,12 @@ def segment_file(path: str | Path, config: WsicellConfig, mpp: float | None = No
     reference_mpp = config.segmentation.reference_mpp
     file_mpp = resolve_mpp(slide, mpp, reference_mpp)
     grid = ReferenceGrid.of(slide, file_mpp, reference_mpp)
+    if grid.width * grid.height > config.ingest.max_plain_image_pixels:  # read whole below
+        raise WsicellError(
+            f"{slide.path}: at {file_mpp:g} um/px the image is {grid.width} x {grid.height} "
+            f"px at the reference resolution ({reference_mpp:g} um/px), over "
+            f"ingest.max_plain_image_pixels ({config.ingest.max_plain_image_pixels}); check "
+            "--mpp")
     rgb = read_reference_region(slide, grid, 0, 0, grid.width, grid.height)
     if is_grayscale(rgb):
         warnings.warn(f"{slide.path}: grayscale image; its grey level is taken as the "
