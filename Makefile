@@ -44,7 +44,7 @@ demo: $(VENV)/.installed
 	$(WSICELL) ingest $(SAMPLE) --store $(DEMO)/cells.zarr --mpp 0.4
 	test -f $(DEMO)/model/model.pt || $(WSICELL) train --store $(DEMO)/cells.zarr \
 	    --out $(DEMO)/model --width 16 --lr-info 1e-3 --lambda-confidence 1 --epochs 100 --max-iters 150 --sample-every 50 \
-	    --checkpoint-every 50 --workers 0
+	    --checkpoint-every 50 --workers 0 --max-minutes 2
 	$(WSICELL) predict --slides $(SAMPLE) --model $(DEMO)/model --store $(DEMO)/cells.zarr \
 	    --out $(DEMO)/results --mpp 0.4 --region-size 100
 
