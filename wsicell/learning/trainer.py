@@ -71,7 +71,13 @@ def frozen(params):
 
 
 class Trainer:
-    """The networks, their three Adam optimisers and the three update steps."""
+    """The networks, their three Adam optimisers and the three update steps.
+
+    The forward passes run under bf16 autocast when :func:`uses_bfloat16` says so (by
+    default on a CPU with native bfloat16; ``self.bfloat16``), the gradient penalty always
+    in float32; on a CPU the networks and batches use the channels-last memory layout
+    (``channels_last`` None = on a CPU).
+    """
 
     def __init__(self, model: InfoWGAN, config: WsicellConfig, device: torch.device,
                  world_size: int = 1, rank: int = 0, compile: bool = False,

@@ -309,42 +309,45 @@ def train(store, out_dir, config: WsicellConfig | None = None, *, slides: list[s
     watched = occupancy_sample(store, slide_ids, OCCUPANCY_CELLS, cfg.seed) if rank == 0 else None
     durations: list[float] = []  # seconds of this call's iterations
     last_checkpoint = time.monotonic()
-    iteration = start
-    estimated = False
+    iteration, estimated = start, False
     with stop_signals(say) as caught:
         for iteration in range(start + 1, stop + 1):
-            # the first iteration warms up the kernels: the estimates use the later ones
-            per_iteration = float(np.mean(durations[1:][-20:] or durations or [0.0]))
-            elapsed = time.monotonic() - began
-            last = iteration == stop
-            if budget_s is not None and not last and elapsed + 2 * per_iteration > budget_s:
-                last, stop_reason = True, "max_minutes"  # the next one would not fit
             tick = time.monotonic()
             losses = trainer.iteration(batches)
+            if budget_s is not None or not estimated:
+                losses = losses.cpu()  # wait for the device, so that the timing is honest
+            now = time.monotonic()
+            durations.append(now - tick)
+            # the first iteration warms the kernels up: the estimates use the later ones
+            per_iteration = float(np.mean(durations[1:][-20:] or durations))
+            # all ranks take the same decisions: stop (signal, budget), checkpoint (clock)
+            signalled, no_time, timed_out = any_rank([
+                bool(caught),
+                budget_s is not None and now - began + per_iteration > budget_s,
+                checkpoint_minutes is not None
+                and now - last_checkpoint >= checkpoint_minutes * 60], world_size, torch_device)
+            last = iteration == stop
+            if no_time and not last:  # the next iteration would end past the budget
+                last, stop_reason = True, "max_minutes"
             watch = rank == 0 and (iteration % sample_every == 0 or last)
             log.add(losses, cluster_occupancy(model, watched) if watch else None)
             if iteration % 20 == 0 or last or not estimated:
-                row = log.flush()  # also synchronises the device, so the timing is honest
+                row = log.flush()
                 if row:
                     bar.set_postfix({k: f"{v:.3g}" for k, v in row.items()}, refresh=False)
-            durations.append(time.monotonic() - tick)
             timed = durations[1:]
             if not estimated and timed and not last and (
                     len(timed) >= ESTIMATE_AFTER - 1 or sum(durations) > 30):
                 estimated, seconds = True, float(np.mean(timed))
                 say(estimate_line(seconds, stop - iteration, torch_device.type, cfg.width,
-                                  None if budget_s is None else budget_s - elapsed))
-                total = time.monotonic() - began + seconds * (stop - iteration)
+                                  None if budget_s is None else budget_s - (now - began)))
+                total = now - began + seconds * (stop - iteration)
                 bar.set_description(f"train (est. {duration(total)} in all)", refresh=False)
             bar.update(1)
-            now = time.monotonic()
-            signalled, timed_out = any_rank(
-                [bool(caught), checkpoint_minutes is not None
-                 and now - last_checkpoint >= checkpoint_minutes * 60], world_size, torch_device)
             if iteration % checkpoint_every == 0 or last or signalled or timed_out:
                 save(iteration)
                 last_checkpoint = time.monotonic()
-            if signalled:
+            if signalled and not last:
                 bar.close()
                 wait_for_all_ranks(world_size)
                 raise TrainingInterrupted(checkpoint_path, iteration,

@@ -223,7 +223,7 @@ def training_caveat(training: dict, loss_rows: list[dict]) -> str | None:
     if training.get("stop_reason") in ("max_iters", "max_minutes") and done and full \
             and done < full:
         reasons.append(f"it trained {done:,} of the {full:,} iterations of its configured "
-                       f"epochs (stopped by {STOPPED_BY[training['stop_reason']]})")
+                       f"epochs (stopped by --{training['stop_reason'].replace('_', '-')})")
     if value_trend([row["V"] for row in loss_rows if "V" in row]) == "rising":
         reasons.append("V(D,G) was still rising when it stopped (it should level off)")
     if not reasons:
