@@ -36,7 +36,7 @@ from wsicell.learning.trainer import (
     marginal_entropy,
     mean_entropy,
 )
-from wsicell.pipeline.training import train
+from wsicell.pipeline.training import estimate_line, train
 from wsicell.viz.figures import image_is_blank
 from wsicell.viz.report import training_caveat, training_run_table, value_trend
 
@@ -338,6 +338,18 @@ def test_max_minutes_stops_at_the_budget_with_a_complete_model_dir(store, tmp_pa
     resumed = train(store, out, config, max_iters=meta["iterations"] + 1, resume=True, **RUN)
     assert json.loads((resumed / "config.json").read_text())["iterations"] == \
         meta["iterations"] + 1
+
+
+def test_the_estimate_gives_a_cpu_user_a_run_that_fits_an_hour():
+    line = estimate_line(40.0, 1000, "cpu", 128, None)
+    assert line.startswith("estimate: 40 s per iteration, 1000 iterations to go: about 11 h")
+    assert "hint: about 90 iterations fit in one hour at width 128" in line
+    assert "--max-iters 90 or --max-minutes 60" in line and "--width 32" in line
+    budgeted = estimate_line(40.0, 1000, "cpu", 128, 600.0)
+    assert "--max-minutes stops it after about 15 more iterations" in budgeted
+    assert "hint" not in budgeted  # the budget already fits the hour
+    assert "hint" not in estimate_line(0.5, 1000, "cpu", 16, None)  # 8 minutes
+    assert "hint" not in estimate_line(40.0, 1000, "cuda", 128, None)
 
 
 def test_v_trend_tells_rising_from_levelled_curves():
