@@ -3,6 +3,7 @@ loop, and crops per second from disk.
 
     .venv/bin/python benchmarks/bench_train.py [--store STORE.zarr] [--device auto]
         [--width 32] [--iters 3] [--workers 2] [--threads N] [--block N] [--warmup 2]
+        [--widths 16 128]
 
 Without ``--store`` the vendored bone-marrow image is ingested into a temporary store.
 ``loader_crops_per_s`` streams uint8 batches through :class:`wsicell.learning.data.CropStream` and a
@@ -14,10 +15,17 @@ gradient penalty, one G step, one Q step, batch 64) on batches from that loader.
 (Hu et al. 2018, github.com/bohu615/nu_gan; ported to current torch in
 ``nu_gan_reference.py``) at the same width, batch 64, device and threads, on batches of the
 same loader, in the same run: after ``--warmup`` untimed iterations of each, the two are timed
-in alternating blocks of ``--block`` iterations (the side that goes first alternates), so that
+in alternating blocks of ``--block`` iterations (the side that goes first rotates), so that
 drift of the machine's load affects both.  ``speedup_vs_nu_gan`` is ``gen_iters_per_s``
 divided by ``nu_gan_iters_per_s``.  On a GPU it also compares bf16 autocast on/off and
 ``torch.compile`` on/off on the same card (``gen_iters_per_s_default`` is the paired run).
+
+On the CPU the default iteration is bf16 autocast (on a CPU with native bfloat16) with
+channels-last networks and batches; a third side in the same alternating blocks runs it in
+float32 with the default memory layout (``gen_iters_per_s_float32``, what wsicell ran before),
+and ``cpu_speedup_vs_float32`` is the ratio of the two at ``--width`` (32).  Then the default
+iteration is timed alone at the ``--widths`` (16 and 128: ``gen_iters_per_s_w16``,
+``gen_iters_per_s_w128``; one warm-up and one timed iteration at 128).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from wsicell.config import IngestConfig, TrainConfig, WsicellConfig
 from wsicell.io.store import complete_slides, open_store
 from wsicell.learning.augment import prepare_batch
 from wsicell.learning.data import CropStream, crop_loader
-from wsicell.learning.device import resolve_device
+from wsicell.learning.device import cpu_supports_bfloat16, resolve_device
 from wsicell.learning.model import build_model
 from wsicell.learning.trainer import Trainer
 
@@ -71,13 +79,15 @@ def loader_rate(store: Path, slides: list[str], device: torch.device, workers: i
 
 
 def wsicell_trainer(store: Path, slides: list[str], device: torch.device, width: int,
-                    workers: int, amp: bool, compile: bool):
-    """A fresh :class:`Trainer` (default configuration at ``width``) and an endless iterator
-    of prepared (augmented, float, on the device) batches from the store's loader."""
+                    workers: int, amp: bool | None, compile: bool,
+                    channels_last: bool | None = None):
+    """A fresh :class:`Trainer` (default configuration at ``width``; ``amp`` None = auto,
+    ``channels_last`` None = on a CPU) and an endless iterator of prepared (augmented,
+    float, on the device) batches from the store's loader."""
     config = WsicellConfig(train=TrainConfig(width=width, amp=amp))
     cfg = config.train
     model = build_model(cfg.categories, cfg.noise_dim, cfg.width, cfg.seed).to(device)
-    trainer = Trainer(model, config, device, compile=compile)
+    trainer = Trainer(model, config, device, compile=compile, channels_last=channels_last)
     stream = CropStream(store, slides, cfg.batch_size, cfg.shuffle_buffer, cfg.seed,
                         num_workers=workers)
     pin = device.type == "cuda"
@@ -98,36 +108,44 @@ def timed(iteration, batches, iters: int, device: torch.device) -> float:
 
 
 def iteration_rate(store: Path, slides: list[str], device: torch.device, width: int,
-                   iters: int, workers: int, amp: bool, compile: bool) -> float:
-    """Generator iterations per second (after two warm-up iterations)."""
+                   iters: int, workers: int, amp: bool | None, compile: bool,
+                   warmup: int = 2) -> float:
+    """Generator iterations per second (after ``warmup`` iterations)."""
     trainer, batches = wsicell_trainer(store, slides, device, width, workers, amp, compile)
-    timed(trainer.iteration, batches, 2, device)
+    timed(trainer.iteration, batches, warmup, device)
     return iters / timed(trainer.iteration, batches, iters, device)
 
 
 def paired_rates(store: Path, slides: list[str], device: torch.device, width: int,
-                 iters: int, workers: int, block: int, warmup: int) -> tuple[float, float]:
-    """Iterations per second of wsicell's default iteration and of nu_gan's
-    (:mod:`nu_gan_reference`, same width, batch 64, same device and threads), timed in
-    alternating blocks of ``block`` iterations (each side's first block goes first in turn)
-    on batches of the same loader, after ``warmup`` iterations of each."""
-    trainer, batches = wsicell_trainer(store, slides, device, width, workers, False, False)
+                 iters: int, workers: int, block: int, warmup: int) -> dict[str, float]:
+    """Iterations per second of wsicell's default iteration, of nu_gan's
+    (:mod:`nu_gan_reference`, same width, batch 64, same device and threads) and, on a CPU,
+    of wsicell in float32 with the default memory layout (what it ran before bf16 autocast
+    and channels-last): timed in alternating blocks of ``block`` iterations (the order of
+    the sides rotates from block to block) on batches of the same loader, after ``warmup``
+    iterations of each.  Keys ``wsicell``, ``nu_gan`` and on a CPU ``float32``."""
+    trainer, batches = wsicell_trainer(store, slides, device, width, workers, None, False)
     reference = NuGanReference(width=width, rand=trainer.cfg.noise_dim,
                                dis_category=trainer.cfg.categories,
                                batch_size=trainer.cfg.batch_size, device=device,
                                seed=trainer.cfg.seed)
     sides = {"wsicell": trainer.iteration, "nu_gan": reference.iteration}
+    if device.type == "cpu":
+        float32, _ = wsicell_trainer(store, slides, device, width, workers, False, False,
+                                     channels_last=False)
+        sides["float32"] = float32.iteration
     for iteration in sides.values():
         timed(iteration, batches, warmup, device)
     seconds = dict.fromkeys(sides, 0.0)
     done = 0
     while done < iters:
         n = min(block, iters - done)
-        names = list(sides) if (done // block) % 2 == 0 else list(sides)[::-1]
+        turn = (done // block) % len(sides)
+        names = list(sides)[turn:] + list(sides)[:turn]
         for name in names:
             seconds[name] += timed(sides[name], batches, n, device)
         done += n
-    return iters / seconds["wsicell"], iters / seconds["nu_gan"]
+    return {name: iters / s for name, s in seconds.items()}
 
 
 def main() -> None:
@@ -147,6 +165,9 @@ def main() -> None:
                         help="untimed iterations of each before the comparison")
     parser.add_argument("--loader-batches", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--widths", type=int, nargs="*", default=None,
+                        help="on the CPU, also time the default iteration at these widths "
+                        "(gen_iters_per_s_wN) [default: 16 128]")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,9 +185,22 @@ def main() -> None:
         print(f"torch_threads: {torch.get_num_threads()}")
         print(f"width: {width}")
         loader = loader_rate(store, slides, device, args.workers, args.loader_batches)
-        rate, reference = paired_rates(store, slides, device, width, iters, args.workers,
-                                       args.block or (10 if gpu else 1), args.warmup)
+        rates = paired_rates(store, slides, device, width, iters, args.workers,
+                             args.block or (10 if gpu else 1), args.warmup)
+        rate, reference = rates["wsicell"], rates["nu_gan"]
         print(f"nu_gan_iters_per_s: {reference:.4g}", flush=True)
+        if not gpu:
+            # the CPU default (bf16 autocast where the CPU has it, channels-last) against
+            # float32 in the default layout, interleaved in the same run
+            print(f"precision: {'bfloat16' if cpu_supports_bfloat16() else 'float32'}")
+            print(f"gen_iters_per_s_float32: {rates['float32']:.4g}")
+            print(f"gen_iters_per_s_w{width}: {rate:.4g}")
+            print(f"cpu_speedup_vs_float32: {rate / rates['float32']:.3f}", flush=True)
+            for other in (16, 128) if args.widths is None else args.widths:
+                slow = other > 64  # one timed iteration of a wide network is long enough
+                other_rate = iteration_rate(store, slides, device, other, 1 if slow else iters,
+                                            args.workers, None, False, 1 if slow else 2)
+                print(f"gen_iters_per_s_w{other}: {other_rate:.4g}", flush=True)
         # on a GPU each variant is printed as soon as it is measured (a failing compile
         # loses nothing); the headline is the default: float32 (TF32 convolutions), eager
         if gpu:

@@ -1,6 +1,8 @@
 """`make demo` end to end: the bundled sample through segment, ingest, train and predict, and
 a result worth looking at (slow: minutes; run with -m slow or `make test-all`)."""
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,3 +27,11 @@ def test_make_demo_sorts_the_sample_into_at_least_four_cell_types(tmp_path):
     # neither collapse warning (wsicell.analysis.proportions.cluster_warnings)
     assert "holds no cell" not in report and "of all cells: the model" not in report
     assert (demo / "model" / "occupancy.png").stat().st_size > 0
+    # the report says how long the model trained and why it stopped (--max-iters 150, or
+    # --max-minutes on a slow machine), and that such a short run is a partly trained model
+    meta = json.loads((demo / "model" / "config.json").read_text())
+    assert meta["stop_reason"] in ("max_iters", "max_minutes"), meta
+    assert re.search(rf"<td>iterations trained</td>\s*<td>{meta['iterations']:,} \(", report)
+    assert re.search(r"<td>stopped by</td>\s*<td>--max-", report)
+    assert "<td>wall time</td>" in report
+    assert "A partly trained model: it trained" in report

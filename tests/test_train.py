@@ -1,7 +1,13 @@
 """Losses, steps, checkpoints and whole training runs on crops of a real store."""
 
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +21,12 @@ from wsicell.config import TrainConfig, WsicellConfig
 from wsicell.errors import WsicellError
 from wsicell.io.store import open_store, slide_crops
 from wsicell.learning.augment import prepare_batch
-from wsicell.learning.device import resolve_device
+from wsicell.learning.device import (
+    cpu_supports_bfloat16,
+    free_cpu_threads,
+    resolve_device,
+    uses_bfloat16,
+)
 from wsicell.learning.model import build_model
 from wsicell.learning.saved_model import load_trained_model, weights_id
 from wsicell.learning.trainer import (
@@ -25,8 +36,9 @@ from wsicell.learning.trainer import (
     marginal_entropy,
     mean_entropy,
 )
-from wsicell.pipeline.training import train
+from wsicell.pipeline.training import estimate_line, train
 from wsicell.viz.figures import image_is_blank
+from wsicell.viz.report import training_caveat, training_run_table, value_trend
 
 TINY = WsicellConfig(train=TrainConfig(width=8, batch_size=16, critic_steps=2, shuffle_buffer=64))
 RUN = dict(device="cpu", checkpoint_every=2, sample_every=2, workers=0, progress=False)
@@ -254,23 +266,145 @@ def test_command_line_trains_and_explains_the_curves(store, tmp_path):
     assert "[default: 5]" in help_text  # the paper's k
     result = runner.invoke(train_command, [
         "--store", str(store), "--out", str(tmp_path / "m"), "--width", "8", "--batch-size",
-        "16", "--critic-steps", "2", "--max-iters", "2", "--workers", "0", "--device", "cpu",
-        "--quiet", "--stain-augment", "0.05"])
+        "16", "--critic-steps", "2", "--max-iters", "5", "--workers", "0", "--device", "cpu",
+        "--quiet", "--stain-augment", "0.05", "--threads", "1"])
     assert result.exit_code == 0, result.output
+    # what will run, before it runs; the estimate after the first timed iterations
+    first, second = result.stderr.splitlines()[:2]
+    assert first.startswith("train: cpu, 1 thread(s), "), first
+    assert "width 8, 558 crops, iterations 1-5 of 5 (--max-iters)" in first, first
+    assert re.fullmatch(r"estimate: \S+ s per iteration, 1 iterations to go: about \d+ s",
+                        second), second
     model = load_trained_model(tmp_path / "m")
     assert model.config.train.critic_steps == 2 and model.config.train.stain_augment == 0.05
 
 
-def test_bf16_autocast_steps_are_finite(crops):
-    """The mixed-precision path (used on GPUs) exercised with CPU bf16 autocast."""
-    model = build_model(5, 32, 8, seed=0)
-    trainer = Trainer(model, TINY, torch.device("cpu"))
-    trainer.amp = torch.autocast("cpu", dtype=torch.bfloat16)
-    real = prepare_batch(torch.from_numpy(crops[:16]), trainer.generator, rotate=True)
-    batches = iter([real, real])
-    losses = trainer.iteration(batches)
-    assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
-    assert all(p.dtype == torch.float32 for p in model.parameters())
+@pytest.mark.skipif(not cpu_supports_bfloat16(), reason="this CPU has no native bfloat16")
+@pytest.mark.parametrize("step", ["critic", "generator", "info"])
+def test_bf16_autocast_matches_float32_within_bf16_rounding(crops, step):
+    """Each step from the same state and the same random draws, under bf16 autocast (the
+    CPU default here) and in float32: the losses agree to 2% and the gradients to 10%
+    (relative L2 error; bfloat16 keeps 8 significant bits, 0.4% per rounding, through some
+    20 layers forward and back), their cosine >= 0.99; the parameters stay float32."""
+    real = prepare_batch(torch.from_numpy(crops[:16]), torch.Generator().manual_seed(0), True)
+    results = {}
+    for amp in (False, True):
+        config = TINY.model_copy(update={"train": TINY.train.model_copy(update={"amp": amp})})
+        trainer = Trainer(build_model(5, 32, 8, seed=0), config, torch.device("cpu"))
+        assert trainer.bfloat16 is amp
+        run = {"critic": lambda: trainer.critic_step(real)[1], "generator":
+               trainer.generator_step, "info": lambda: trainer.info_step(real)}[step]
+        loss = run()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+        grads = torch.cat([p.grad.flatten() for p in trainer.groups[step] if p.grad is not None])
+        results[amp] = loss.item(), grads
+    (loss32, grad32), (loss16, grad16) = results[False], results[True]
+    assert loss16 != loss32  # bf16 really ran
+    assert abs(loss16 - loss32) <= 0.02 * abs(loss32)
+    assert ((grad16 - grad32).norm() / grad32.norm()).item() <= 0.10
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0).item() >= 0.99
+
+
+def test_amp_auto_means_bf16_on_a_bf16_cpu_and_float32_on_a_gpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert uses_bfloat16(None, cpu) is cpu_supports_bfloat16()
+    assert uses_bfloat16(None, gpu) is False
+    assert uses_bfloat16(True, gpu) is True and uses_bfloat16(False, cpu) is False
+    assert 1 <= free_cpu_threads() <= len(os.sched_getaffinity(0))
+
+
+def test_max_minutes_stops_at_the_budget_with_a_complete_model_dir(store, tmp_path, crops):
+    """A 3-second budget on a run of 1,000 iterations: it stops early, says why, and leaves
+    a model that loads, classifies and resumes."""
+    config = TINY.model_copy(update={"train": TINY.train.model_copy(update={"epochs": 1000})})
+    out = train(store, tmp_path / "model", config, max_iters=1000, max_minutes=0.05,
+                **{**RUN, "checkpoint_every": 1000, "sample_every": 1000})
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["stop_reason"] == "max_minutes" and 1 <= meta["iterations"] < 1000
+    assert meta["epochs_iterations"] > 1000 and meta["precision"] and meta["device"] == "cpu"
+    assert 0 < meta["wall_s"] < 3 + 30  # the budget, one iteration and the final writes
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(1, meta["iterations"] + 1))
+    assert "occupancy" in rows[-1]  # the last iteration gets the end-of-run watch
+    model = load_trained_model(out)
+    assert model.training["stop_reason"] == "max_minutes"
+    assert model.classify(crops[:8]).shape == (8, 5)
+    caveat = training_caveat(model.training, rows)
+    assert caveat and "stopped by --max-minutes" in caveat
+    table = dict(training_run_table(model.training).values.tolist())
+    assert table["iterations trained"].startswith(f"{meta['iterations']:,} (")
+    assert table["stopped by"].startswith("--max-minutes")
+    resumed = train(store, out, config, max_iters=meta["iterations"] + 1, resume=True, **RUN)
+    assert json.loads((resumed / "config.json").read_text())["iterations"] == \
+        meta["iterations"] + 1
+
+
+def test_the_estimate_gives_a_cpu_user_a_run_that_fits_an_hour():
+    line = estimate_line(40.0, 1000, "cpu", 128, None)
+    assert line.startswith("estimate: 40 s per iteration, 1000 iterations to go: about 11 h")
+    assert "hint: about 90 iterations fit in one hour at width 128" in line
+    assert "--max-iters 90 or --max-minutes 60" in line and "--width 32" in line
+    budgeted = estimate_line(40.0, 1000, "cpu", 128, 600.0)
+    assert "--max-minutes stops it after about 15 more iterations" in budgeted
+    assert "hint" not in budgeted  # the budget already fits the hour
+    assert "hint" not in estimate_line(0.5, 1000, "cpu", 16, None)  # 8 minutes
+    assert "hint" not in estimate_line(40.0, 1000, "cuda", 128, None)
+
+
+def test_v_trend_tells_rising_from_levelled_curves():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.5, 400)
+    assert value_trend(np.linspace(0, 10, 400) + noise) == "rising"
+    assert value_trend(np.minimum(np.linspace(0, 20, 400), 5) + noise) == "levelled"
+    assert value_trend(np.linspace(10, 0, 400) + noise) == "falling"
+    assert value_trend(np.arange(5.0)) == "too short"
+    rows = [{"V": v} for v in np.linspace(0, 10, 400)]
+    assert "still rising" in training_caveat({"stop_reason": "epochs"}, rows)
+    assert training_caveat({"stop_reason": "epochs", "iterations": 9, "epochs_iterations": 9},
+                           [{"V": 1.0}] * 400) is None
+
+
+def test_sigint_mid_run_writes_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(
+        store, tmp_path):
+    """``wsicell train`` in a subprocess gets SIGINT once it has logged an iteration: it
+    finishes that iteration, writes checkpoint.pt (no model.pt), prints one line naming it
+    and exits 130; resumed for two more iterations it ends with the weights and losses of
+    one uninterrupted run of as many iterations."""
+    out = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "wsicell.cli.main", "train", "--store", str(store),
+               "--out", str(out), "--width", "8", "--batch-size", "16", "--critic-steps", "2",
+               "--shuffle-buffer", "64", "--max-iters", "100000", "--workers", "0",
+               "--device", "cpu", "--threads", "1", "--quiet"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out / "log.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and log.read_text().strip()) and process.poll() is None:
+        assert time.monotonic() < deadline, "no iteration logged in 5 minutes"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    last_line = stderr.strip().splitlines()[-1]
+    assert str(out / "checkpoint.pt") in last_line and "--resume" in last_line, stderr
+    assert stderr.splitlines()[0].startswith("train: cpu, 1 thread(s)")
+    assert (out / "checkpoint.pt").is_file() and not (out / "model.pt").exists()
+    stopped = torch.load(out / "checkpoint.pt", weights_only=True)["iteration"]
+    assert stopped >= 1
+
+    total = stopped + 2
+    train(store, out, TINY, max_iters=total, resume=True, **RUN)
+    whole = train(store, tmp_path / "whole", TINY, max_iters=total, **RUN)
+    parts_state = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    whole_state = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(whole_state[k], parts_state[k]) for k in whole_state)
+
+    def losses(path):
+        return [{k: v for k, v in json.loads(line).items() if k in ("iteration", "V", "L_D",
+                                                                      "L_G", "L_Q")}
+                for line in (path / "log.jsonl").read_text().splitlines()]
+    assert losses(out) == losses(whole)
 
 
 def test_the_q_step_has_its_own_learning_rate():

@@ -259,10 +259,12 @@ class TrainConfig(_Section):
         "perturbation (0 = off)."
     )
     seed: int = Field(0, description="Random seed.")
-    amp: bool = Field(
-        False, description="bf16 autocast of the forward passes on CUDA (the gradient penalty "
-        "always runs in float32; ignored on CPU). Off by default: at the paper's batch 64 it "
-        "made iterations 8-14% slower on an H200 (README, Training on a GPU)."
+    amp: bool | None = Field(
+        None, description="bf16 autocast of the forward passes (the gradient penalty always "
+        "runs in float32). Default (auto): on for a CPU with native bfloat16 (AVX-512 BF16 or "
+        "AMX; 1.5-2x the float32 iterations per second on a 2-core EPYC, docs/training.md), "
+        "off on a GPU: at the paper's batch 64 it made iterations 8-14% slower on an H200 "
+        "(docs/training.md, On a GPU)."
     )
     shuffle_buffer: PositiveInt = Field(
         16384, description="Crops shuffled together by each data stream (on top of the "

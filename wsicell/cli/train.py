@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-from wsicell.cli.options import OUTPUT_DIR, count, field_type
+from wsicell.cli.options import OUTPUT_DIR, count, field_type, positive
 from wsicell.config import TrainConfig, load_config
 
 EPILOG = """\b
@@ -21,7 +23,11 @@ MODEL_DIR/samples.png shows G(z, c): rows = fixed noise, columns = categories; t
 should look like different kinds of cells.
 
 \b
-Interrupted runs continue exactly with --resume (same options).
+Ctrl-C or SIGTERM: the current iteration is finished and a checkpoint written (exit 130 /
+143); checkpoints are also written every --checkpoint-minutes. Interrupted runs continue
+exactly with --resume (same options). The first line says where and what will run; the
+time estimate follows after the first iterations (docs/training.md: choosing a width and
+--max-minutes on a CPU).
 Several GPUs: torchrun --nproc-per-node 4 -m wsicell.cli.main train --store ... --out ...
 (each process streams its own share of the store; gradients are averaged across them).
 """
@@ -32,8 +38,8 @@ def _config_options(function):
     for name, field in reversed(TrainConfig.model_fields.items()):
         flag = "--" + name.replace("_", "-")
         default = field.default
-        help_text = f"{field.description} [default: {default}]"
-        if isinstance(default, bool):
+        help_text = f"{field.description} [default: {'auto' if default is None else default}]"
+        if isinstance(default, bool) or field.annotation == bool | None:
             option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
         elif isinstance(default, tuple):
             option = click.option(flag, name, type=field_type(name, field) or type(default[0]),
@@ -57,8 +63,14 @@ def _config_options(function):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--max-iters", type=count(), default=None,
               help="Stop after this many iterations (short runs) [default: the epochs].")
+@click.option("--max-minutes", type=positive(1e7, "minutes"), default=None,
+              help="Time budget: stop (with a complete model directory) after the last "
+              "iteration that fits in this many minutes.")
 @click.option("--checkpoint-every", type=count(), default=1000, show_default=True,
               help="Iterations between checkpoints (one is also written at the end).")
+@click.option("--checkpoint-minutes", type=positive(1e7, "minutes"), default=5.0,
+              show_default=True, help="Also write a checkpoint when this many minutes have "
+              "passed since the last one (Ctrl-C / SIGTERM write one too).")
 @click.option("--sample-every", type=count(), default=1000, show_default=True,
               help="Iterations between loss / sample PNGs (also written at the end).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
@@ -67,10 +79,11 @@ def _config_options(function):
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the forward passes (GPU; the first iterations are slow).")
 @click.option("--threads", type=count(1, 1024), default=None,
-              help="CPU threads of torch [default: torch's]; on a busy machine 1 is often faster.")
+              help="CPU threads of torch [default: the free cores: the CPUs this process may "
+              "use less the 1-minute load average, at least 1].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(store, slides, out_dir, config_file, device, max_iters, checkpoint_every,
-          sample_every, resume, workers, compile_, threads, quiet, **hyper):
+def train(store, slides, out_dir, config_file, device, max_iters, max_minutes, checkpoint_every,
+          checkpoint_minutes, sample_every, resume, workers, compile_, threads, quiet, **hyper):
     """Train the GAN whose Q head sorts cells into k types (method section 2).
 
     One iteration = 5 critic steps on real crops, one generator step, one Q step. Writes
@@ -78,15 +91,21 @@ def train(store, slides, out_dir, config_file, device, max_iters, checkpoint_eve
     losses.png and samples.png.
     """
     import torch
+    from tqdm.auto import tqdm
 
+    from wsicell.learning.device import free_cpu_threads
+    from wsicell.pipeline.training import TrainingInterrupted
     from wsicell.pipeline.training import train as run
 
-    if threads:
-        torch.set_num_threads(threads)
-
+    torch.set_num_threads(threads or free_cpu_threads())
     config = load_config(config_file, train=hyper)
-    out = run(store, out_dir, config, slides=slides.split(",") if slides else None,
-              device=device, max_iters=max_iters, checkpoint_every=checkpoint_every,
-              sample_every=sample_every, resume=resume, workers=workers, compile=compile_,
-              progress=not quiet)
+    try:
+        out = run(store, out_dir, config, slides=slides.split(",") if slides else None,
+                  device=device, max_iters=max_iters, max_minutes=max_minutes,
+                  checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
+                  sample_every=sample_every, resume=resume, workers=workers, compile=compile_,
+                  progress=not quiet, say=lambda line: tqdm.write(line, file=sys.stderr))
+    except TrainingInterrupted as stopped:
+        click.echo(f"wsicell: {stopped}", err=True)
+        sys.exit(stopped.exit_code)
     click.echo(f"model: {out}")

@@ -60,8 +60,9 @@ def _as_tuples(value):
 
 
 def save_checkpoint(path: Path, trainer: Trainer, iteration: int, config: WsicellConfig,
-                    fingerprint: str, slides: list[str], rank: int) -> None:
-    """Atomically write the full training state (collective under DDP: all ranks call it)."""
+                    fingerprint: str, slides: list[str], rank: int, wall_s: float = 0.0) -> None:
+    """Atomically write the full training state (collective under DDP: all ranks call it);
+    ``wall_s``: seconds of training so far, over all resumed parts."""
     rng = _rng_state(trainer)
     if rank != 0:
         return
@@ -76,6 +77,7 @@ def save_checkpoint(path: Path, trainer: Trainer, iteration: int, config: Wsicel
         "store_fingerprint": fingerprint,
         "slides": slides,
         "world_size": trainer.world_size,
+        "wall_s": wall_s,
     }
     write_atomically(path, lambda f: torch.save(checkpoint, f))
 

@@ -27,6 +27,9 @@ from wsicell.learning.device import resolve_device
 from wsicell.learning.model import CROP_SIZE, InfoWGAN, generator_grid
 
 MODEL_FILE, CONFIG_FILE, MODEL_FORMAT = "model.pt", "config.json", "wsicell-model-v1"
+# what config.json says about the training run (models of older versions lack some)
+TRAINING_KEYS = ("iterations", "epochs_iterations", "stop_reason", "wall_s", "device",
+                 "precision", "n_crops")
 
 
 def weights_id(state_dict: dict) -> str:
@@ -70,16 +73,22 @@ class TrainedModel:
         Number of categories (clusters).
     crop_size : int
         Side of the crops it takes (32).
+    training : dict
+        The training run as ``config.json`` records it (those of ``TRAINING_KEYS`` it
+        holds): iterations trained, ``epochs_iterations`` (what the configured epochs
+        take), ``stop_reason`` (``epochs``, ``max_iters``, ``max_minutes``), ``wall_s``,
+        ``device``, ``precision``, ``n_crops``.
     """
 
     def __init__(self, network: InfoWGAN, config: WsicellConfig, model_id: str,
-                 device: torch.device):
+                 device: torch.device, training: dict | None = None):
         self.network = network.eval()
         self.config = config
         self.model_id = model_id
         self.k = network.categories
         self.crop_size = CROP_SIZE
         self.device = device
+        self.training = dict(training or {})
 
     def _batched(self, crops: np.ndarray, batch_size: int, function) -> np.ndarray:
         crops = check_crops(crops)
@@ -152,4 +161,5 @@ def load_trained_model(model_dir, device="cpu") -> TrainedModel:
                            f"{str(err).splitlines()[0] if str(err) else ''})") from None
     if isinstance(device, str):
         device = resolve_device(device)
-    return TrainedModel(network.to(device), config, weights_id(saved["state_dict"]), device)
+    return TrainedModel(network.to(device), config, weights_id(saved["state_dict"]), device,
+                        {key: meta[key] for key in TRAINING_KEYS if key in meta})

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from wsicell.config import WsicellConfig
 from wsicell.learning.augment import random_dihedral, to_unit_range
+from wsicell.learning.device import uses_bfloat16
 from wsicell.learning.model import InfoWGAN, build_model
 
 LOSS_NAMES = ("V", "L_D", "L_G", "L_Q")
@@ -70,10 +71,17 @@ def frozen(params):
 
 
 class Trainer:
-    """The networks, their three Adam optimisers and the three update steps."""
+    """The networks, their three Adam optimisers and the three update steps.
+
+    The forward passes run under bf16 autocast when :func:`uses_bfloat16` says so (by
+    default on a CPU with native bfloat16; ``self.bfloat16``), the gradient penalty always
+    in float32; on a CPU the networks and batches use the channels-last memory layout
+    (``channels_last`` None = on a CPU).
+    """
 
     def __init__(self, model: InfoWGAN, config: WsicellConfig, device: torch.device,
-                 world_size: int = 1, rank: int = 0, compile: bool = False):
+                 world_size: int = 1, rank: int = 0, compile: bool = False,
+                 channels_last: bool | None = None):
         cfg = config.train
         self.model, self.cfg, self.device, self.world_size = model, cfg, device, world_size
         self.groups = model.parameter_groups()
@@ -82,8 +90,14 @@ class Trainer:
                            for name, params in self.groups.items()}
         seed = int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0])
         self.generator = torch.Generator(device).manual_seed(seed)
-        self.amp = torch.autocast(device.type, dtype=torch.bfloat16,
-                                  enabled=cfg.amp and device.type == "cuda")
+        self.bfloat16 = uses_bfloat16(cfg.amp, device)
+        self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bfloat16)
+        # channels-last convolutions are the fast layout of oneDNN on CPUs (networks and
+        # batches; default on a CPU; the parameters' values and the state dict are unchanged)
+        if channels_last is None:
+            channels_last = device.type == "cpu"
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model.to(memory_format=self.memory_format)
         # torch.compile cannot differentiate twice, so the penalty always uses the eager critic.
         wrap = torch.compile if compile else (lambda f: f)
         self.fast_generator = wrap(model.generator)
@@ -111,6 +125,7 @@ class Trainer:
     def critic_step(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One critic step on a prepared real batch; returns (V(D,G), L_D), detached."""
         batch = real.shape[0]
+        real = real.contiguous(memory_format=self.memory_format)
         with torch.no_grad():
             fake, _ = self._fake(batch)
         with self.amp:
@@ -144,7 +159,8 @@ class Trainer:
             info = cfg.lambda_info * F.cross_entropy(logits, code)
             loss = info
             if cfg.lambda_cluster > 0 or cfg.lambda_marginal > 0 or cfg.lambda_confidence > 0:
-                views = torch.cat([random_dihedral(real, self.generator) for _ in range(2)])
+                views = torch.cat([random_dihedral(real, self.generator) for _ in range(2)]
+                                  ).contiguous(memory_format=self.memory_format)
                 with self.amp:
                     view_logits = self.fast_q(views).float()
                 loss = (loss - cfg.lambda_cluster * invariant_information(*view_logits.chunk(2))

@@ -158,6 +158,81 @@ def training_table(train_config: dict) -> pd.DataFrame:
                                    for v in train_config.values()]})
 
 
+STOPPED_BY = {"epochs": "its configured epochs", "max_iters": "--max-iters",
+              "max_minutes": "--max-minutes (its time budget)"}
+
+
+def training_run_table(training: dict) -> pd.DataFrame:
+    """A two-column table (``setting``, ``value``) of what a training run did: iterations
+    trained (and what the configured epochs take), why it stopped, wall time, device and
+    precision (the keys of ``TrainedModel.training`` it holds; models of older versions
+    give fewer rows)."""
+    rows = []
+    if "iterations" in training:
+        full = training.get("epochs_iterations")
+        rows.append(("iterations trained", f"{training['iterations']:,}" + (
+            f" (the configured epochs: {full:,})" if full else "")))
+    if "stop_reason" in training:
+        rows.append(("stopped by", STOPPED_BY.get(training["stop_reason"],
+                                                  str(training["stop_reason"]))))
+    if "wall_s" in training:
+        rows.append(("wall time", f"{training['wall_s'] / 60:.1f} min"))
+    if "device" in training:
+        rows.append(("device", f"{training['device']}, {training.get('precision', '')}"
+                     .rstrip(", ")))
+    return pd.DataFrame(rows, columns=["setting", "value"])
+
+
+def value_trend(values, min_rows: int = 20, tolerance: float = 0.1) -> str:
+    """Whether a training curve has levelled off: ``rising``, ``falling``, ``levelled`` or
+    ``too short``, from the means of its last two quarters.
+
+    Parameters
+    ----------
+    values : array-like, shape (n,)
+        One value per iteration (e.g. V(D,G)).
+    min_rows : int
+        Fewer values are ``too short`` to tell.
+    tolerance : float
+        The last quarter's mean may differ from the third's by this fraction of the
+        curve's spread (5th to 95th percentile) and still count as level.
+
+    Examples
+    --------
+    >>> value_trend(np.arange(100.0)), value_trend(np.r_[np.arange(50.0), np.full(50, 50.0)])
+    ('rising', 'levelled')
+    """
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) < min_rows:
+        return "too short"
+    spread = np.percentile(values, 95) - np.percentile(values, 5)
+    quarter = len(values) // 4
+    change = values[-quarter:].mean() - values[-2 * quarter:-quarter].mean()
+    if spread == 0 or abs(change) <= tolerance * spread:
+        return "levelled"
+    return "rising" if change > 0 else "falling"
+
+
+def training_caveat(training: dict, loss_rows: list[dict]) -> str | None:
+    """A plain warning when the model is partly trained: stopped before its configured
+    epochs (``--max-iters``, ``--max-minutes``) or V(D,G) still rising at the end (the
+    critic winning); None otherwise."""
+    reasons = []
+    done, full = training.get("iterations"), training.get("epochs_iterations")
+    if training.get("stop_reason") in ("max_iters", "max_minutes") and done and full \
+            and done < full:
+        reasons.append(f"it trained {done:,} of the {full:,} iterations of its configured "
+                       f"epochs (stopped by --{training['stop_reason'].replace('_', '-')})")
+    if value_trend([row["V"] for row in loss_rows if "V" in row]) == "rising":
+        reasons.append("V(D,G) was still rising when it stopped (it should level off)")
+    if not reasons:
+        return None
+    return ("A partly trained model: " + "; ".join(reasons) + ". The generator's cells and "
+            "the cell types (clusters) are those of a short run: train longer (wsicell train "
+            "--resume with a larger --max-iters or --max-minutes) before relying on them.")
+
+
 def _swatch(cluster: int, k: int) -> str:
     colour = cluster_colours(k)[cluster]
     return (f"<span class='swatch' style='background:rgb({colour[0]},{colour[1]},{colour[2]})'>"
@@ -514,6 +589,9 @@ def write_prediction_report(out_dir: Path, root, model, results, predictions: pd
     if blank:
         warnings.warn(f"report: blank picture(s) {', '.join(blank)}", stacklevel=2)
     extra = [f"Picture(s) {', '.join(blank)} came out blank."] if blank else []
+    training = getattr(model, "training", {})
+    caveat = training_caveat(training, loss_rows)
+    extra += [caveat] if caveat else []
 
     cv = summary.get("cross_validation")
     region_um = results[0].grid.region_px * float(slide_attrs(root, slide_ids[0])["mpp"]) \
@@ -537,7 +615,8 @@ def write_prediction_report(out_dir: Path, root, model, results, predictions: pd
                 html=nuclei_table, images=[area_picture]),
         Section("What the model draws for each cell type", "The generator's cells for each "
                 "category (rows = random noise z, columns = category): a column should look "
-                "like one kind of cell.", images=[generator]),
+                "like one kind of cell." + (f" {caveat}" if caveat else ""),
+                images=[generator]),
         Section("Slides in detail", "Each slide with its tissue outline (green), then the "
                 "density of each cell type: cells per mm\u00b2 in each "
                 f"{region_um:.0f} \u00b5m square (dark blue = few, yellow = many; no colour = "
@@ -550,9 +629,12 @@ def write_prediction_report(out_dir: Path, root, model, results, predictions: pd
                    "every cell in one cluster (a collapse)." if occupancy else "")
                 if losses else "The model directory holds no training log (log.jsonl).",
                 images=training_pictures),
-        Section("Model", f"Model {model.model_id}: the training configuration it was trained "
-                "with (full configuration under Provenance).",
-                [training_table(model.config.train.model_dump(mode="json"))]),
+        Section("Model", f"Model {model.model_id}: the training run (iterations, why it "
+                "stopped, wall time) and the configuration it was trained with (full "
+                "configuration under Provenance).",
+                [t for t in (training_run_table(training),
+                             training_table(model.config.train.model_dump(mode="json")))
+                 if len(t)]),
     ]
     if cv:
         sections.insert(2, Section("Slide classifier", f"Stratified {cv['folds']}-fold "
