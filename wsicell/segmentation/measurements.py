@@ -19,27 +19,13 @@ from __future__ import annotations
 import numpy as np
 import shapely
 
-#: Store column -> (QuPath measurement name, unit).  Area is the store's ``area`` column
-#: (pixel count at the segmentation's resolution); the others come from this module.
-QUPATH_NAMES: dict[str, tuple[str, str]] = {
-    "area": ("Nucleus: Area µm^2", "um^2"),
-    "perimeter_um": ("Nucleus: Perimeter µm", "um"),
-    "circularity": ("Nucleus: Circularity", "1"),
-    "solidity": ("Nucleus: Solidity", "1"),
-    "eccentricity": ("Nucleus: Eccentricity", "1"),
-    "major_axis_um": ("Nucleus: Major axis µm", "um"),
-    "minor_axis_um": ("Nucleus: Minor axis µm", "um"),
-    "max_caliper_um": ("Nucleus: Max caliper µm", "um"),
-    "min_caliper_um": ("Nucleus: Min caliper µm", "um"),
-    "hematoxylin_od_mean": ("Nucleus: Hematoxylin OD mean", "OD"),
-    "hematoxylin_od_std": ("Nucleus: Hematoxylin OD std dev", "OD"),
-    "hematoxylin_od_min": ("Nucleus: Hematoxylin OD min", "OD"),
-    "hematoxylin_od_max": ("Nucleus: Hematoxylin OD max", "OD"),
-    "eosin_od_mean": ("Nucleus: Eosin OD mean", "OD"),
-    "eosin_od_std": ("Nucleus: Eosin OD std dev", "OD"),
-}
-#: The columns :func:`nucleus_measurements` returns, in order.
-MEASUREMENT_COLUMNS = [c for c in QUPATH_NAMES if c != "area"]
+#: The columns :func:`nucleus_measurements` returns, in order (the store's cell table keeps
+#: them; :data:`wsicell.io.export.MEASUREMENTS` gives their QuPath names and units).
+MEASUREMENT_COLUMNS = [
+    "perimeter_um", "circularity", "solidity", "eccentricity", "major_axis_um", "minor_axis_um",
+    "max_caliper_um", "min_caliper_um", "hematoxylin_od_mean", "hematoxylin_od_std",
+    "hematoxylin_od_min", "hematoxylin_od_max", "eosin_od_mean", "eosin_od_std",
+]
 
 # skimage.measure.perimeter: weight of a border pixel by the code of its 3x3 neighbourhood
 # (1 for itself, 2 per 4-neighbour on the border, 10 per diagonal one)
@@ -125,7 +111,8 @@ def convex_hulls(masks: np.ndarray) -> np.ndarray:
     ``[c, c + 1) x [r, r + 1)``).
 
     The hull of a mask's pixel squares is that of the outer corners of each row's first
-    and last pixel: at most 4 S points per mask, hulled by GEOS for all masks at once.
+    and last pixel: at most 4 S points per mask, as one ring, hulled by GEOS for all masks
+    at once.
 
     Parameters
     ----------
@@ -149,14 +136,21 @@ def convex_hulls(masks: np.ndarray) -> np.ndarray:
     last = s - 1 - masks[:, :, ::-1].argmax(axis=2)
     cell, row = np.nonzero(filled)
     left, right = first[cell, row], last[cell, row] + 1
-    x = np.stack([left, left, right, right], axis=1).ravel()
-    y = np.stack([row, row + 1, row, row + 1], axis=1).ravel()
+    # one ring per mask (GEOS builds it from the coordinates, with no point objects): down
+    # its rows' left edges, up their right edges; its hull is that of the pixel squares
+    x = np.concatenate([np.repeat(left, 2), np.repeat(right, 2)])
+    y = np.concatenate([np.stack([row, row + 1], axis=1).ravel(),
+                        np.stack([row + 1, row], axis=1).ravel()])
+    step = 2 * np.repeat(row, 2) + np.tile([0, 1], len(row))
+    order = np.concatenate([step, -1 - step])  # left side downwards, right side upwards
+    owner = np.tile(np.repeat(cell, 2), 2)
+    ranked = np.lexsort((order, owner))
     hulls = np.full(n, None, dtype=object)
     present = np.unique(cell)
     if len(present):
-        points = shapely.multipoints(np.column_stack([x, y]).astype(np.float64),
-                                     indices=np.repeat(np.searchsorted(present, cell), 4))
-        hulls[present] = shapely.convex_hull(points)
+        rings = shapely.linearrings(np.column_stack([x, y])[ranked].astype(np.float64),
+                                    indices=np.searchsorted(present, owner[ranked]))
+        hulls[present] = shapely.convex_hull(rings)
     return hulls
 
 
@@ -194,12 +188,14 @@ def calipers(hulls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # vertices padded by repeating each ring's closing vertex (its first): no new points
     vertices = np.repeat(coords[np.cumsum(counts) - 1][:, None, :], width, axis=1)
     vertices[owner, slot] = coords  # (P, V, 2)
-    distance = np.linalg.norm(vertices[:, :, None] - vertices[:, None, :], axis=-1)
-    longest[present] = distance.max(axis=(1, 2))
-    edges = vertices[:, 1:] - vertices[:, :-1]  # (P, V - 1, 2); padding gives zero edges
-    length = np.linalg.norm(edges, axis=-1)
-    offsets = vertices[:, None, :, :] - vertices[:, :-1, None, :]  # (P, E, V, 2)
-    cross = np.abs(edges[:, :, None, 0] * offsets[..., 1] - edges[:, :, None, 1] * offsets[..., 0])
+    vx, vy = vertices[..., 0], vertices[..., 1]  # (P, V) each
+    squared = (vx[:, :, None] - vx[:, None, :]) ** 2 + (vy[:, :, None] - vy[:, None, :]) ** 2
+    longest[present] = np.sqrt(squared.max(axis=(1, 2)))
+    ex, ey = vx[:, 1:] - vx[:, :-1], vy[:, 1:] - vy[:, :-1]  # (P, E); padding: zero edges
+    length = np.hypot(ex, ey)
+    # |edge x (vertex - edge start)| for every edge and vertex, (P, E, V)
+    cross = np.abs(ex[:, :, None] * vy[:, None, :] - ey[:, :, None] * vx[:, None, :]
+                   - (ex * vy[:, :-1] - ey * vx[:, :-1])[:, :, None])
     with np.errstate(invalid="ignore", divide="ignore"):
         widths = np.where(length > 0, cross.max(axis=2) / length, np.inf)
     narrowest[present] = widths.min(axis=1)
@@ -229,17 +225,24 @@ def masked_statistics(masks: np.ndarray, values: np.ndarray) -> dict[str, np.nda
     {'mean': 2.0, 'std': 0.816496580927726, 'min': 1.0, 'max': 3.0}
     """
     masks = np.asarray(masks, dtype=bool)
+    return _grouped_statistics(np.asarray(values)[masks], masks.sum(axis=(1, 2)))
+
+
+def _grouped_statistics(values: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`masked_statistics` of values (P,) listed mask by mask, ``counts`` (N,) each."""
     values = np.asarray(values, dtype=np.float64)
-    count = masks.sum(axis=(1, 2))
-    empty = count == 0
+    owner = np.repeat(np.arange(len(counts)), counts)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(masks, values, 0.0).sum(axis=(1, 2)) / count
-        deviation = np.where(masks, values - mean[:, None, None], 0.0)
-        std = np.sqrt((deviation ** 2).sum(axis=(1, 2)) / count)
-    low = np.where(masks, values, np.inf).min(axis=(1, 2))
-    high = np.where(masks, values, -np.inf).max(axis=(1, 2))
-    return {"mean": mean, "std": std, "min": np.where(empty, np.nan, low),
-            "max": np.where(empty, np.nan, high)}
+        mean = np.bincount(owner, values, minlength=len(counts)) / counts
+        std = np.sqrt(np.bincount(owner, (values - mean[owner]) ** 2, minlength=len(counts))
+                      / counts)
+    low, high = np.full(len(counts), np.nan), np.full(len(counts), np.nan)
+    filled = counts > 0
+    if filled.any():
+        starts = (np.cumsum(counts) - counts)[filled]
+        low[filled] = np.minimum.reduceat(values, starts)
+        high[filled] = np.maximum.reduceat(values, starts)
+    return {"mean": mean, "std": std, "min": low, "max": high}
 
 
 def stain_optical_density(crops: np.ndarray, stain_matrix) -> np.ndarray:
@@ -317,9 +320,11 @@ def nucleus_measurements(masks: np.ndarray, crops: np.ndarray, stain_matrix,
         hull_area = np.where(shapely.is_geometry(hulls), shapely.area(hulls), np.nan)
         circularity = np.minimum(4 * np.pi * area / edge ** 2, 1.0)
         solidity = area / hull_area
-    od = stain_optical_density(crops, stain_matrix)
-    hematoxylin = masked_statistics(masks, od[..., 0])
-    eosin = masked_statistics(masks, od[..., 1])
+    # the nucleus pixels only, mask by mask (a third of the crops' pixels)
+    od = stain_optical_density(np.asarray(crops)[masks], stain_matrix)
+    counts = area.astype(np.int64)
+    hematoxylin = _grouped_statistics(od[:, 0], counts)
+    eosin = _grouped_statistics(od[:, 1], counts)
     columns = {
         "perimeter_um": edge * size, "circularity": circularity, "solidity": solidity,
         "eccentricity": eccentricity, "major_axis_um": major * size,
