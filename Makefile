@@ -50,13 +50,28 @@ demo: $(VENV)/.installed
 	$(WSICELL) predict --slides $(SAMPLE) --model $(DEMO)/model --store $(DEMO)/cells.zarr \
 	    --out $(DEMO)/results --mpp 0.4 --region-size 100
 
+# The export-only scverse environment of docs/interop.md: Python >= 3.12 (spatialdata 0.8
+# needs it and a Dask newer than 0.7.3's pin), spatialdata, scanpy, squidpy and wsicell
+# without its dependencies (export imports neither torch nor OpenSlide). The tests of
+# --format spatialdata and of the docs' scanpy / squidpy example run in it; without a
+# Python 3.12 / 3.13 they skip.
+PYTHON_SCVERSE ?= $(shell for p in python3.12 python3.13 $$HOME/.pyenv/versions/3.1[2-9]*/bin/python3; \
+    do $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && echo $$p && break; done)
+SCVERSE := $(VENV)/scverse
+$(SCVERSE)/.installed: pyproject.toml
+	@if [ -z "$(PYTHON_SCVERSE)" ]; then echo "no python3.12 / 3.13: scverse tests skip"; else \
+	  $(PYTHON_SCVERSE) -m venv $(SCVERSE) && \
+	  $(SCVERSE)/bin/python -m pip install -q 'spatialdata>=0.8' scanpy squidpy igraph jsonschema && \
+	  PYTHONWARNINGS="ignore:Editable installation" $(SCVERSE)/bin/python -m pip install -q --no-deps -e . && \
+	  touch $@; fi
+
 # The layering contract (pyproject.toml, [tool.importlinter]) first, then the tests.
-test: $(VENV)/.reference
-	$(VENV)/bin/lint-imports --no-cache
+test: $(VENV)/.reference $(SCVERSE)/.installed
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest -q
 
-test-all: $(VENV)/.reference
-	$(VENV)/bin/lint-imports --no-cache
+test-all: $(VENV)/.reference $(SCVERSE)/.installed
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest -q -m ''
 
 bench: $(VENV)/.reference

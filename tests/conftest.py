@@ -19,6 +19,7 @@ from wsicell.io.store import (
     write_crop_rows,
     write_label_rows,
 )
+from wsicell.segmentation.measurements import nucleus_measurements
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEST_DATA = Path(__file__).resolve().parent / "data"
@@ -85,8 +86,10 @@ def write_test_slide(root, slide_id, tmp_path, n_cells, complete=True):
         "tile_id": (i >= n_cells - 2).astype(int)})
     masks = np.zeros((n_cells, 32, 32), bool)
     masks[:, 13:18, 12:19] = True
-    write_crop_rows(store, slide_id, 0, np.broadcast_to(
-        i.astype(np.uint8)[:, None, None, None], (n_cells, 32, 32, 3)), masks)
+    crops = np.broadcast_to(i.astype(np.uint8)[:, None, None, None], (n_cells, 32, 32, 3))
+    write_crop_rows(store, slide_id, 0, crops, masks)
+    write_cell_rows(store, slide_id, 0, nucleus_measurements(
+        masks, crops, STAIN["stain_matrix"], np.full(n_cells, attrs["mpp"])))
     group.attrs["stain"] = STAIN
     if complete:
         finish_slide(group, [n_cells - 2, 2], {"n_tiles": 2})

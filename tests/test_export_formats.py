@@ -56,8 +56,10 @@ def test_anndata_holds_every_cell_with_the_stored_labels(store, tmp_path):
         np.testing.assert_array_equal(obs.cell_id, cells.cell_id)
         np.testing.assert_array_equal(obs.cluster.astype(int), cluster)
         np.testing.assert_allclose(obs[["proba_0", "proba_1", "proba_2"]], proba)
-        np.testing.assert_allclose(obs.area_um2, cells.area)
-        np.testing.assert_allclose(obs.mean_hematoxylin, cells.mean_hematoxylin)
+        x = adata[chosen].X
+        np.testing.assert_allclose(x[:, list(adata.var_names).index("area_um2")], cells.area)
+        np.testing.assert_allclose(x[:, list(adata.var_names).index("mean_hematoxylin")],
+                                   cells.mean_hematoxylin)
         attrs = slide_attrs(root, slide_id)
         xy = adata.obsm["spatial"][chosen]
         np.testing.assert_allclose(xy, cells[["x", "y"]].to_numpy())

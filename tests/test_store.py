@@ -14,6 +14,7 @@ from wsicell.io.staging import (
 )
 from wsicell.io.store import (
     CELL_COLUMNS,
+    STORE_VERSION,
     complete_slides,
     open_store,
     slide_cells,
@@ -26,7 +27,7 @@ from wsicell.io.store import (
 
 def test_a_new_store_is_valid_and_empty(tmp_path):
     root = open_store(tmp_path / "s.zarr", mode="a")
-    assert root.attrs["wsicell_store_version"] == 2
+    assert root.attrs["wsicell_store_version"] == STORE_VERSION == 3
     assert complete_slides(root) == [] and validate_store(tmp_path / "s.zarr") == []
 
 

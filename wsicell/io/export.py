@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,30 @@ from wsicell.io.store import (
 )
 from wsicell.palette import cluster_colours
 
-FORMATS = ("csv", "parquet", "geojson", "anndata")
+FORMATS = ("csv", "parquet", "geojson", "anndata", "spatialdata")
 GEOMETRIES = ("outline", "box", "point")
 #: Cells whose masks are traced at a time (bounded memory on slides of millions of cells).
 OUTLINE_BLOCK = 4096
+#: The nucleus measurements of an exported cell table (units in the column names): column
+#: -> (QuPath's measurement name, unit).  AnnData's ``X`` holds them in this order.
+MEASUREMENTS: dict[str, tuple[str, str]] = {
+    "area_um2": ("Nucleus: Area µm^2", "um^2"),
+    "perimeter_um": ("Nucleus: Perimeter µm", "um"),
+    "circularity": ("Nucleus: Circularity", "1"),
+    "solidity": ("Nucleus: Solidity", "1"),
+    "eccentricity": ("Nucleus: Eccentricity", "1"),
+    "major_axis_um": ("Nucleus: Major axis µm", "um"),
+    "minor_axis_um": ("Nucleus: Minor axis µm", "um"),
+    "max_caliper_um": ("Nucleus: Max caliper µm", "um"),
+    "min_caliper_um": ("Nucleus: Min caliper µm", "um"),
+    "hematoxylin_od_mean": ("Nucleus: Hematoxylin OD mean", "OD"),
+    "hematoxylin_od_std": ("Nucleus: Hematoxylin OD std dev", "OD"),
+    "hematoxylin_od_min": ("Nucleus: Hematoxylin OD min", "OD"),
+    "hematoxylin_od_max": ("Nucleus: Hematoxylin OD max", "OD"),
+    "eosin_od_mean": ("Nucleus: Eosin OD mean", "OD"),
+    "eosin_od_std": ("Nucleus: Eosin OD std dev", "OD"),
+    "mean_hematoxylin": ("Nucleus: Hematoxylin mean (0-255, 0 = most stain)", "0-255"),
+}
 
 
 def slide_table(root, slide_id: str, labels: str | None = None) -> pd.DataFrame:
@@ -166,9 +187,9 @@ def cell_feature(row, geometry: str, outline=None) -> dict:
         "objectType": "detection",
         "slide_id": row["slide_id"],
         "cell_id": int(row["cell_id"]),
-        "measurements": {"Nucleus: Area µm^2": float(row["area_um2"]),
-                         "Nucleus: Hematoxylin mean (0-255, 0 = most stain)":
-                             float(row["mean_hematoxylin"])},
+        # NaN (a nucleus shrunk into its crop to an empty mask) is no JSON: left out
+        "measurements": {name: float(row[column]) for column, (name, _) in MEASUREMENTS.items()
+                         if np.isfinite(row[column])},
     }
     if "cluster" in row:
         cluster = int(row["cluster"])
@@ -232,17 +253,22 @@ def _hex(colour) -> str:
     return "#" + "".join(f"{int(c):02x}" for c in colour)
 
 
-def cells_anndata(root, slide_ids, labels: str | None = None, *, store: str = ""):
+def cells_anndata(root, slide_ids, labels: str | None = None, *, store: str = "",
+                  features: dict | None = None):
     """The cells of complete slides as one :class:`anndata.AnnData` (one row per cell).
 
+    ``X``: the nucleus measurements, float32 (N, 16), variables named as the columns of
+    :data:`MEASUREMENTS` (units in the names; ``var["qupath_name"]``, ``var["unit"]``).
     ``obs``: ``slide_id`` (categorical), ``cell_id``, ``cluster`` (categorical ``"0".."k-1"``)
-    and ``proba_0..proba_{k-1}`` with ``labels``, ``area_um2``, ``mean_hematoxylin``,
-    bounding box (level-0 pixels) and ``tile_id``; index ``"<slide_id>:<cell_id>"``.
+    and ``proba_0..proba_{k-1}`` with ``labels``, bounding box (level-0 pixels), crop
+    placement and ``tile_id``; index ``"<slide_id>:<cell_id>"``.
+    ``obsm["X_wsicell_d"]``: with ``features`` (slide id -> (n, F) array, e.g. a model's
+    discriminator features of the slide's crops), those rows.
     ``obsm["spatial"]``: centroids ``(x, y)`` in level-0 pixels; ``obsm["spatial_um"]``: the
     same times the slide's microns per pixel.  ``uns["spatial"][slide_id]``: the slide's
     thumbnail and its scale factor (squidpy / scanpy's layout); ``uns["cluster_colors"]``:
     the report's cluster colours; ``uns["wsicell"]``: provenance (version, model id, store,
-    slides and their mpp).  ``X`` is empty (no variables): the measurements are in ``obs``.
+    slides and their mpp).
     """
     anndata = _import_anndata()
     tables, spatial, spatial_um, library = [], [], [], {}
@@ -264,6 +290,8 @@ def cells_anndata(root, slide_ids, labels: str | None = None, *, store: str = ""
             entry["images"] = {"hires": np.ascontiguousarray(thumbnail)}
         library[slide_id] = entry
     obs = pd.concat(tables, ignore_index=True)
+    measured = obs[list(MEASUREMENTS)].to_numpy(np.float32)
+    obs = obs.drop(columns=list(MEASUREMENTS))
     obs.index = pd.Index([f"{s}:{c}" for s, c in zip(obs.slide_id, obs.cell_id)], dtype=object)
     obs["slide_id"] = pd.Categorical(obs.slide_id.astype(object), categories=list(slide_ids))
     uns = {"spatial": library,
@@ -276,14 +304,74 @@ def cells_anndata(root, slide_ids, labels: str | None = None, *, store: str = ""
         obs["cluster"] = pd.Categorical(obs.cluster.astype(int).astype(str).astype(object),
                                         categories=[str(c) for c in range(k)])
         uns["cluster_colors"] = [_hex(c) for c in cluster_colours(k)]
+    obsm = {"spatial": np.concatenate(spatial), "spatial_um": np.concatenate(spatial_um)}
+    if features is not None:
+        obsm["X_wsicell_d"] = np.concatenate([features[s] for s in slide_ids]).astype(np.float32)
     # object-dtype names: pandas 3's default string arrays are refused by anndata 0.12's writer
-    return anndata.AnnData(obs=obs, var=pd.DataFrame(index=pd.Index([], dtype=object)), uns=uns,
-                           obsm={"spatial": np.concatenate(spatial),
-                                 "spatial_um": np.concatenate(spatial_um)})
+    var = pd.DataFrame({"qupath_name": [name for name, _ in MEASUREMENTS.values()],
+                        "unit": [unit for _, unit in MEASUREMENTS.values()]},
+                       index=pd.Index(list(MEASUREMENTS), dtype=object)).astype(object)
+    return anndata.AnnData(X=measured, obs=obs, var=var, uns=uns, obsm=obsm)
+
+
+def _import_spatialdata():
+    """The optional ``spatialdata`` package, or a one-line error saying how to install it."""
+    try:
+        import spatialdata
+    except ImportError:
+        raise WsicellError("--format spatialdata needs the spatialdata package (>= 0.8, Python "
+                           ">= 3.12): pip install spatialdata, then wsicell without torch: "
+                           "pip install --no-deps wsicell (docs/interop.md)") from None
+    return spatialdata
+
+
+def cells_spatialdata(root, slide_ids, labels: str | None = None, *, store: str = "",
+                      features: dict | None = None):
+    """The cells of complete slides as one :class:`spatialdata.SpatialData`.
+
+    Per slide, in a coordinate system named after it (level-0 pixels of the slide): the
+    nucleus outlines as shapes ``<slide_id>_nuclei`` (polygons traced on the stored masks,
+    :func:`mask_outlines`; the bounding box for an empty mask; indexed by ``cell_id``) and
+    the slide's thumbnail as the image ``<slide_id>_thumbnail`` (scaled onto level 0).  The
+    table ``cells`` is :func:`cells_anndata`'s, annotating the shapes (``obs["region"]``,
+    instance key ``cell_id``).
+    """
+    import geopandas
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale
+
+    adata = cells_anndata(root, slide_ids, labels, store=store, features=features)
+    regions = [f"{slide_id}_nuclei" for slide_id in slide_ids]
+    adata.obs["region"] = pd.Categorical(
+        [f"{slide_id}_nuclei" for slide_id in adata.obs.slide_id.astype(object)],
+        categories=regions)
+    shapes, images = {}, {}
+    for slide_id, region in zip(slide_ids, regions):
+        table = slide_table(root, slide_id)
+        outlines = []
+        for start in range(0, len(table), OUTLINE_BLOCK):
+            stop = min(start + OUTLINE_BLOCK, len(table))
+            outlines += _outlines(root, slide_id, table, start, stop)
+        boxes = shapely.box(table.bbox_x0, table.bbox_y0, table.bbox_x1, table.bbox_y1)
+        geometry = [box if outline is None else outline for outline, box in zip(outlines, boxes)]
+        frame = geopandas.GeoDataFrame(geometry=geometry,
+                                       index=pd.Index(table.cell_id.to_numpy(), name="cell_id"))
+        shapes[region] = ShapesModel.parse(frame, transformations={slide_id: Identity()})
+        thumbnail, _ = slide_pictures(root, slide_id)
+        if thumbnail is not None:
+            attrs = slide_attrs(root, slide_id)
+            scale = [float(attrs["height"]) / thumbnail.shape[0],
+                     float(attrs["width"]) / thumbnail.shape[1]]
+            images[f"{slide_id}_thumbnail"] = Image2DModel.parse(
+                np.ascontiguousarray(thumbnail.transpose(2, 0, 1)), dims=("c", "y", "x"),
+                transformations={slide_id: Scale(scale, axes=("y", "x"))})
+    table = TableModel.parse(adata, region=regions, region_key="region", instance_key="cell_id")
+    return SpatialData(images=images, shapes=shapes, tables={"cells": table})
 
 
 def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "outline",
-                 labels: str | None = None) -> int:
+                 labels: str | None = None, features: dict | None = None) -> int:
     """Write the cells of complete slides of a store to one file.
 
     Parameters
@@ -291,9 +379,10 @@ def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "outli
     store : str or Path
     out : str or Path
         Output file.
-    fmt : {"csv", "parquet", "geojson", "anndata"}
+    fmt : {"csv", "parquet", "geojson", "anndata", "spatialdata"}
         ``anndata`` writes an ``.h5ad`` file (see :func:`cells_anndata`); it needs the
-        optional ``anndata`` package.
+        optional ``anndata`` package.  ``spatialdata`` writes a SpatialData Zarr directory
+        (see :func:`cells_spatialdata`); it needs ``spatialdata`` (Python >= 3.12).
     slide_ids : list of str, optional
         Slides to export (default: every complete slide).  GeoJSON holds one slide's
         coordinates, so it needs exactly one.
@@ -304,6 +393,9 @@ def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "outli
         Model id whose cluster labels (``labels/<model_id>``: cluster and probabilities)
         are added; by default those of the one model every slide has complete labels of.
         GeoJSON features are then classified and coloured by cluster.
+    features : dict of str to ndarray, optional
+        Per slide, an (n_cells, F) array (a model's discriminator features of its crops)
+        that AnnData / SpatialData hold as ``obsm["X_wsicell_d"]``.
 
     Returns
     -------
@@ -330,8 +422,13 @@ def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "outli
     slide_ids = list(slide_ids) if slide_ids else complete_slides(root)
     if not slide_ids:
         raise WsicellError(f"{store}: no complete slides to export")
-    if fmt == "anndata":
+    if fmt in ("anndata", "spatialdata"):
         _import_anndata()  # a missing package fails before anything is read
+    if fmt == "spatialdata":
+        _import_spatialdata()
+    if features is not None and fmt not in ("anndata", "spatialdata"):
+        raise WsicellError(f"{out}: features go into AnnData / SpatialData only "
+                           "(--format anndata or spatialdata)")
     if fmt == "geojson" and len(slide_ids) != 1:
         raise WsicellError(f"{out}: GeoJSON holds the coordinates of one slide; pick one with "
                            f"--slide (store has {', '.join(slide_ids)})")
@@ -353,9 +450,17 @@ def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "outli
     tables = each_slide()
     try:
         if fmt == "anndata":
-            adata = cells_anndata(root, slide_ids, labels, store=str(Path(store).resolve()))
+            adata = cells_anndata(root, slide_ids, labels, store=str(Path(store).resolve()),
+                                  features=features)
             counted.append(adata.n_obs)
             adata.write_h5ad(tmp)
+        elif fmt == "spatialdata":
+            sdata = cells_spatialdata(root, slide_ids, labels, store=str(Path(store).resolve()),
+                                      features=features)
+            counted.append(sdata.tables["cells"].n_obs)
+            sdata.write(tmp)
+            if out.is_dir():  # a directory cannot be renamed over another: replace it
+                shutil.rmtree(out)
         elif fmt == "csv":
             _write_csv(tables, tmp)
         elif fmt == "parquet":
@@ -364,5 +469,7 @@ def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "outli
             _write_geojson(root, slide_ids[0], next(tables), tmp, geometry)
         os.replace(tmp, out)
     finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
         tmp.unlink(missing_ok=True)
     return int(np.sum(counted))

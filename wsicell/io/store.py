@@ -4,7 +4,7 @@ This module is the one owner of the store's format: every group, array, attribut
 status constant below is defined, written and read here; the rest of wsicell calls these
 functions.  Layout (validated against ``schemas/store*.schema.json``)::
 
-    STORE.zarr/                     attrs {"wsicell_store_version": 2}
+    STORE.zarr/                     attrs {"wsicell_store_version": 3}
       slides/<slide_id>/            attrs: status, source_path, fingerprint, width, height, mpp,
                                     stain, config, wsicell_version, n_cells, ...
         crops                       (N, S, S, 3) uint8, chunks of ingest.crops_per_chunk crops
@@ -50,7 +50,9 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from wsicell.errors import WsicellError
 
-STORE_VERSION = 2  # 2: nucleus masks and crop placement (crop_x0, crop_y0, crop_px)
+STORE_VERSION = 3  # 2: nucleus masks and crop placement (crop_x0, crop_y0, crop_px)
+#: What each store version added, for the message that asks to ingest an older store again.
+_VERSION_ADDS = {2: "nucleus masks", 3: "nucleus measurements (perimeter, calipers, OD, ...)"}
 STATUS_INGESTING = "ingesting"
 STATUS_WRITING = "writing"  # labels whose chunks are being written
 STATUS_COMPLETE = "complete"
@@ -71,6 +73,12 @@ CELL_COLUMNS: dict[str, str] = {
     "crop_y0": "float64",
     "crop_px": "float32",
     "tile_id": "int32",
+    # version 3: nucleus measurements (wsicell.segmentation.measurements; um, OD)
+    **{name: "float32" for name in (
+        "perimeter_um", "circularity", "solidity", "eccentricity", "major_axis_um",
+        "minor_axis_um", "max_caliper_um", "min_caliper_um", "hematoxylin_od_mean",
+        "hematoxylin_od_std", "hematoxylin_od_min", "hematoxylin_od_max", "eosin_od_mean",
+        "eosin_od_std")},
 }
 TILE_COLUMNS: dict[str, str] = {
     "tile_id": "int32",
@@ -203,8 +211,8 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
         if isinstance(version, int) and version < STORE_VERSION:
             raise WsicellError(
                 f"{path}: a cell store of version {version}, from an older wsicell (this one "
-                f"reads version {STORE_VERSION}, which adds nucleus masks); ingest the slides "
-                "again into a new store")
+                f"reads version {STORE_VERSION}, which adds {_VERSION_ADDS[STORE_VERSION]}); "
+                "ingest the slides again into a new store")
         raise WsicellError(f"{path}: not a wsicell cell store (no wsicell_store_version)")
     return root
 

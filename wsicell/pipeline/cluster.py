@@ -144,7 +144,8 @@ def dask_client(workers: int, threads_per_worker: int, memory_limit: str,
         cluster, client = start_local_cluster(workers, threads_per_worker, memory_limit,
                                               dashboard)
     if progress and (scheduler or dashboard):
-        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        # above any progress bar, never run into it
+        tqdm.write(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
     try:
         yield client
     finally:
@@ -155,32 +156,47 @@ def dask_client(workers: int, threads_per_worker: int, memory_limit: str,
 
 class TileProgress:
     """One progress bar of tissue tiles over all the slides of a run, shared by the threads
-    that ingest them: its total grows as slides are planned."""
+    that ingest them: its total grows as slides are planned.
+
+    The bar appears only once there are tiles left to segment (slides already ingested
+    show none), so lines printed before (the Dask dashboard link) never run into it;
+    messages go above the bar, or plainly to stderr while there is none.
+    """
 
     def __init__(self, desc: str, enabled: bool):
         self.enabled = enabled
-        self._bar = tqdm(total=0, desc=desc, unit="tile", disable=not enabled, file=sys.stderr,
-                         dynamic_ncols=True)
+        self._desc = desc
+        self._bar = None
         self._lock = threading.Lock()
 
     def add(self, total: int, done: int = 0) -> None:
         """Count ``total`` more tiles, ``done`` of them already finished."""
         with self._lock:
+            if self._bar is None:
+                if total <= done:
+                    return
+                self._bar = tqdm(total=0, desc=self._desc, unit="tile",
+                                 disable=not self.enabled, file=sys.stderr, dynamic_ncols=True)
             self._bar.total += total
             self._bar.update(done)
             self._bar.refresh()
 
     def update(self, n: int) -> None:
         with self._lock:
-            self._bar.update(n)
+            if self._bar is not None:
+                self._bar.update(n)
 
     def message(self, text: str) -> None:
         if self.enabled:
             with self._lock:
-                self._bar.write(text, file=sys.stderr)
+                if self._bar is None:
+                    print(text, file=sys.stderr, flush=True)
+                else:
+                    self._bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def phase_bar(total: int, desc: str, enabled: bool):

@@ -51,6 +51,7 @@ from wsicell.segmentation.adaptive import (
     hematoxylin_od,
     segment_hematoxylin_od,
 )
+from wsicell.segmentation.measurements import nucleus_measurements
 from wsicell.segmentation.nuclei import (
     Objects,
     crop_placement,
@@ -269,6 +270,9 @@ def segment_tiles(plan: SlidePlan, stain: dict, calibration: dict | None,
     counts = {}
     for tile_id, region in tiles:
         cells = segment_tile(plan, colours, config, calibration, region)
+        # QuPath's nucleus measurements, on the crops' masks at their scale (um per crop px)
+        cells.update(nucleus_measurements(cells["masks"], cells["crops"], stain["stain_matrix"],
+                                          cells["crop_px"] * plan.mpp))
         write_staged_tile(plan.staging, tile_id, cells)
         counts[tile_id] = len(cells["x"]), int(cells["refused"][0])
     return counts
