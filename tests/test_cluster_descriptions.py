@@ -114,3 +114,42 @@ def test_report_cluster_table_shows_the_descriptions(tmp_path):
     page = cluster_table_html(root, ["a"], "m1", 2, store_cluster_descriptions(root, ["a"], "m1", 2))
     assert "typical nucleus" in page
     assert page.index("small, round, dark") < page.index("large, elongated, pale")
+
+
+def test_evaluate_clustering_prints_the_confusion_table(train_store, tmp_path, capsys,
+                                                        one_torch_thread):
+    """``wsicell evaluate clustering`` on the vendored bone marrow, its dots labelled by the
+    image half they lie in: each method's table counts every matched cell once, by cluster
+    and type, and the GAN's rows carry their nuclei's description."""
+    import json
+
+    from conftest import TEST_DATA, TRAIN_SLIDE
+
+    from wsicell.cli.main import main
+    from wsicell.config import TrainConfig, WsicellConfig
+    from wsicell.pipeline.training import train
+
+    model = tmp_path / "model"
+    train(train_store, model, WsicellConfig(train=TrainConfig(width=8, batch_size=16,
+                                                              critic_steps=1)),
+          device="cpu", max_iters=1, progress=False)
+    dots = pd.read_csv(TEST_DATA / "bm_graz" / "dots" / f"{TRAIN_SLIDE}.csv")
+    points = tmp_path / "points"
+    points.mkdir()
+    dots.assign(label=np.where(dots.y < 600, "top", "bottom")).to_csv(
+        points / f"{TRAIN_SLIDE}.csv", index=False)
+    args = ["evaluate", "clustering", "--store", str(train_store), "--model", str(model),
+            "--points", str(points), "--radius", "12"]
+    main(args + ["--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["types"] == ["bottom", "top"] and len(result["descriptions"]) == 5
+    for method in ("gan", "baseline"):
+        table = pd.DataFrame(result["confusion"][method])
+        assert table.cluster.tolist() == [0, 1, 2, 3, 4]
+        assert table[["bottom", "top"]].to_numpy().sum() == result["matched"]
+        assert (table.cells == table.bottom + table.top).all()
+    main(args)
+    text = capsys.readouterr().out
+    assert "matched cells per cluster (rows) and annotated type (columns)" in text
+    used = [d for d in result["descriptions"] if d]
+    assert used and used[0] in text

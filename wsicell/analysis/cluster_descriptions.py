@@ -177,6 +177,24 @@ def store_cluster_descriptions(root, slide_ids: list[str], model_id: str, k: int
                              every.hematoxylin.to_numpy(), k)
 
 
+def cells_descriptions(root, slide_of: np.ndarray, cell_of: np.ndarray, clusters: np.ndarray,
+                       k: int) -> pd.DataFrame:
+    """:func:`describe_clusters` of chosen cells of a store (e.g. those matched to
+    annotations): ``slide_of`` / ``cell_of`` (N,) name each cell (slide id, row of its slide),
+    ``clusters`` (N,) its cluster; ranks are taken among the chosen cells of each slide."""
+    slide_of, cell_of = np.asarray(slide_of).astype(str), np.asarray(cell_of, dtype=np.int64)
+    area, stain, roundness = (np.full(len(cell_of), np.nan) for _ in range(3))
+    for slide_id in np.unique(slide_of):
+        where = np.flatnonzero(slide_of == slide_id)
+        order = where[np.argsort(cell_of[where], kind="stable")]
+        rows = cell_of[order]
+        cells = slide_cells(root, slide_id, ["area", "mean_hematoxylin"]).iloc[rows]
+        area[order] = cells.area.to_numpy(np.float64)
+        stain[order] = cells.mean_hematoxylin.to_numpy(np.float64)
+        roundness[order] = mask_roundness(slide_masks(root, slide_id).oindex[rows])
+    return describe_clusters(clusters, slide_of, area, roundness, stain, k)
+
+
 def confusion_table(clusters: np.ndarray, labels: np.ndarray, k: int) -> pd.DataFrame:
     """Cells of each cluster (rows 0..k-1) per annotated type (columns, sorted), with the
     row's total, its majority type and that type's share of the row.
