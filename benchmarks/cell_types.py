@@ -16,7 +16,7 @@ Two annotated sets, the same steps and the same cells for every method:
   BRCA-M2C's own train split): the patient is the TCGA case id, the first 12 characters of
   the file name (``TCGA-A7-A0DA``; a case's two slides DX1 / DX2 stay together); the sorted
   case ids at positions 3, 7, 11, ... (every fourth) are ``test``, the others ``train``
-  (:func:`brca_split`: 19 of 75 cases, 20 of 80 patches).
+  (:func:`brca_split`: 18 of 75 cases, 20 of 80 patches).
 
 Per set:
 
