@@ -40,7 +40,10 @@ Per set:
    k-means", ``wsicell.learning.baseline``), HOG + DEC (``hog_dec``, the paper's strongest
    Table III baseline: ``skimage.feature.hog``'s features, ``wsicell.learning.dec``) and
    k-means on standardised mask shape / size / stain features (``mask``, :func:`mask_features`).
-5. Score every method on the matched cells of the train patches (``train_*``: the figures to
+5. Describe the annotated types, and each seed's Q clusters, as the report describes
+   clusters (``wsicell.analysis.cluster_descriptions``: median area, roundness, darkness
+   ranked within each patch: "small, round, dark").
+6. Score every method on the matched cells of the train patches (``train_*``: the figures to
    choose settings by) and of the test patches (the figures to report): purity, entropy,
    F-score (``wsicell.analysis.metrics.clustering_score``), NMI, ARI (scikit-learn) and the
    cluster sizes, per seed and as means.
@@ -80,6 +83,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from wsicell.analysis.cluster_descriptions import describe_clusters, mask_roundness
 from wsicell.analysis.evaluation import matched_rows
 from wsicell.analysis.metrics import clustering_score
 from wsicell.config import IngestConfig, WsicellConfig
@@ -442,6 +446,17 @@ def run_set(cell_set: CellSet, args: argparse.Namespace) -> dict[str, float]:
         return {f"{s}_{name}": scores(clusters[where], labels[where])[name]
                 for s, where in scored.items() for name in ("purity", "nmi", "largest")}
 
+    measured = {"slides": cells.slide_id.to_numpy(), "area_um2": cells.area.to_numpy(),
+                "roundness": mask_roundness(masks),
+                "hematoxylin": cells.mean_hematoxylin.to_numpy()}
+    matched = (cells.label != "").to_numpy()
+    types = sorted(cells.label[matched].unique())
+    described = describe_clusters(
+        np.searchsorted(types, labels[matched]), k=len(types),
+        **{name: values[matched] for name, values in measured.items()})
+    print("\nthe annotated types described as clusters would be (matched cells, ranks within "
+          "each patch):")
+    print(described.set_axis(types).to_string(float_format=lambda v: f"{v:.3f}"))
     rows, curves = [], []
     for seed in args.seeds:
         config = base.with_options(train={"seed": seed})
@@ -453,6 +468,9 @@ def run_set(cell_set: CellSet, args: argparse.Namespace) -> dict[str, float]:
                    "d_kmeans": baseline_clusters("d_kmeans", model.features(crops), fit, seed)}
         methods |= {name: baseline_clusters(name, values, fit, seed)
                     for name, values in features.items()}
+        described = describe_clusters(methods["Q"], k=K, **measured)
+        print(f"Q's clusters, seed {seed}, all cells:")
+        print(described.to_string(float_format=lambda v: f"{v:.3f}"))
         for method, clusters in methods.items():
             for s, where in scored.items():
                 rows.append({"method": method, "split": s, "seed": seed,
