@@ -66,15 +66,55 @@ def test_scores_and_summary():
     assert figures["best_baseline_purity"] == 0.6 and figures["best_baseline"] == "pixel_pca"
 
 
+def test_brca_split_keeps_each_case_on_one_side():
+    """Every TCGA case (both of its slides) is on one side; a quarter of the cases test."""
+    data = cell_types.cell_sets(cell_types.DATA)["brca"]
+    if not data.data.is_dir():
+        pytest.skip("../shared/data/brca_m2c is absent")
+    images = data.images()
+    split = cell_types.brca_split(images)
+    sides = pd.DataFrame({"case": [cell_types.brca_case(p) for p in images],
+                          "split": [split[p.stem] for p in images]})
+    assert (sides.groupby("case").split.nunique() == 1).all()
+    cases = sides.drop_duplicates("case").split.value_counts()
+    assert cases["test"] == len(sides.case.unique()) // 4
+    assert set(data.splits(images).values()) == {"train", "test"}
+
+
+def test_hog_dec_separates_cells_of_distinct_shapes():
+    """HOG + DEC on crops of round and of long nuclei, fitted on some, applied to all: the
+    two shapes land in different clusters (k=2 here), the unseen crops too."""
+    from wsicell.learning.dec import dec_clusters
+
+    rng = np.random.default_rng(0)
+    crops = np.stack([nucleus_crop(r, c, int(rng.integers(50, 120)))
+                      for r, c in [(8, 8)] * 60 + [(3, 12)] * 60])
+    hog = cell_types.baseline_features(
+        pd.DataFrame({"area": np.full(120, 30.0)}), crops, (crops != 255).any(-1))["hog_dec"]
+    assert hog.shape == (120, 324)
+    fit = np.arange(120) % 3 != 0
+    clusters = dec_clusters(hog, fit, 2, seed=0, pretrain_epochs=20, max_steps=200)
+    assert len(set(clusters[:60])) == 1 and len(set(clusters[60:])) == 1
+    assert clusters[0] != clusters[-1]
+
+
 @pytest.mark.slow
-def test_smoke_run_on_consep(tmp_path, capsys, monkeypatch):
-    if not cell_types.DATA.is_dir():
-        pytest.skip("../shared/data/consep_patches is absent")
-    monkeypatch.setattr(sys, "argv", ["cell_types.py", "--work", str(tmp_path), "--limit", "24",
-                                      "--max-iters", "2", "--seeds", "0",
-                                      "--set", "batch_size=16"])
-    cell_types.main()
+def test_smoke_run_on_both_sets(tmp_path, capsys):
+    """The harness's smoke mode on a few patches of CoNSeP and BRCA-M2C: every closing
+    figure of both sets is printed, and the purity curve has a row per stage."""
+    if not (cell_types.DATA / "consep_patches").is_dir() or \
+            not (cell_types.DATA / "brca_m2c").is_dir():
+        pytest.skip("../shared/data is absent")
+    cell_types.main(["--smoke", "--work", str(tmp_path)])
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines()
                  if ": " in line)
-    assert 0 < float(lines["purity_mean"]) <= 1
-    assert 0 < float(lines["largest_cluster_fraction"]) <= 1
+    for prefix in ("consep_", "brca_"):
+        for name in ("purity_mean", "purity_min", "nmi_mean", "largest_cluster_fraction",
+                     "best_baseline_purity", "best_baseline_nmi", "minutes"):
+            assert prefix + name in lines, prefix + name
+        assert 0 < float(lines[prefix + "purity_mean"]) <= 1
+        assert 0 < float(lines[prefix + "best_baseline_purity"]) <= 1
+        curve = pd.read_csv(tmp_path / f"{prefix[:-1]}-curve.csv")
+        assert curve.iteration.tolist() == [2, 4]
+        assert curve.test_purity.between(0, 1).all()
+    assert float(lines["minutes"]) > 0

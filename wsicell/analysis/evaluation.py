@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import precision_recall_fscore_support
 
+from wsicell.analysis.cluster_descriptions import cells_descriptions, confusion_table
 from wsicell.analysis.metrics import clustering_score, match_points
 from wsicell.analysis.slide_classes import read_slide_labels
 from wsicell.errors import WsicellError
@@ -115,7 +116,12 @@ def evaluate_clustering(store: str | Path, model_dir: str | Path, points_dir: st
     -------
     dict
         ``{"gan": {purity, entropy, fscore, n_cells}, "baseline": {...}, "matched": M,
-        "slides": {slide_id: matched}, "k": k, "radius": radius, "model_id": ...}``
+        "slides": {slide_id: matched}, "k": k, "radius": radius, "model_id": ...}``;
+        ``"types"``: the annotated types, sorted; ``"confusion"``: per method (``gan``,
+        ``baseline``), one record per cluster ``{"cluster", <type>: cells, ..., "cells",
+        "majority", "share"}`` (:func:`~wsicell.analysis.cluster_descriptions.confusion_table`);
+        ``"descriptions"``: per GAN cluster, its matched nuclei in words ("small, round,
+        dark", :func:`~wsicell.analysis.cluster_descriptions.cells_descriptions`).
     """
     model = load_trained_model(model_dir, device=device)
     crops, labels, per_slide = matched_cells(store, points_dir, radius)
@@ -126,8 +132,17 @@ def evaluate_clustering(store: str | Path, model_dir: str | Path, points_dir: st
         raise WsicellError(f"{points_dir}: only {len(crops)} matched cells for k={model.k} clusters")
     gan = model.classify(crops).argmax(axis=1)
     baseline = baseline_clusters(crops, model.k, seed=seed)
+    rows = matched_rows(store, points_dir, radius)
+    described = cells_descriptions(open_store(store), rows.slide_id.astype(str).to_numpy(),
+                                   rows.cell.to_numpy(), gan, model.k)
+    confusion = {name: confusion_table(clusters, labels, model.k)
+                 for name, clusters in (("gan", gan), ("baseline", baseline))}
     return {"gan": clustering_score(gan, labels).as_dict(),
             "baseline": clustering_score(baseline, labels).as_dict(),
+            "types": sorted(set(labels.tolist())),
+            "confusion": {name: table.reset_index().to_dict(orient="records")
+                          for name, table in confusion.items()},
+            "descriptions": described.description.tolist(),
             "matched": int(len(crops)), "slides": per_slide, "k": model.k,
             "radius": radius, "model_id": model.model_id}
 

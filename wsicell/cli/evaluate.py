@@ -110,7 +110,10 @@ def clustering(store, model_dir, points_dir, radius, device, seed, as_json):
     """Purity / entropy / F-score of the model's cell clusters against annotated cell
     classes, next to the hand-made-feature k-means baseline ("MF + k-means").
 
-    Annotated points are matched one-to-one to detected cells within --radius.
+    Annotated points are matched one-to-one to detected cells within --radius.  Then, for
+    each method, the confusion table: matched cells per cluster and annotated type, each
+    cluster's majority type and its share, and (GAN) what the cluster's nuclei are like
+    against the others of their slide ("small, round, dark").
     """
     from wsicell.analysis.evaluation import evaluate_clustering
 
@@ -121,6 +124,27 @@ def clustering(store, model_dir, points_dir, radius, device, seed, as_json):
     click.echo(f"{result['matched']} matched cells, k = {result['k']}, model {result['model_id']}")
     _print_scores([("GAN (Q head)", result["gan"]), ("MF + k-means", result["baseline"])],
                   ["purity", "entropy", "fscore"])
+    for name, title in (("gan", "GAN (Q head)"), ("baseline", "MF + k-means")):
+        _print_confusion(title, result["confusion"][name], result["types"],
+                         result["descriptions"] if name == "gan" else None)
+
+
+def _print_confusion(title: str, records: list[dict], types: list[str],
+                     descriptions: list[str] | None) -> None:
+    """Clusters (rows) against annotated types (columns): matched cells, majority share."""
+    width = max(10, *(len(t) + 2 for t in types))
+    share = max(8, *(len(t) + 5 for t in types))
+    click.echo(f"\n{title}: matched cells per cluster (rows) and annotated type (columns)")
+    click.echo(f"  {'cluster':8s}" + "".join(f"{t:>{width}s}" for t in types)
+               + f"{'cells':>8s}  {'majority':{share}s}"
+               + ("  typical nucleus" if descriptions else ""))
+    for r in records:
+        majority = f"{r['majority']} {100 * r['share']:.0f}%" if r["cells"] else "-"
+        line = (f"  {r['cluster']:<8d}" + "".join(f"{r[t]:>{width}d}" for t in types)
+                + f"{r['cells']:>8d}  {majority:{share}s}")
+        if descriptions:
+            line += f"  {descriptions[r['cluster']]}"
+        click.echo(line.rstrip())
 
 
 @evaluate.command()

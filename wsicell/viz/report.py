@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from wsicell.analysis.cluster_descriptions import store_cluster_descriptions
 from wsicell.analysis.metrics import SMALL_NUCLEUS_UM2, area_summary
 from wsicell.analysis.proportions import cluster_warnings
 from wsicell.errors import WsicellError
@@ -407,8 +408,11 @@ def proportions_html(predictions: pd.DataFrame, k: int, show_kmeans: bool) -> st
     return _html_table(header, rows, numeric=set(range(1, k + 2)))
 
 
-def cluster_table_html(root, slide_ids: list[str], model_id: str, k: int) -> str:
-    """Per cell type: cells, share, mean nucleus area (um^2) and mean hematoxylin (0..255)."""
+def cluster_table_html(root, slide_ids: list[str], model_id: str, k: int,
+                       descriptions: pd.DataFrame | None = None) -> str:
+    """Per cell type: cells, share, mean nucleus area (um^2), mean hematoxylin (0..255)
+    and, when given, the description of its typical nucleus relative to its slide
+    (:func:`wsicell.analysis.cluster_descriptions.store_cluster_descriptions`)."""
     area_sum, stain_sum, counts = np.zeros(k), np.zeros(k), np.zeros(k)
     for slide_id in slide_ids:
         cluster, _ = read_labels(root, slide_id, model_id)
@@ -423,8 +427,24 @@ def cluster_table_html(root, slide_ids: list[str], model_id: str, k: int) -> str
     rows = [[f"{_swatch(c, k)}cluster {c}", f"{int(counts[c]):,}", _percent(counts[c] / total),
              "" if counts[c] == 0 else f"{area[c]:.1f}",
              "" if counts[c] == 0 else f"{stain[c]:.0f}"] for c in range(k)]
-    return _html_table(["cell type", "cells", "share", "mean nucleus area (\u00b5m\u00b2)",
-                        "mean hematoxylin (0-255, lower = darker)"], rows, numeric={1, 2, 3, 4})
+    header = ["cell type", "cells", "share", "mean nucleus area (\u00b5m\u00b2)",
+              "mean hematoxylin (0-255, lower = darker)"]
+    if descriptions is not None:
+        header += ["typical nucleus (against its slide)", "median roundness (1 = round)"]
+        for c, row in enumerate(rows):
+            d = descriptions.loc[c]
+            row += [html.escape(d.description),
+                    "" if pd.isna(d.roundness) else f"{d.roundness:.2f}"]
+    return _html_table(header, rows, numeric={1, 2, 3, 4, 6})
+
+
+def _generator_columns_html(descriptions: pd.DataFrame, k: int) -> str:
+    """Under the generator's grid: what the real cells of each column's cluster look like."""
+    items = "".join(f"<li>{_swatch(c, k)}column {c + 1} = cluster {c}: "
+                    f"{html.escape(descriptions.description[c] or 'no cell')}</li>"
+                    for c in range(k))
+    return ("<p>The real cells of each cluster, measured (median nucleus against its "
+            f"slide's nuclei):</p><ul>{items}</ul>")
 
 
 # --------------------------------------------------------------------------- pictures
@@ -536,8 +556,12 @@ def write_prediction_report(out_dir: Path, root, model, results, predictions: pd
     galleries = [draw_cluster_gallery(samples[c], c, int(counts[c]), counts[c] / total,
                                       pictures / f"gallery_cluster_{c}.png", columns, rows,
                                       mpp=reference_mpp) for c in range(k)]
+    descriptions = store_cluster_descriptions(root, slide_ids, model.model_id, k,
+                                              seed=model.config.train.seed)
+    described = [f" &mdash; {html.escape(d)}" if d else "" for d in descriptions.description]
     gallery_captions = [
         f"{_swatch(c, k)}cluster {c}: {int(counts[c]):,} cells ({_percent(counts[c] / total)})"
+        + described[c]
         + ("" if counts[c] else " &mdash; <b>no cell of these slides is in this cluster</b>")
         for c in range(k)]
     generator = draw_generator_grid(model.generate_grid(8, seed=0), pictures / "generator.png")
@@ -606,7 +630,8 @@ def write_prediction_report(out_dir: Path, root, model, results, predictions: pd
         Section("Cell types", f"{per_cluster} random cells of each cluster (the cluster Q gives "
                 f"the highest probability). Each cell image is {32 * reference_mpp:.1f} \u00b5m "
                 f"wide ({reference_mpp:g} \u00b5m per pixel); nuclei larger than that are shrunk "
-                "to fit.", html=cluster_table_html(root, slide_ids, model.model_id, k),
+                "to fit.",
+                html=cluster_table_html(root, slide_ids, model.model_id, k, descriptions),
                 images=galleries, grid=True, captions=gallery_captions),
         Section("Nuclei", "What the segmentation found on each slide: nucleus areas "
                 "(quartiles and distribution, \u00b5m\u00b2) and the share of objects too "
@@ -616,7 +641,7 @@ def write_prediction_report(out_dir: Path, root, model, results, predictions: pd
         Section("What the model draws for each cell type", "The generator's cells for each "
                 "category (rows = random noise z, columns = category): a column should look "
                 "like one kind of cell." + (f" {caveat}" if caveat else ""),
-                images=[generator]),
+                images=[generator], html=_generator_columns_html(descriptions, k)),
         Section("Slides in detail", "Each slide with its tissue outline (green), then the "
                 "density of each cell type: cells per mm\u00b2 in each "
                 f"{region_um:.0f} \u00b5m square (dark blue = few, yellow = many; no colour = "
