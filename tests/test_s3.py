@@ -189,7 +189,29 @@ def test_lease_excludes_a_second_writer_and_expires(s3):
     assert s3.exists(f"{BUCKET}/leased.zarr.lease")  # the other writer's lease stays
 
 
-def test_two_ingests_at_once_and_a_killed_ingest_resumes(s3, slide, config_file, local):
+def test_two_ingests_at_once_one_is_refused(s3, slide, config_file, local):
+    url = f"s3://{BUCKET}/twice.zarr"
+    first = subprocess.Popen(ingest_command(slide, url, config_file), stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 240
+    while not s3.exists(f"{BUCKET}/twice.zarr.lease"):
+        assert first.poll() is None, first.communicate()[1]
+        assert time.monotonic() < deadline, "the first ingest took no lease in time"
+        time.sleep(0.1)
+        s3.invalidate_cache()
+    second = subprocess.run(ingest_command(slide, url, config_file), capture_output=True,
+                            text=True, timeout=240)
+    assert second.returncode != 0
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"wsicell: error: {url}: another ingest is writing to this store (host "), lines
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert_same(url, local)
+    assert not s3.exists(f"{BUCKET}/twice.zarr.lease")
+
+
+def test_a_killed_ingest_resumes_to_the_same_store(s3, slide, config_file, local):
     url = f"s3://{BUCKET}/killed.zarr"
     run = subprocess.Popen(ingest_command(slide, url, config_file), stderr=subprocess.PIPE)
     directory = staging_dir(url, SLIDE_ID)
@@ -197,12 +219,7 @@ def test_two_ingests_at_once_and_a_killed_ingest_resumes(s3, slide, config_file,
     while len(staged_tiles(directory)) < 4:
         assert run.poll() is None, "ingest ended before it could be interrupted"
         assert time.monotonic() < deadline, "no tiles were staged in time"
-        time.sleep(0.1)
-    second = subprocess.run(ingest_command(slide, url, config_file), capture_output=True,
-                            text=True, timeout=120)
-    assert second.returncode != 0
-    lines = second.stderr.strip().splitlines()
-    assert len(lines) == 1 and "another ingest is writing to this store" in lines[0], lines
+        time.sleep(0.05)
     kill_tree(run)
     root = zarr.open_group(url, mode="r")
     assert root["slides"][SLIDE_ID].attrs["status"] == "ingesting"
