@@ -91,11 +91,23 @@ def median_run(runs: list[dict]) -> dict:
     return {**runs[len(runs) // 2], "wall_runs": [round(run["wall_s"], 2) for run in runs]}
 
 
+def remove_store(store) -> None:
+    """Delete a store from an earlier run: a directory, or an fsspec URL (``--store``)."""
+    if "://" not in str(store):
+        shutil.rmtree(store, ignore_errors=True)
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(store))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def timed_ingest(slide: Path, store: Path, config: WsicellConfig, workers: int) -> dict:
     """One ingest on a fresh LocalCluster; wall time, worker CPU and peak RSS."""
     from distributed import Client
 
-    shutil.rmtree(store, ignore_errors=True)
+    remove_store(store)
     with local_cluster(workers, 1, "6GB") as cluster, Client(cluster) as client:
         client.run(lambda: __import__("wsicell.pipeline.ingest"))  # imports are not ingest time
         cpu_before = sum(client.run(_worker_cpu_s).values())
@@ -185,6 +197,9 @@ def main(argv=None):
                         help="segmentation preset (default: the configuration's default)")
     parser.add_argument("--checksum-ratio", action=argparse.BooleanOptionalAction,
                         default=False, help="also ingest without checksums: checksum_cost_ratio")
+    parser.add_argument("--store", default=None,
+                        help="where the timed ingests write, e.g. s3://bucket/bench.zarr "
+                        "(credentials from the environment) [default: in --workdir]")
     parser.add_argument("--repeats", type=int, default=3,
                         help="ingests per timed configuration (the median counts)")
     args = parser.parse_args(argv)
@@ -193,7 +208,7 @@ def main(argv=None):
         args.preset)
     slide = build_slide(args.workdir / f"bench_{args.gigapixels:g}gp.tif", args.gigapixels)
 
-    store = args.workdir / "store.zarr"
+    store = args.store or args.workdir / "store.zarr"
     runs, pairs = [], []
     for repeat in range(args.repeats):  # interleaved, so that the machine's drift hits all alike
         # the store without checksums goes first in every other pair (no order effect)

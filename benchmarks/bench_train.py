@@ -78,6 +78,46 @@ def loader_rate(store: Path, slides: list[str], device: torch.device, workers: i
     return batches * 64 / (time.perf_counter() - start)
 
 
+def loader_rate_s3(store: Path, slides: list[str], device: torch.device, workers: int,
+                   batches: int, rounds: int = 2) -> tuple[float, float]:
+    """Crops per second from the store copied to an S3 server on loopback (moto's server
+    mode, started here), and the same from the local store, measured in alternating rounds
+    (the median of each): ``(s3, local)``."""
+    import os
+    import socket
+    import subprocess
+
+    import s3fs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("wsicell-bench")
+        fs.put(str(store), "wsicell-bench/bench.zarr", recursive=True)
+        rates = {"s3": [], "local": []}
+        for round_ in range(rounds):
+            for name in (["s3", "local"] if round_ % 2 == 0 else ["local", "s3"]):
+                where = "s3://wsicell-bench/bench.zarr" if name == "s3" else store
+                rates[name].append(loader_rate(where, slides, device, workers, batches))
+        return tuple(sorted(rates[name])[len(rates[name]) // 2] for name in ("s3", "local"))
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def wsicell_trainer(store: Path, slides: list[str], device: torch.device, width: int,
                     workers: int, amp: bool | None, compile: bool,
                     channels_last: bool | None = None):
@@ -214,6 +254,10 @@ def main() -> None:
         print(f"gen_iters_per_s: {rate:.4g}")
         print(f"speedup_vs_nu_gan: {rate / reference:.3f}")
         print(f"loader_crops_per_s: {loader:.0f}")
+        s3_rate, local_rate = loader_rate_s3(store, slides, device, args.workers,
+                                             args.loader_batches)
+        print(f"loader_crops_per_s_s3: {s3_rate:.0f}  (local in the same rounds: "
+              f"{local_rate:.0f}, ratio {s3_rate / local_rate:.2f})")
 
 
 if __name__ == "__main__":

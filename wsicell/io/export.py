@@ -41,6 +41,7 @@ from wsicell.io.store import (
     slide_group,
     slide_masks,
     slide_pictures,
+    store_location,
 )
 from wsicell.palette import cluster_colours
 
@@ -450,12 +451,12 @@ def export_cells(store, out, fmt: str, slide_ids=None, *, geometry: str = "outli
     tables = each_slide()
     try:
         if fmt == "anndata":
-            adata = cells_anndata(root, slide_ids, labels, store=str(Path(store).resolve()),
+            adata = cells_anndata(root, slide_ids, labels, store=str(store_location(store)),
                                   features=features)
             counted.append(adata.n_obs)
             adata.write_h5ad(tmp)
         elif fmt == "spatialdata":
-            sdata = cells_spatialdata(root, slide_ids, labels, store=str(Path(store).resolve()),
+            sdata = cells_spatialdata(root, slide_ids, labels, store=str(store_location(store)),
                                       features=features)
             counted.append(sdata.tables["cells"].n_obs)
             sdata.write(tmp)

@@ -24,12 +24,21 @@ likewise, once their last chunk is written: incomplete ones are never read.
 Ingest's own working files live *beside* the store, never inside it: ``STORE.zarr.lock``
 (an advisory lock held by the running writer, :func:`store_lock`) and
 ``STORE.zarr.staging/<slide_id>/`` (:mod:`wsicell.io.staging`).
+
+A store is a local directory or an fsspec URL (``s3://bucket/cells.zarr``, ``gs://``,
+``az://``; ``file://`` is a local path), opened through zarr's own store classes
+(``LocalStore``, ``FsspecStore``) with the credentials of each backend's usual environment
+and configuration.  On object storage the writer's lock is a lease object
+``STORE.zarr.lease`` (:func:`store_lock`).
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import socket
+import threading
+import time
 import itertools
 import json
 import os
@@ -169,7 +178,7 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     Parameters
     ----------
     path : str or Path
-        The store directory (``*.zarr``).
+        The store directory (``*.zarr``), or an fsspec URL of one (``s3://bucket/cells.zarr``).
     mode : {"r", "r+", "a"}
         ``"r"`` / ``"r+"`` need an existing store; ``"a"`` creates an empty one when the
         path does not exist yet.
@@ -193,7 +202,9 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     >>> complete_slides(root)
     []
     """
-    path = Path(path)
+    path = store_location(path)
+    if isinstance(path, str):
+        return _open_remote_store(path, mode)
     if path.exists() and not path.is_dir():
         raise WsicellError(f"{path}: is a file, not a cell store directory")
     if not path.exists() and mode != "a":
@@ -249,8 +260,88 @@ def _create_store(path: Path) -> None:
 
 
 def store_path(root: zarr.Group) -> str:
-    """The directory of an open store, for messages."""
-    return str(getattr(root.store, "root", root.store))
+    """The directory (or URL) of an open store, for messages."""
+    store = root.store
+    if isinstance(store, zarr.storage.FsspecStore):
+        return store.fs.unstrip_protocol(store.path)
+    return str(getattr(store, "root", store))
+
+
+def store_location(store: str | Path) -> str | Path:
+    """Where a store lives: a resolved local Path, or the URL of a remote one.
+
+    ``file://`` URLs are local paths; any other ``protocol://`` is opened with fsspec.
+
+    Examples
+    --------
+    >>> store_location("s3://bucket/cells.zarr/")
+    's3://bucket/cells.zarr'
+    >>> store_location("file:///tmp/cells.zarr")
+    PosixPath('/tmp/cells.zarr')
+    """
+    text = str(store)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):]).resolve()
+    if "://" in text:
+        return text.rstrip("/")
+    return Path(store).resolve()
+
+
+def is_remote(store: str | Path) -> bool:
+    """Whether a store (path or URL) lives on object storage rather than a local disk."""
+    return isinstance(store_location(store), str)
+
+
+def _filesystem(url: str):
+    """The fsspec filesystem of a URL and the path on it (credentials: the backend's own
+    environment and configuration)."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as err:
+        raise WsicellError(f"{url}: cannot open this URL ({_first_line(err)}; object storage "
+                           "needs its fsspec backend: pip install 'wsicell[s3]' for s3://)") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def _open_remote_store(url: str, mode: str) -> zarr.Group:
+    """:func:`open_store` of a URL, through zarr's ``FsspecStore``."""
+    fs, path = _filesystem(url)
+    try:
+        found = fs.exists(f"{path}/zarr.json")
+        if not found and mode == "a":
+            _create_remote_store(fs, path)
+            found = True
+        if not found:
+            raise WsicellError(f"{url}: no such cell store" if not fs.exists(path)
+                               else f"{url}: not a wsicell cell store (no zarr.json)")
+        store = zarr.storage.FsspecStore.from_url(url, read_only=mode == "r")
+        root = zarr.open_group(store, mode="r" if mode == "r" else "r+", zarr_format=3)
+    except WsicellError:
+        raise
+    except Exception as err:  # noqa: BLE001 - credentials, network, bucket: one line
+        raise WsicellError(f"{url}: cannot open the cell store ({_first_line(err)})") from None
+    if not _is_store(root):
+        raise WsicellError(f"{url}: not a wsicell cell store (no wsicell_store_version)")
+    return root
+
+
+def _create_remote_store(fs, path: str) -> None:
+    """Create an empty store on object storage, atomically: the ``slides`` group first,
+    the root's ``zarr.json`` last, with a conditional write where the backend has one, so
+    that a store is visible only whole and only one of two racing creators writes it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = zarr.open_group(Path(tmp), mode="w", zarr_format=3)
+        root.attrs["wsicell_store_version"] = STORE_VERSION
+        root.create_group(SLIDES)
+        fs.pipe_file(f"{path}/{SLIDES}/zarr.json", (Path(tmp) / SLIDES / "zarr.json").read_bytes())
+        _put_if_absent(fs, f"{path}/zarr.json", (Path(tmp) / "zarr.json").read_bytes())
 
 
 def _slides(root: zarr.Group) -> zarr.Group:
@@ -386,7 +477,12 @@ def _chunk_exists(array: zarr.Array, coords: tuple[int, ...]) -> bool:
     if 0 in array.shape:
         return True
     key = array.metadata.encode_chunk_key(coords)
-    return (Path(array.store_path.store.root) / array.store_path.path / key).is_file()
+    store = array.store_path.store
+    if isinstance(store, zarr.storage.LocalStore):
+        return (Path(store.root) / array.store_path.path / key).is_file()
+    from zarr.core.sync import sync
+
+    return sync(store.exists(f"{array.store_path.path}/{key}"))
 
 
 def _chunk_problem(array: zarr.Array, coords: tuple[int, ...]) -> str | None:
@@ -475,31 +571,47 @@ def file_fingerprint(path: str | Path, block: int = 1 << 20) -> str:
 
 @contextmanager
 def store_lock(path: str | Path, writer: str = "ingest"):
-    """Hold the store's writer lock (``STORE.zarr.lock``) for the duration.
+    """Hold the store's writer lock for the duration: one writer per store at a time.
 
-    The lock is an advisory ``flock``: the operating system releases it when the process
-    ends, however it ends, so a killed writer never leaves a stale lock.  The lock file
-    names its holder (``writer``: ``ingest`` or ``prediction``) and process id.
+    On a local disk the lock is an advisory ``flock`` of ``STORE.zarr.lock``: the operating
+    system releases it when the process ends, however it ends, so a killed writer never
+    leaves a stale lock; the file names its holder (``writer``: ``ingest`` or
+    ``prediction``) and process id, and is removed when the writer finishes.  On object
+    storage it is a lease (:class:`StoreLease`).
 
     Raises
     ------
     WsicellError
         Another process holds the lock (an ingest or a prediction into the same store).
     """
-    lock_path = Path(f"{Path(path)}.lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    location = store_location(path)
+    if isinstance(location, str):
+        with StoreLease(location, writer):
+            yield
+        return
+    lock_path = Path(f"{location}.lock")
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pid, _, holder = os.pread(fd, 64, 0).decode(errors="replace").strip().partition(" ")
+            os.close(fd)
             raise WsicellError(
                 f"{path}: another {holder or 'wsicell process'} is writing to this store "
                 f"(pid {pid or '?'}); wait for it to finish"
             ) from None
+        try:  # the file a finishing writer removed is no lock: take the new one
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {writer}\n".encode(), 0)
         yield
+        lock_path.unlink(missing_ok=True)  # while still held: a clean run leaves no file
     finally:
         os.close(fd)
 
@@ -515,6 +627,149 @@ def remove_empty_store(path: str | Path) -> bool:
     shutil.rmtree(path, ignore_errors=True)
     Path(f"{path}.lock").unlink(missing_ok=True)
     return True
+
+
+LEASE_SECONDS = 60.0  # a lease not renewed for this long is expired (its writer died)
+
+
+class StoreLease:
+    """The writer lock of a store on object storage: the object ``STORE.zarr.lease``.
+
+    The lease holds its owner (a random id, host, process id, ``writer``) and an expiry
+    ``LEASE_SECONDS`` ahead; a thread renews it every third of that while the writer works.
+    It is taken with a conditional write (S3 ``If-None-Match: *``; an expired lease is
+    replaced with ``If-Match`` on its ETag), so of two writers exactly one gets it; a
+    killed writer's lease expires and the next writer takes it over (at once when it runs
+    on the same host and the holder's process is gone).  Backends without
+    conditional writes fall back to read-then-write, which leaves a window of a request's
+    duration.  Expiry compares wall clocks: the hosts' clocks must agree to within seconds
+    (NTP).
+
+    Raises
+    ------
+    WsicellError
+        On entry, when another writer holds an unexpired lease; on exit, when this one
+        lost its lease (not renewed in time), so its writes may have raced another's.
+    """
+
+    def __init__(self, url: str, writer: str = "ingest", seconds: float = LEASE_SECONDS):
+        self.url, self.writer, self.seconds = f"{url}.lease", writer, seconds
+        self.fs, self.path = _filesystem(self.url)
+        self.owner = uuid.uuid4().hex
+        self.tag: str | None = None
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        return json.dumps({"owner": self.owner, "writer": self.writer, "host": socket.gethostname(),
+                           "pid": os.getpid(), "expires": time.time() + self.seconds}).encode()
+
+    def __enter__(self) -> StoreLease:
+        tag = _put_if_absent(self.fs, self.path, self._record())
+        if tag is None:
+            held, old_tag = _read_with_tag(self.fs, self.path)
+            if held is not None and held.get("expires", 0) > time.time() and not _dead(held):
+                raise WsicellError(
+                    f"{self.url[:-len('.lease')]}: another {held.get('writer', 'wsicell process')} "
+                    f"is writing to this store (host {held.get('host', '?')}, pid "
+                    f"{held.get('pid', '?')}, lease until {time.strftime('%H:%M:%S', time.localtime(held['expires']))}); "
+                    "wait for it to finish")
+            tag = _replace_if(self.fs, self.path, self._record(), old_tag)
+            if tag is None:
+                raise WsicellError(f"{self.url[:-len('.lease')]}: another wsicell process took "
+                                   "this store's expired lease first; wait for it to finish")
+        self.tag = tag
+        self._thread = threading.Thread(target=self._renew, name="wsicell-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                tag = _replace_if(self.fs, self.path, self._record(), self.tag)
+            except Exception as err:  # noqa: BLE001 - a network hiccup: try again
+                warnings.warn(f"{self.url}: lease not renewed ({_first_line(err)})", stacklevel=1)
+                continue
+            if tag is None:
+                self.lost = "another writer replaced it"
+                return
+            self.tag = tag
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        held, _ = _read_with_tag(self.fs, self.path)
+        if held is not None and held.get("owner") == self.owner:
+            self.fs.rm_file(self.path)
+        if self.lost and exc[0] is None:
+            raise WsicellError(f"{self.url}: this writer lost the store's lease "
+                               f"({self.lost}); check the store with wsicell validate --deep")
+
+
+def _dead(held: dict) -> bool:
+    """Whether a lease's holder is a process of this host that no longer runs (a killed
+    writer rerun from the same machine need not wait for its lease to expire)."""
+    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return False
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _s3_call(fs, path: str, **conditions) -> str | None:
+    """S3 ``PutObject`` with a condition; the new ETag, or None when the condition fails."""
+    bucket, key, _ = fs.split_path(path)
+    body = conditions.pop("Body")
+    try:
+        response = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **conditions)
+    except OSError as err:  # s3fs turns a failed condition (412, 409) into an OSError
+        code = getattr(err.__cause__, "response", {}).get("Error", {}).get("Code")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return None
+        raise
+    fs.invalidate_cache(path)
+    return response.get("ETag", "")
+
+
+def _is_s3(fs) -> bool:
+    return "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _put_if_absent(fs, path: str, data: bytes) -> str | None:
+    """Create ``path`` only if it does not exist; its ETag (or ``""``), None if it did."""
+    if _is_s3(fs):
+        return _s3_call(fs, path, Body=data, IfNoneMatch="*")
+    if fs.exists(path):
+        return None
+    fs.pipe_file(path, data)
+    return ""
+
+
+def _replace_if(fs, path: str, data: bytes, tag: str | None) -> str | None:
+    """Overwrite ``path`` only if it still has the ETag ``tag``; the new ETag, or None."""
+    if _is_s3(fs) and tag:
+        return _s3_call(fs, path, Body=data, IfMatch=tag)
+    fs.pipe_file(path, data)
+    return ""
+
+
+def _read_with_tag(fs, path: str) -> tuple[dict | None, str | None]:
+    """The JSON record at ``path`` and its ETag (None, None when there is none)."""
+    try:
+        info = fs.info(path, refresh=True) if _is_s3(fs) else fs.info(path)
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        return None, None
+    try:
+        return json.loads(data), info.get("ETag")
+    except ValueError:
+        return {}, info.get("ETag")
 
 
 def begin_slide(
@@ -590,7 +845,7 @@ def write_cell_rows(store: str | Path, slide_id: str, start: int,
                     columns: dict[str, np.ndarray]) -> None:
     """Write rows ``start:start + n`` of the named cell columns of a slide being ingested
     (a block of whole chunks: called from worker processes, each on its own chunks)."""
-    cells = zarr.open_group(Path(store) / SLIDES / slide_id / CELLS, mode="r+")
+    cells = zarr.open_group(_below(store, SLIDES, slide_id, CELLS), mode="r+")
     for name, values in columns.items():
         _every_chunk(cells[name])[start:start + len(values)] = values
 
@@ -598,10 +853,17 @@ def write_cell_rows(store: str | Path, slide_id: str, start: int,
 def write_crop_rows(store: str | Path, slide_id: str, start: int, crops: np.ndarray,
                     masks: np.ndarray) -> None:
     """Write crops and masks ``start:start + n`` of a slide being ingested (whole chunks)."""
-    group = Path(store) / SLIDES / slide_id
     for name, rows in ((CROPS, crops), (MASKS, masks)):
-        array = zarr.open_array(group / name, mode="r+")
+        array = zarr.open_array(_below(store, SLIDES, slide_id, name), mode="r+")
         _every_chunk(array)[start:start + len(rows)] = rows
+
+
+def _below(store: str | Path, *parts: str):
+    """A node of a store by its path (a local Path, or a URL zarr opens with fsspec)."""
+    location = store_location(store)
+    if isinstance(location, str):
+        return "/".join((location, *parts))
+    return location.joinpath(*parts)
 
 
 def finish_slide(group: zarr.Group, tile_counts: np.ndarray, attrs: dict) -> None:

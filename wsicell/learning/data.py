@@ -8,6 +8,10 @@ and each stream reads its units in groups of about ``shuffle_buffer`` crops that
 before cutting batches.  Batches are uint8 ``(B, 32, 32, 3)`` tensors; conversion to
 ``[-1, 1]`` floats and augmentation happen on the training device (:func:`wsicell.learning.augment.prepare_batch`).
 
+Each stream keeps several unit reads in flight (``read_ahead`` threads, whole chunks in
+order) so that a store on object storage, where one read is a round trip of milliseconds,
+streams as fast as a local one; on a local disk reads go one at a time, as they always did.
+
 The stream is infinite (epoch after epoch) and a deterministic function of the seed, so a
 run resumed after ``n`` batches skips exactly the batches it had consumed, without reading
 them again (only the shuffle group it stopped in is read a second time).
@@ -18,6 +22,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,11 +31,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from wsicell.errors import WsicellError
-from wsicell.io.store import open_store, slide_crops
+from wsicell.io.store import is_remote, open_store, slide_crops
 from wsicell.learning.augment import prepare_batch
 from wsicell.learning.model import CROP_SIZE
 
 CROP_SHAPE = (CROP_SIZE, CROP_SIZE, 3)
+READ_AHEAD = 8  # unit reads each stream keeps in flight from a store on object storage
 
 
 @dataclass(frozen=True, order=True)
@@ -91,6 +98,38 @@ def group_units(units: list[Unit], shuffle_buffer: int) -> list[list[Unit]]:
     return groups + ([current] if current else [])
 
 
+def read_ahead(read, items, depth: int):
+    """``read(item)`` of every item, in order, with up to ``depth`` reads in flight.
+
+    Parameters
+    ----------
+    read : callable
+        Reads one item (in a thread: it must be thread-safe, as zarr's reads are).
+    items : iterable
+    depth : int
+        Reads in flight; 1 reads one at a time in the calling thread.
+
+    Examples
+    --------
+    >>> list(read_ahead(lambda x: x * x, range(5), depth=3))
+    [0, 1, 4, 9, 16]
+    """
+    if depth <= 1:
+        yield from map(read, items)
+        return
+    pool = ThreadPoolExecutor(depth, thread_name_prefix="wsicell-read")
+    try:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(read, item))
+            if len(pending) >= depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def batches_before(consumed: int, worker: int, n_workers: int) -> int:
     """How many of the first ``consumed`` batches of a DataLoader came from ``worker``
     (a DataLoader takes batches from its workers in strict rotation)."""
@@ -118,11 +157,14 @@ class CropStream(IterableDataset):
         DataLoader workers per rank (0 = read in the main process).
     start_batch : int
         Batches of this rank already consumed (resume): they are skipped without reading.
+    read_ahead : int, optional
+        Unit reads each stream keeps in flight (default: ``READ_AHEAD`` for a store on
+        object storage, 1 on a local disk).
     """
 
     def __init__(self, store, slide_ids: list[str], batch_size: int, shuffle_buffer: int,
                  seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 start_batch: int = 0):
+                 start_batch: int = 0, read_ahead: int | None = None):
         super().__init__()
         if not slide_ids:
             raise WsicellError(f"{store}: no slides to train on")
@@ -140,6 +182,7 @@ class CropStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.n_workers = max(num_workers, 1)
         self.start_batch = start_batch
+        self.read_ahead = read_ahead or (READ_AHEAD if is_remote(store) else 1)
         self.n_crops = sum(a.shape[0] for a in arrays)
         n_streams = world_size * self.n_workers
         if self.n_crops < 2 * n_streams * batch_size:
@@ -183,13 +226,17 @@ class CropStream(IterableDataset):
     def _epoch_batches(self, epoch: int, stream: int, units: list[Unit], skip_crops: int):
         """Batches of one epoch of one stream, starting ``skip_crops`` crops into it."""
         arrays = self.arrays()
-        pending, held, position = [], 0, 0
+        groups, position = [], 0
         for index, group in enumerate(group_units(units, self.shuffle_buffer)):
             size = sum(u.size for u in group)
             position, group_start = position + size, position
-            if position <= skip_crops:
-                continue
-            crops = np.concatenate([arrays[u.slide][u.start:u.stop] for u in group])
+            if position > skip_crops:
+                groups.append((index, group, size, group_start))
+        reads = read_ahead(lambda u: arrays[u.slide][u.start:u.stop],
+                           [u for _, group, _, _ in groups for u in group], self.read_ahead)
+        pending, held = [], 0
+        for index, group, size, group_start in groups:
+            crops = np.concatenate([next(reads) for _ in group])
             order = np.random.default_rng([self.seed, epoch, stream, index]).permutation(size)
             pending.append(crops[order[max(skip_crops - group_start, 0):]])
             held += len(pending[-1])

@@ -38,7 +38,7 @@ from wsicell.analysis.metrics import area_summary
 from wsicell.config import WsicellConfig
 from wsicell.errors import WsicellError
 from wsicell.io.slide import check_mpp, find_slide_files
-from wsicell.io.staging import read_staged_tile, remove_staging, staged_tiles
+from wsicell.io.staging import local_dir, read_staged_tile, remove_staging, staged_tiles
 from wsicell.io.store import (
     STATUS_COMPLETE,
     begin_slide,
@@ -46,12 +46,14 @@ from wsicell.io.store import (
     discard_slide,
     finish_slide,
     ingesting_slide,
+    is_remote,
     open_store,
     remove_empty_store,
     slide_attrs,
     slide_begun,
     slide_cells,
     slide_status,
+    store_location,
     store_lock,
 )
 from wsicell.pipeline.cluster import (
@@ -217,7 +219,7 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
     # decide how long workers wait for each other at the end, are the smallest.
     todo.sort(key=lambda tile: -_area(tile[1]))
     # look-up blocks an interrupted run claimed (a slide's stain never changes in its staging)
-    shutil.rmtree(plan.staging / LOOKUP_DIR, ignore_errors=True)
+    shutil.rmtree(local_dir(plan.staging) / LOOKUP_DIR, ignore_errors=True)
     per_task = config.ingest.tiles_per_task
     submissions = [(f"segment-{plan.slide_id}-{todo[i][0]}", len(todo[i:i + per_task]),
                     segment_tiles, (plan, stain, calibration, config, todo[i:i + per_task]))
@@ -260,7 +262,8 @@ def ingest(store, paths, config: WsicellConfig | None = None, *, mpp=None, worke
     Parameters
     ----------
     store : str or Path
-        The ``*.zarr`` store; created when missing.
+        The ``*.zarr`` store, a path or an fsspec URL (``s3://bucket/cells.zarr``); created
+        when missing.
     paths : str, Path or list of them
         Slide files (OpenSlide formats, other pyramids large_image reads, plain images)
         or directories searched for them.
@@ -313,8 +316,9 @@ def ingest(store, paths, config: WsicellConfig | None = None, *, mpp=None, worke
     if duplicates:
         raise WsicellError(f"{duplicates[0]}: two input slides share this id (file name); "
                            "ingest them into separate stores or rename one")
-    store = Path(store).resolve()
-    created = not store.exists()  # a run that refuses all its slides removes what it made
+    store = store_location(store)  # a resolved path, or the URL of object storage
+    # a run that refuses all its slides removes the local store it made
+    created = not is_remote(store) and not store.exists()
     open_store(store, mode="a")  # refuse a file or foreign directory before locking
     one = len(files) == 1
     with store_lock(store), lazy_client(workers, threads_per_worker, memory_limit,

@@ -36,6 +36,7 @@ from wsicell.io.store import (
     read_labels,
     slide_attrs,
     slide_cells,
+    store_location,
     store_lock,
     write_region_grid,
 )
@@ -190,7 +191,7 @@ def predict(store: str | Path, slides: str | Path, model: str | Path, out: str |
     _write_table(predictions, out_dir, "slide_predictions")
     provenance = {"wsicell_version": wsicell.__version__, "model_id": trained.model_id,
                   "k": trained.k, "model_dir": str(model_dir.resolve()),
-                  "store": str(Path(store).resolve()), "slides": slide_ids,
+                  "store": str(store_location(store)), "slides": slide_ids,
                   "slide_prediction": summary, "config": config.to_json(),
                   "model_config": trained.config.to_json()}
     _write_json(out_dir / "prediction.json", provenance)

@@ -32,6 +32,8 @@ from wsicell.io.slide import (
 )
 from wsicell.io.staging import (
     claim,
+    local_dir,
+    make_staging,
     read_staged_tile,
     staging_dir,
     wait_for_array,
@@ -120,7 +122,7 @@ class SlidePlan:
                 min(x1 + self.halo, self.grid.width), min(y1 + self.halo, self.grid.height))
 
     @property
-    def staging(self) -> Path:
+    def staging(self) -> Path | str:
         return staging_dir(self.store, self.slide_id)
 
 
@@ -264,8 +266,8 @@ def segment_tiles(plan: SlidePlan, stain: dict, calibration: dict | None,
     """Dask task: segment ``(tile_id, region)`` tiles and stage each one atomically; returns
     the numbers of cells and of refused objects of each tile."""
     prepare_worker()
-    plan.staging.mkdir(parents=True, exist_ok=True)
-    colours = (_worker_lookup(plan.staging, json.dumps(stain, sort_keys=True))
+    make_staging(plan.staging)
+    colours = (_worker_lookup(local_dir(plan.staging), json.dumps(stain, sort_keys=True))
                if plan.stain_lookup else StainParameters.from_json(stain))
     counts = {}
     for tile_id, region in tiles:
