@@ -59,7 +59,9 @@ from wsicell.segmentation.nuclei import (
 )
 from wsicell.segmentation.stain import StainLookup, StainParameters
 from wsicell.segmentation.tissue import (
+    SMALL_FIELD_PX,
     detect_tissue,
+    small_field_tissue,
     stained_pixels,
     tile_tissue_fractions,
     tissue_boxes,
@@ -330,6 +332,9 @@ def cell_blocks(counts: np.ndarray, tile_ids: np.ndarray, block: int):
 
 
 def _thumbnail_and_tissue(slide, mpp: float, config: WsicellConfig):
+    if max(slide.width, slide.height) < SMALL_FIELD_PX:  # a field: tissue at full resolution
+        thumb = slide.thumbnail(slide.width, slide.height)
+        return thumb, small_field_tissue(thumb, config.ingest.min_tissue_fraction), mpp
     tissue_mpp = config.ingest.tissue_mpp
     thumb = slide.thumbnail(round(slide.width * mpp / tissue_mpp),
                             round(slide.height * mpp / tissue_mpp))
