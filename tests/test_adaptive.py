@@ -156,3 +156,44 @@ def test_stain_noise_without_nuclei_gives_almost_no_objects():
     assert segment_hematoxylin_od(od, 0.4)[0].max() <= 20
     # Otsu alone splits the noise into ~2,000 "nuclei"
     assert segment_hematoxylin_od(od, 0.4, AdaptiveConfig(min_peak_contrast=0))[0].max() > 1000
+
+
+def _pieces_per_label(labels):
+    from skimage.measure import label
+
+    return label(labels, background=0, connectivity=1).max(), len(np.unique(labels[labels > 0]))
+
+
+def test_every_nucleus_is_one_connected_region_with_one_outline():
+    """The nearest-marker split and diagonal contacts leave no nucleus in pieces: each label
+    is 4-connected and its exported outline a single Polygon."""
+    from wsicell.io.export import mask_outline
+
+    rgb = cv2.cvtColor(cv2.imread(str(SAMPLE)), cv2.COLOR_BGR2RGB)
+    hematoxylin = fit_stain_parameters(rgb, load_config().stain).hematoxylin_of(rgb)
+    labels, _ = segment_hematoxylin_od(hematoxylin_od(hematoxylin), 0.4)
+    n_pieces, n_labels = _pieces_per_label(labels)
+    assert n_labels > 500 and n_pieces == n_labels
+    boxes = _boxes(labels)
+    assert all(mask_outline(labels[box] == i + 1).geom_type == "Polygon"
+               for i, box in enumerate(boxes) if box is not None)
+
+
+def _boxes(labels):
+    from scipy import ndimage
+
+    return ndimage.find_objects(labels)
+
+
+def test_one_piece_each_reassigns_or_drops_stray_pieces():
+    from wsicell.segmentation.adaptive import one_piece_each
+
+    labels = np.zeros((6, 9), np.int32)
+    labels[1:5, 1:4] = 1
+    labels[1:5, 4:7] = 2
+    labels[2, 4] = 1  # a stray pixel of 1 inside 2, 4-connected to 1: stays
+    labels[4, 6] = 1  # a stray pixel of 1 touching only 2: goes to 2
+    labels[0, 8] = 2  # a stray pixel of 2 touching nothing: dropped
+    out = one_piece_each(labels)
+    assert out[2, 4] == 1 and out[4, 6] == 2 and out[0, 8] == 0
+    assert _pieces_per_label(out) == (2, 2)

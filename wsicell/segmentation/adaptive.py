@@ -153,7 +153,8 @@ def foreground(con: np.ndarray, mpp: float, threshold: float, p: AdaptiveConfig)
 
 @dataclass
 class _Components:
-    """8-connected components of a mask and its distance transform, computed once."""
+    """4-connected components of a mask (one polygon outline each) and its distance
+    transform, computed once."""
 
     n: int
     labels: np.ndarray     #: (H, W) int32, 0 = background
@@ -163,7 +164,7 @@ class _Components:
     @classmethod
     def of(cls, mask: np.ndarray) -> "_Components":
         n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
-            mask, 8, cv2.CV_32S, cv2.CCL_GRANA)
+            mask, 4, cv2.CV_32S, cv2.CCL_GRANA)
         return cls(n, labels, stats, cv2.distanceTransform(mask, cv2.DIST_L2, 5))
 
 
@@ -280,8 +281,71 @@ def split(mask: np.ndarray, mpp: float, radius_um: float, p: AdaptiveConfig,
         at = mk > 0
         to_marker = np.zeros(int(nearest.max()) + 1, dtype=np.int32)
         to_marker[nearest[at]] = mk[at]
-        labels[box][inside] = to_marker[nearest[inside]] + nc
+        labels[box][inside] = one_piece_each(np.where(inside, to_marker[nearest] + nc, 0))[inside]
     return labels
+
+
+def one_piece_each(labels: np.ndarray) -> np.ndarray:
+    """Make every label one 4-connected region (a single polygon outline).
+
+    A nearest-marker split can leave a label in pieces.  Each label keeps its largest
+    4-connected piece; every other piece goes to the label it touches most (4-neighbours),
+    and a piece that touches no other label, or still lies apart after that, is dropped.
+
+    Parameters
+    ----------
+    labels : ndarray, shape (H, W), int32
+        0 = background.
+
+    Returns
+    -------
+    ndarray, shape (H, W), int32
+        The same ids, each 4-connected; a copy.
+
+    Examples
+    --------
+    >>> lab = np.array([[1, 1, 2, 1],
+    ...                 [1, 1, 2, 2]], np.int32)
+    >>> one_piece_each(lab)
+    array([[1, 1, 2, 2],
+           [1, 1, 2, 2]], dtype=int32)
+    """
+    out = np.array(labels, dtype=np.int32)
+    for final in (False, True):
+        pieces, n = _pieces(out)
+        if n <= len(np.unique(out)) - (out.min() == 0):
+            return out
+        flat = pieces.ravel()
+        owner = np.zeros(n + 1, dtype=np.int32)
+        owner[flat] = out.ravel()
+        size = np.bincount(flat, minlength=n + 1)
+        size[0] = 0
+        # the largest piece of each label (ties: the first) stays
+        order = np.lexsort((-size[1:], owner[1:])) + 1
+        first = np.ones(n, dtype=bool)
+        first[1:] = owner[order[1:]] != owner[order[:-1]]
+        stray = order[~first]
+        for piece in stray:
+            at = pieces == piece
+            if final:
+                out[at] = 0
+                continue
+            ring = cv2.dilate(at.view(np.uint8), _CROSS).view(bool) & ~at
+            touching = out[ring]
+            touching = touching[(touching > 0) & (touching != owner[piece])]
+            out[at] = np.bincount(touching).argmax() if len(touching) else 0
+    return out
+
+
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+
+
+def _pieces(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected regions of equal non-zero label: (H, W) int32 piece ids 1..n, and n."""
+    from skimage.measure import label
+
+    pieces, n = label(labels, background=0, connectivity=1, return_num=True)
+    return pieces.astype(np.int32, copy=False), int(n)
 
 
 def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None = None,
