@@ -185,15 +185,17 @@ def _boxes(labels):
     return ndimage.find_objects(labels)
 
 
-def test_one_piece_each_reassigns_or_drops_stray_pieces():
+def test_one_piece_each_keeps_the_seeded_piece_of_each_label():
     from wsicell.segmentation.adaptive import one_piece_each
 
     labels = np.zeros((6, 9), np.int32)
     labels[1:5, 1:4] = 1
     labels[1:5, 4:7] = 2
-    labels[2, 4] = 1  # a stray pixel of 1 inside 2, 4-connected to 1: stays
-    labels[4, 6] = 1  # a stray pixel of 1 touching only 2: goes to 2
-    labels[0, 8] = 2  # a stray pixel of 2 touching nothing: dropped
-    out = one_piece_each(labels)
-    assert out[2, 4] == 1 and out[4, 6] == 2 and out[0, 8] == 0
-    assert _pieces_per_label(out) == (2, 2)
+    labels[2, 4] = 1  # a pixel of 1 inside 2, 4-connected to 1's seeded piece: stays
+    labels[4, 6] = 1  # a piece of 1 cut off by 2: background
+    labels[0, 8] = 2  # a piece of 2 apart from its seed: background
+    seeds = np.zeros(labels.shape, bool)
+    seeds[2, 2] = seeds[3, 5] = True
+    out = one_piece_each(labels, seeds)
+    assert out[2, 4] == 1 and out[4, 6] == 0 and out[0, 8] == 0
+    assert (out[labels != out] == 0).all() and _pieces_per_label(out) == (2, 2)

@@ -185,16 +185,6 @@ def _typical_radius(radii: np.ndarray, p: AdaptiveConfig) -> float:
     return float(np.clip(np.median(radii), lo, hi))
 
 
-def nucleus_radius(masks, mpp: float, p: AdaptiveConfig) -> float:
-    """Typical nucleus radius (um): median over the foreground components of at least
-    ``p.radius_min_area_um2`` (of one or more masks, (H, W) uint8 0/1) of their largest
-    inscribed radius, clamped to ``p.radius_range_um`` (``p.radius_prior_um`` when fewer
-    than 5 components)."""
-    masks = [masks] if isinstance(masks, np.ndarray) else masks
-    radii = [_inscribed_radii(_Components.of(m), mpp, p) for m in masks]
-    return _typical_radius(np.concatenate(radii) if radii else np.zeros(0), p)
-
-
 def component_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     """Maximum of ``values`` (H, W) float32 over each label 0..n-1 of ``labels`` (H, W)
     int32: (n,) float32 (0 for labels without pixels)."""
@@ -225,10 +215,17 @@ def calibrate(ods, mpp: float, p: AdaptiveConfig | None = None) -> Calibration:
     """
     p = p or AdaptiveConfig()
     ods = [ods] if isinstance(ods, np.ndarray) else list(ods)
-    cons = [contrast(o, mpp, p) for o in ods]
+    return _calibrated([contrast(o, mpp, p) for o in ods], mpp, p)[0]
+
+
+def _calibrated(cons: list, mpp: float, p: AdaptiveConfig
+                ) -> tuple[Calibration, list]:
+    """Threshold (Otsu's, of the pooled contrast, x ``p.threshold_scale``) and nucleus
+    radius of contrast images, and the components of each one's foreground."""
     t = otsu_threshold(np.concatenate([c[::2, ::2].ravel() for c in cons])) * p.threshold_scale
-    radius = nucleus_radius([foreground(c, mpp, t, p) for c in cons], mpp, p)
-    return Calibration(t, radius)
+    components = [_Components.of(foreground(c, mpp, t, p)) for c in cons]
+    radii = np.concatenate([_inscribed_radii(c, mpp, p) for c in components])
+    return Calibration(t, _typical_radius(radii, p)), components
 
 
 def split(mask: np.ndarray, mpp: float, radius_um: float, p: AdaptiveConfig,
@@ -281,21 +278,27 @@ def split(mask: np.ndarray, mpp: float, radius_um: float, p: AdaptiveConfig,
         at = mk > 0
         to_marker = np.zeros(int(nearest.max()) + 1, dtype=np.int32)
         to_marker[nearest[at]] = mk[at]
-        labels[box][inside] = one_piece_each(np.where(inside, to_marker[nearest] + nc, 0))[inside]
+        labels[box][inside] = one_piece_each(np.where(inside, to_marker[nearest] + nc, 0),
+                                             at)[inside]
     return labels
 
 
-def one_piece_each(labels: np.ndarray) -> np.ndarray:
+def one_piece_each(labels: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     """Make every label one 4-connected region (a single polygon outline).
 
-    A nearest-marker split can leave a label in pieces.  Each label keeps its largest
-    4-connected piece; every other piece goes to the label it touches most (4-neighbours),
-    and a piece that touches no other label, or still lies apart after that, is dropped.
+    A nearest-marker split can leave a label in pieces.  The piece of a label that holds
+    its seed (its marker; the first seed pixel in raster order where the seed itself is in
+    pieces) stays, its other pieces (a few pixels cut off by a neighbour) become
+    background.  The decision needs no piece sizes, so a tile and the whole image decide
+    alike wherever they see the same seeds (giving the pieces to a neighbour instead
+    scored the same on the dev sets).
 
     Parameters
     ----------
     labels : ndarray, shape (H, W), int32
         0 = background.
+    seeds : ndarray, shape (H, W), bool
+        Seed pixels, at least one inside each label.
 
     Returns
     -------
@@ -306,38 +309,23 @@ def one_piece_each(labels: np.ndarray) -> np.ndarray:
     --------
     >>> lab = np.array([[1, 1, 2, 1],
     ...                 [1, 1, 2, 2]], np.int32)
-    >>> one_piece_each(lab)
-    array([[1, 1, 2, 2],
+    >>> seeds = np.array([[1, 0, 0, 0], [0, 0, 0, 1]], bool)
+    >>> one_piece_each(lab, seeds)
+    array([[1, 1, 2, 0],
            [1, 1, 2, 2]], dtype=int32)
     """
     out = np.array(labels, dtype=np.int32)
-    for final in (False, True):
-        pieces, n = _pieces(out)
-        if n <= len(np.unique(out)) - (out.min() == 0):
-            return out
+    pieces, n = _pieces(out)
+    if n > len(np.unique(out)) - (out.min() == 0):
         flat = pieces.ravel()
         owner = np.zeros(n + 1, dtype=np.int32)
         owner[flat] = out.ravel()
-        size = np.bincount(flat, minlength=n + 1)
-        size[0] = 0
-        # the largest piece of each label (ties: the first) stays
-        order = np.lexsort((-size[1:], owner[1:])) + 1
-        first = np.ones(n, dtype=bool)
-        first[1:] = owner[order[1:]] != owner[order[:-1]]
-        stray = order[~first]
-        for piece in stray:
-            at = pieces == piece
-            if final:
-                out[at] = 0
-                continue
-            ring = cv2.dilate(at.view(np.uint8), _CROSS).view(bool) & ~at
-            touching = out[ring]
-            touching = touching[(touching > 0) & (touching != owner[piece])]
-            out[at] = np.bincount(touching).argmax() if len(touching) else 0
+        seeded = flat[np.flatnonzero(seeds.ravel() & (flat > 0))]
+        _, first = np.unique(owner[seeded], return_index=True)
+        stays = np.zeros(n + 1, dtype=bool)
+        stays[seeded[first]] = True
+        out[~stays[pieces]] = 0
     return out
-
-
-_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 
 
 def _pieces(labels: np.ndarray) -> tuple[np.ndarray, int]:
@@ -376,13 +364,10 @@ def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None 
     p = p or AdaptiveConfig()
     con = contrast(od, mpp, p)
     if calibration is None:
-        t = otsu_threshold(con[::2, ::2]) * p.threshold_scale
-        mask = foreground(con, mpp, t, p)
-        components = _Components.of(mask)
-        calibration = Calibration(t, _typical_radius(_inscribed_radii(components, mpp, p), p))
+        calibration, (components,) = _calibrated([con], mpp, p)
     else:
-        mask = foreground(con, mpp, calibration.threshold, p)
-        components = _Components.of(mask)
+        components = _Components.of(foreground(con, mpp, calibration.threshold, p))
+    mask = (components.labels > 0).view(np.uint8)
     labels = split(mask, mpp, calibration.radius_um, p, components)
     # the filters and the relabelling work on the foreground pixels only (5-10% of a tile):
     # ``labels`` is non-zero exactly there
@@ -395,6 +380,9 @@ def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None 
     keep = (area >= min_area / px) & ~big
     if p.min_peak_contrast > 0:
         keep &= _label_max(con.ravel()[pixels], label, len(area)) >= p.min_peak_contrast
+    if p.min_width_um > 0:  # membranes, fibres and slivers are thinner than any nucleus
+        keep &= _label_max(components.dist.ravel()[pixels], label, len(area)) \
+            >= p.min_width_um / (2 * mpp)
     keep[0] = big[0] = False
     new = np.zeros(len(area), dtype=np.int32)
     new[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
