@@ -87,6 +87,9 @@ class AdaptiveConfig(_Section):
                                     "top-hat); 0 disables.")
     threshold_scale: PositiveFloat = Field(1.0, description="Multiplier on Otsu's threshold "
                                            "of the top-hat optical density.")
+    min_threshold: float = Field(0.0, ge=0, description="Floor of the calibrated threshold "
+                                 "(top-hat optical density): where a field has no hematoxylin "
+                                 "mode Otsu's threshold lands in the stroma, fat or blood.")
     max_hole_um2: float = Field(30.0, ge=0, description="Holes of the foreground up to this "
                                 "area (um2) are filled.")
     radius_range_um: tuple[PositiveFloat, PositiveFloat] = Field(

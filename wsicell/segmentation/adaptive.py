@@ -220,9 +220,11 @@ def calibrate(ods, mpp: float, p: AdaptiveConfig | None = None) -> Calibration:
 
 def _calibrated(cons: list, mpp: float, p: AdaptiveConfig
                 ) -> tuple[Calibration, list]:
-    """Threshold (Otsu's, of the pooled contrast, x ``p.threshold_scale``) and nucleus
-    radius of contrast images, and the components of each one's foreground."""
-    t = otsu_threshold(np.concatenate([c[::2, ::2].ravel() for c in cons])) * p.threshold_scale
+    """Threshold (Otsu's, of the pooled contrast, x ``p.threshold_scale``, never under
+    ``p.min_threshold``) and nucleus radius of contrast images, and the components of each
+    one's foreground."""
+    t = max(otsu_threshold(np.concatenate([c[::2, ::2].ravel() for c in cons]))
+            * p.threshold_scale, p.min_threshold)
     components = [_Components.of(foreground(c, mpp, t, p)) for c in cons]
     radii = np.concatenate([_inscribed_radii(c, mpp, p) for c in components])
     return Calibration(t, _typical_radius(radii, p)), components
