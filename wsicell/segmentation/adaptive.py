@@ -154,28 +154,46 @@ def foreground(con: np.ndarray, mpp: float, threshold: float, p: AdaptiveConfig)
 @dataclass
 class _Components:
     """4-connected components of a mask (one polygon outline each) and its distance
-    transform, computed once."""
+    transform, computed once; areas and boxes from the foreground pixels only (OpenCV's
+    statistics pass over the whole image cost as much as the labelling)."""
 
     n: int
     labels: np.ndarray     #: (H, W) int32, 0 = background
-    stats: np.ndarray      #: (n, 5) int32, OpenCV's left, top, width, height, area
+    pixels: np.ndarray     #: (P,) int64, flat indices of the foreground
+    label: np.ndarray      #: (P,) int32, their component
+    area: np.ndarray       #: (n,) int64, pixels per component (0 for the background)
     dist: np.ndarray       #: (H, W) float32, pixels to the background
 
     @classmethod
     def of(cls, mask: np.ndarray) -> "_Components":
-        n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
-            mask, 4, cv2.CV_32S, cv2.CCL_GRANA)
-        return cls(n, labels, stats, cv2.distanceTransform(mask, cv2.DIST_L2, 5))
+        n, labels = cv2.connectedComponentsWithAlgorithm(mask, 4, cv2.CV_32S, cv2.CCL_GRANA)
+        pixels = np.flatnonzero(mask)
+        label = labels.ravel()[pixels]
+        return cls(n, labels, pixels, label, np.bincount(label, minlength=n),
+                   cv2.distanceTransform(mask, cv2.DIST_L2, 5))
+
+    def boxes(self, ids: np.ndarray) -> np.ndarray:
+        """``(x, y, w, h)`` of the components ``ids``: (len(ids), 4) int64."""
+        where = np.full(self.n, -1, dtype=np.int64)
+        where[ids] = np.arange(len(ids))
+        chosen = where[self.label]
+        at = chosen >= 0
+        rows, cols = np.divmod(self.pixels[at], self.labels.shape[1])
+        lo = np.full((len(ids), 2), np.iinfo(np.int64).max)
+        hi = np.full((len(ids), 2), -1)
+        np.minimum.at(lo, chosen[at], np.column_stack([cols, rows]))
+        np.maximum.at(hi, chosen[at], np.column_stack([cols, rows]))
+        return np.column_stack([lo, hi - lo + 1])
 
 
 def _inscribed_radii(c: _Components, mpp: float, p: AdaptiveConfig) -> np.ndarray:
     """Largest inscribed radius (um) of each component of at least
     ``p.radius_min_area_um2``."""
-    ok = c.stats[:, cv2.CC_STAT_AREA] * mpp ** 2 >= p.radius_min_area_um2
+    ok = c.area * mpp ** 2 >= p.radius_min_area_um2
     ok[0] = False
     if c.n < 2 or not ok.any():
         return np.zeros(0)
-    return component_max(c.dist, c.labels, c.n)[ok] * mpp
+    return _label_max(c.dist.ravel()[c.pixels], c.label, c.n)[ok] * mpp
 
 
 def _typical_radius(radii: np.ndarray, p: AdaptiveConfig) -> float:
@@ -183,13 +201,6 @@ def _typical_radius(radii: np.ndarray, p: AdaptiveConfig) -> float:
         return p.radius_prior_um
     lo, hi = p.radius_range_um
     return float(np.clip(np.median(radii), lo, hi))
-
-
-def component_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
-    """Maximum of ``values`` (H, W) float32 over each label 0..n-1 of ``labels`` (H, W)
-    int32: (n,) float32 (0 for labels without pixels)."""
-    pixels = np.flatnonzero(labels)
-    return _label_max(values.ravel()[pixels], labels.ravel()[pixels], n)
 
 
 def _label_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
@@ -254,7 +265,7 @@ def split(mask: np.ndarray, mpp: float, radius_um: float, p: AdaptiveConfig,
         Labels (not contiguous), 0 = background.
     """
     c = components or _Components.of(mask)
-    dist, nc, comp, stats = c.dist, c.n, c.labels, c.stats
+    dist, nc, comp = c.dist, c.n, c.labels
     s = p.marker_sigma_rel * radius_um / mpp
     ds = cv2.GaussianBlur(dist, (0, 0), s) if s > 0.3 else dist
     peaks = (ds >= cv2.dilate(ds, _disk(p.marker_radius_rel * radius_um / mpp))) & \
@@ -270,8 +281,7 @@ def split(mask: np.ndarray, mpp: float, radius_um: float, p: AdaptiveConfig,
     # each pixel of a component to split goes to its nearest marker of that component
     # (Euclidean), one OpenCV distance transform per component box (~20x cheaper than one
     # over the whole image); new ids lie above the component ids
-    for component in multi:
-        x, y, w, h = stats[component, :4]
+    for component, (x, y, w, h) in zip(multi, c.boxes(multi)):
         box = np.s_[y:y + h, x:x + w]
         inside = comp[box] == component
         mk = np.where(inside, markers[box], 0)
@@ -373,7 +383,7 @@ def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None 
     labels = split(mask, mpp, calibration.radius_um, p, components)
     # the filters and the relabelling work on the foreground pixels only (5-10% of a tile):
     # ``labels`` is non-zero exactly there
-    pixels = np.flatnonzero(mask)
+    pixels = components.pixels
     label = labels.ravel()[pixels]
     area = np.bincount(label, minlength=1)
     px = mpp ** 2
