@@ -7,7 +7,16 @@ detection, on the three dev sets of ../shared/data.
   within 3 um; every method is run on ``train/`` too and the preset with the best train
   AJI is reported on ``test/`` ("chosen on train"); the headline figures are test figures;
 - ``bm_graz/`` (8 bone-marrow images with centre dots, 0.4 um/px): detection F1 within
-  12 px.
+  12 px;
+- ``brca_m2c/`` (80 breast patches with typed centre dots, 0.5 um/px; not every nucleus
+  is dotted, so precision is a lower bound): detection within 3 um, split by patient
+  (TCGA case, the first 12 characters of the name; every other case of the sorted list is
+  ``dev``, the rest ``test``); settings are chosen on ``dev``, ``test`` is only reported;
+- a negative control: the 48 x 48 um nucleus-free regions of the dev images listed in
+  ``negative_regions.csv`` (fat, background, blood, stroma), each segmented as a field of
+  its own (it calibrates itself): objects found per mm2.
+
+Every table shows detection precision (``det_p``) and recall (``det_r``) beside F1.
 
 Presets run through the product path (``wsicell.segmentation.fov.segment_file``, labels
 at the file's resolution), one image at a time: each image calibrates itself.  The
@@ -22,14 +31,18 @@ of each set and of each CoNSeP split)::
     .venv/bin/python benchmarks/segmentation_accuracy.py [--limit N] [--no-train]
 
 Ends with ``name: value`` lines: the default preset's ``monuseg_aji``, ``monuseg_pq``,
-``consep_aji``, ``consep_det_f1``, ``bm_graz_det_f1``, the same prefixed ``paper_`` and
-``htk_``, and ``adaptive_tile_consep_aji`` / ``adaptive_tile_consep_det_f1``.
+``consep_aji``, ``consep_det_f1``, ``bm_graz_det_f1``, ``bm_graz_precision``,
+``brca_det_f1``, ``brca_precision``, ``brca_recall`` (dev), ``negative_objects_per_mm2``,
+the same prefixed ``paper_`` and ``htk_``, and ``adaptive_tile_consep_aji`` /
+``adaptive_tile_consep_det_f1``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import csv
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +53,8 @@ from _common import SHARED_DATA, headline, single_threaded
 MONUSEG_MPP = 0.25
 CONSEP_MPP = 0.25
 BM_GRAZ_MPP = 0.4
+BRCA_MPP = 0.5
+NEGATIVE_REGIONS = Path(__file__).with_name("negative_regions.csv")
 DETECTION_RADIUS_UM = 3.0
 BM_GRAZ_RADIUS_PX = 12.0
 
@@ -189,6 +204,59 @@ def bm_graz(limit: int | None, methods: dict) -> dict:
     return tallies
 
 
+def brca_parts() -> dict[str, list[Path]]:
+    """BRCA-M2C images split by patient: ``{"dev": [...], "test": [...]}``."""
+    images = sorted((SHARED_DATA / "brca_m2c" / "images").glob("*.png"))
+    cases = sorted({image.name[:12] for image in images})
+    dev = set(cases[::2])
+    return {"dev": [i for i in images if i.name[:12] in dev],
+            "test": [i for i in images if i.name[:12] not in dev]}
+
+
+def brca(images: list[Path], methods: dict) -> dict:
+    tallies = {name: Tally() for name in methods}
+    for image in images:
+        points = np.loadtxt(SHARED_DATA / "brca_m2c" / "points" / f"{image.stem}.csv",
+                            delimiter=",", skiprows=1, usecols=(0, 1), ndmin=2)
+        for name, method in methods.items():
+            (labels, centroids), seconds = timed(method, image, BRCA_MPP)
+            tallies[name].add(points, labels, centroids, DETECTION_RADIUS_UM / BRCA_MPP,
+                              seconds)
+    return tallies
+
+
+def negative_regions() -> list[dict]:
+    """The rows of ``negative_regions.csv``: image (under ../shared/data), mpp, kind, box."""
+    with open(NEGATIVE_REGIONS) as file:
+        rows = csv.DictReader(line for line in file if not line.startswith("#"))
+        return [dict(row, mpp=float(row["mpp"]),
+                     box=tuple(int(row[k]) for k in ("x0", "y0", "x1", "y1"))) for row in rows]
+
+
+def negative_control(methods: dict) -> dict:
+    """Objects per mm2 each method finds in the nucleus-free regions, overall and per kind:
+    ``{method: {"all": value, kind: value, ...}}``."""
+    from PIL import Image
+
+    from wsicell.io.slide import read_rgb_image
+
+    found = {name: collections.Counter() for name in methods}
+    area_mm2 = collections.Counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, region in enumerate(negative_regions()):
+            x0, y0, x1, y1 = region["box"]
+            path = Path(tmp) / f"region_{i}.png"
+            Image.fromarray(read_rgb_image(SHARED_DATA / region["image"])[y0:y1, x0:x1]
+                            ).save(path)
+            area = (x1 - x0) * (y1 - y0) * region["mpp"] ** 2 / 1e6
+            area_mm2.update({"all": area, region["kind"]: area})
+            for name, method in methods.items():
+                n = len(method(path, region["mpp"])[1])
+                found[name].update({"all": n, region["kind"]: n})
+    return {name: {kind: found[name][kind] / area_mm2[kind] for kind in area_mm2}
+            for name in methods}
+
+
 def show(title: str, tallies: dict) -> dict:
     print(f"\n{title}")
     summaries = {name: t.summary() for name, t in tallies.items()}
@@ -231,6 +299,18 @@ def main():
               f"detection F1 {test[chosen]['det_f1']:.3f}")
     bm = show(f"bm_graz (0.4 um/px; detection within {BM_GRAZ_RADIUS_PX:g} px)",
               bm_graz(args.limit, methods))
+    parts = brca_parts()
+    brca_dev = show(f"BRCA-M2C dev ({BRCA_MPP:g} um/px; detection within "
+                    f"{DETECTION_RADIUS_UM:g} um; dots incomplete: precision a lower bound)",
+                    brca(parts["dev"][:args.limit], methods))
+    show("BRCA-M2C test (report only)", brca(parts["test"][:args.limit], methods))
+    negative = negative_control(methods)
+    kinds = list(next(iter(negative.values())))
+    print(f"\nNegative control ({len(negative_regions())} nucleus-free regions of the dev "
+          "images): objects per mm2")
+    print(f"  {'method':22s}" + "".join(f"{k:>11s}" for k in kinds))
+    for name, values in negative.items():
+        print(f"  {name:22s}" + "".join(f"{values[k]:11.1f}" for k in kinds))
     print()
     figures = {}
     for prefix, name in (("", default), ("paper_", "paper"), ("htk_", "htk kofahi")):
@@ -240,6 +320,11 @@ def main():
             f"{prefix}consep_aji": test[name]["aji"],
             f"{prefix}consep_det_f1": test[name]["det_f1"],
             f"{prefix}bm_graz_det_f1": bm[name]["det_f1"],
+            f"{prefix}bm_graz_precision": bm[name]["det_p"],
+            f"{prefix}brca_det_f1": brca_dev[name]["det_f1"],
+            f"{prefix}brca_precision": brca_dev[name]["det_p"],
+            f"{prefix}brca_recall": brca_dev[name]["det_r"],
+            f"{prefix}negative_objects_per_mm2": negative[name]["all"],
         })
     figures["adaptive_tile_consep_aji"] = test["adaptive (per tile)"]["aji"]
     figures["adaptive_tile_consep_det_f1"] = test["adaptive (per tile)"]["det_f1"]

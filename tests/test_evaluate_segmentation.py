@@ -71,6 +71,22 @@ def test_cli_all_presets_json_and_table(dataset):
     assert "AJI" in table.stdout and "overall" in table.stdout and "det F1" in table.stdout
 
 
+
+def test_cli_evaluates_the_configurations_preset_by_default(dataset, tmp_path):
+    """Without --preset, the default configuration's preset (adaptive), or a configuration
+    file's."""
+    args = [str(a) for a in ["evaluate", "segmentation", dataset / "images", "--masks",
+                             dataset / "masks", "--mpp", "0.4", "--json"]]
+    result = subprocess.run(WSICELL + args, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert list(json.loads(result.stdout)["presets"]) == ["adaptive"]
+    config = tmp_path / "paper.json"
+    config.write_text(json.dumps(load_config(None, "paper").to_json()))
+    result = subprocess.run(WSICELL + args + ["--config", str(config)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert list(json.loads(result.stdout)["presets"]) == ["paper"]
+
 def _one_line_error(images, masks, match):
     with pytest.raises(WsicellError, match=match) as err:
         evaluate_segmentation(images, masks, ["paper"], 0.4, progress=False)

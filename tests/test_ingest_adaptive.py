@@ -3,7 +3,7 @@ slide, recorded in the store; tiles give the cells the whole image gives."""
 
 import numpy as np
 import pytest
-from conftest import TEST_DATA
+from conftest import TEST_DATA, shared_data_path
 from scipy.spatial import cKDTree
 
 from wsicell.config import IngestConfig, WsicellConfig
@@ -54,3 +54,19 @@ def test_tiles_give_the_cells_of_the_whole_image(tiled):
     assert distance.max() <= 1.0 and len(np.unique(nearest)) == len(cells)
     np.testing.assert_allclose(cells.area, whole.area[covered][nearest] * 0.16, rtol=1e-6)
     assert attrs["n_refused"] <= len(refused)
+
+
+def test_a_small_patch_is_ingested(tmp_path):
+    """A 328 x 328 px breast patch at 0.5 um/px is all tissue candidates (its 10 x 10 px
+    thumbnail found no tissue)."""
+    from PIL import Image
+
+    source = shared_data_path("brca_m2c", "images",
+                              "TCGA-A8-A0AD-01Z-00-DX1_23501_19001_1000_1000_0.93.png")
+    patch = tmp_path / "patch.png"
+    Image.fromarray(read_rgb_image(source)[:328, :328]).save(patch)
+    path = tmp_path / "cells.zarr"
+    assert ingest(path, [patch], WsicellConfig(), mpp=0.5, workers=1,
+                  progress=False) == ["patch"]
+    assert validate_store(path) == []
+    assert len(slide_cells(open_store(path), "patch")) > 20

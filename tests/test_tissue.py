@@ -60,3 +60,12 @@ def test_tissue_boxes_hug_the_tissue_of_each_tile():
     # tiles without tissue keep their whole box
     np.testing.assert_array_equal(boxes[1:], tiles[1:])
     assert tissue_boxes(mask, tiles[:0], 0.1).shape == (0, 4)
+
+
+def test_a_small_field_is_all_tissue_candidates_unless_blank():
+    from wsicell.segmentation.tissue import small_field_tissue
+
+    field = np.full((328, 328, 3), 243, np.uint8)
+    assert not small_field_tissue(field).any()
+    field[100:200, 50:90] = (160, 80, 150)  # 4% stained
+    assert small_field_tissue(field).all()

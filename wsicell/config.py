@@ -80,6 +80,10 @@ class AdaptiveConfig(_Section):
     applied at the image's own resolution.  Lengths in um, areas in um2; ``*_rel`` are
     multiples of the nucleus radius calibrated on each image (or of its square)."""
 
+    max_stain_gain: float = Field(1.5, ge=0, description="Largest contrast gain of the "
+                                  "colour normalisation before the stain fit (target over "
+                                  "source Lab standard deviation): a field without nuclei "
+                                  "keeps its noise as noise (0: no limit).")
     smooth_um: float = Field(0.25, ge=0, description="Gaussian sigma (um) on the "
                              "hematoxylin optical density.")
     tophat_radius_um: float = Field(6.0, ge=0, description="Radius (um) of the disk whose "
@@ -87,6 +91,9 @@ class AdaptiveConfig(_Section):
                                     "top-hat); 0 disables.")
     threshold_scale: PositiveFloat = Field(1.0, description="Multiplier on Otsu's threshold "
                                            "of the top-hat optical density.")
+    min_threshold: float = Field(0.0, ge=0, description="Floor of the calibrated threshold "
+                                 "(top-hat optical density): where a field has no hematoxylin "
+                                 "mode Otsu's threshold lands in the stroma, fat or blood.")
     max_hole_um2: float = Field(30.0, ge=0, description="Holes of the foreground up to this "
                                 "area (um2) are filled.")
     radius_range_um: tuple[PositiveFloat, PositiveFloat] = Field(
@@ -109,6 +116,10 @@ class AdaptiveConfig(_Section):
                                      "(top-hat optical density) stays under this are "
                                      "dropped: faint specks and stain noise, not nuclei "
                                      "(dev images' nuclei: 99.5th percentile 0.23-0.49).")
+    min_width_um: float = Field(0.0, ge=0, description="Objects whose largest inscribed "
+                                "circle (distance transform of the foreground) is narrower "
+                                "than this (um) are dropped: membranes between fat cells, "
+                                "collagen fibres, keratin slivers (0 disables).")
     max_area_um2: PositiveFloat = Field(250.0, description="Objects larger than this (um2) "
                                         "after splitting are refused (removed and counted).")
 

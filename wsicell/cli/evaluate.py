@@ -8,6 +8,17 @@ from wsicell.cli.options import MPP, SEED, positive
 from wsicell.config import SEGMENTATION_PRESETS
 
 
+def _presets(preset: str | None, config_file) -> list[str]:
+    """The presets to evaluate: all, the one named, or the configuration's (default)."""
+    if preset == "all":
+        return sorted(SEGMENTATION_PRESETS)
+    if preset is None:
+        from wsicell.config import load_config
+
+        return [load_config(config_file).segmentation.preset]
+    return [preset]
+
+
 @click.group()
 def evaluate():
     """Compare wsicell's results with annotations."""
@@ -17,9 +28,10 @@ def evaluate():
 @click.argument("image_dir", type=click.Path())
 @click.option("--points", "points_dir", required=True, type=click.Path(),
               help="Directory of x,y CSV files named like the images.")
-@click.option("--preset", default="paper", show_default=True,
+@click.option("--preset", default=None,
               type=click.Choice(sorted(SEGMENTATION_PRESETS) + ["all"]),
-              help="Segmentation preset to evaluate, or all of them.")
+              help="Segmentation preset to evaluate, or all of them [default: the "
+              "configuration's preset].")
 @click.option("--radius", type=positive(1e4, "px"), default=12.0, show_default=True,
               help="Largest centroid-to-point distance of a match (image pixels).")
 @click.option("--config", "config_file", type=click.Path(), default=None,
@@ -34,7 +46,7 @@ def detection(image_dir, points_dir, preset, radius, config_file, mpp, as_json):
     """
     from wsicell.pipeline.fields import evaluate_detection
 
-    presets = sorted(SEGMENTATION_PRESETS) if preset == "all" else [preset]
+    presets = _presets(preset, config_file)
     result = evaluate_detection(image_dir, points_dir, presets, radius, config_file, mpp,
                                 progress=not as_json)
     if as_json:
@@ -54,9 +66,10 @@ def detection(image_dir, points_dir, preset, radius, config_file, mpp, as_json):
               help="Directory of instance-mask PNGs named like the images (8- or 16-bit "
               "integer, 0 = background).")
 @click.option("--mpp", type=MPP, required=True, help="Microns per pixel of the images.")
-@click.option("--preset", default="paper", show_default=True,
+@click.option("--preset", default=None,
               type=click.Choice(sorted(SEGMENTATION_PRESETS) + ["all"]),
-              help="Segmentation preset to evaluate, or all of them.")
+              help="Segmentation preset to evaluate, or all of them [default: the "
+              "configuration's preset].")
 @click.option("--config", "config_file", type=click.Path(), default=None,
               help="JSON configuration file the presets apply to.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -70,7 +83,7 @@ def segmentation(image_dir, mask_dir, mpp, preset, config_file, as_json):
     """
     from wsicell.pipeline.fields import evaluate_segmentation
 
-    presets = sorted(SEGMENTATION_PRESETS) if preset == "all" else [preset]
+    presets = _presets(preset, config_file)
     result = evaluate_segmentation(image_dir, mask_dir, presets, mpp, config_file,
                                    progress=not as_json)
     if as_json:

@@ -118,7 +118,9 @@ def _stain_parameters(client, plan: SlidePlan, tiles: dict, config: WsicellConfi
         raise WsicellError(f"{plan.path}: too few stained pixels ({len(pixels)}) in the "
                            "sampled tissue tiles to estimate the stain")
     try:
-        return fit_stain_parameters(pixels, config.stain).to_json()
+        seg = config.segmentation
+        return fit_stain_parameters(pixels, config.stain, max_gain=seg.adaptive.max_stain_gain
+                                    if seg.method == "adaptive" else None).to_json()
     except ValueError as err:  # degenerate colours, e.g. a blank or single-colour slide
         raise WsicellError(f"{plan.path}: cannot estimate the stain ({err})") from None
 

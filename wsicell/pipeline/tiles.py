@@ -62,7 +62,9 @@ from wsicell.segmentation.nuclei import (
 )
 from wsicell.segmentation.stain import StainLookup, StainParameters
 from wsicell.segmentation.tissue import (
+    SMALL_FIELD_PX,
     detect_tissue,
+    small_field_tissue,
     stained_pixels,
     tile_tissue_fractions,
     tissue_boxes,
@@ -350,6 +352,9 @@ def _check_extent(slide, mpp: float) -> None:
 
 
 def _thumbnail_and_tissue(slide, mpp: float, config: WsicellConfig):
+    if max(slide.width, slide.height) < SMALL_FIELD_PX:  # a field: tissue at full resolution
+        thumb = slide.thumbnail(slide.width, slide.height)
+        return thumb, small_field_tissue(thumb, config.ingest.min_tissue_fraction), mpp
     # never above level 0: a coarse slide is not enlarged to the thumbnail's resolution
     shrink = min(1.0, mpp / config.ingest.tissue_mpp)
     thumb = slide.thumbnail(round(slide.width * shrink), round(slide.height * shrink))

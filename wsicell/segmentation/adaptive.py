@@ -153,28 +153,47 @@ def foreground(con: np.ndarray, mpp: float, threshold: float, p: AdaptiveConfig)
 
 @dataclass
 class _Components:
-    """8-connected components of a mask and its distance transform, computed once."""
+    """4-connected components of a mask (one polygon outline each) and its distance
+    transform, computed once; areas and boxes from the foreground pixels only (OpenCV's
+    statistics pass over the whole image cost as much as the labelling)."""
 
     n: int
     labels: np.ndarray     #: (H, W) int32, 0 = background
-    stats: np.ndarray      #: (n, 5) int32, OpenCV's left, top, width, height, area
+    pixels: np.ndarray     #: (P,) int64, flat indices of the foreground
+    label: np.ndarray      #: (P,) int32, their component
+    area: np.ndarray       #: (n,) int64, pixels per component (0 for the background)
     dist: np.ndarray       #: (H, W) float32, pixels to the background
 
     @classmethod
     def of(cls, mask: np.ndarray) -> "_Components":
-        n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
-            mask, 8, cv2.CV_32S, cv2.CCL_GRANA)
-        return cls(n, labels, stats, cv2.distanceTransform(mask, cv2.DIST_L2, 5))
+        n, labels = cv2.connectedComponentsWithAlgorithm(mask, 4, cv2.CV_32S, cv2.CCL_GRANA)
+        pixels = np.flatnonzero(mask)
+        label = labels.ravel()[pixels]
+        return cls(n, labels, pixels, label, np.bincount(label, minlength=n),
+                   cv2.distanceTransform(mask, cv2.DIST_L2, 5))
+
+    def boxes(self, ids: np.ndarray) -> np.ndarray:
+        """``(x, y, w, h)`` of the components ``ids``: (len(ids), 4) int64."""
+        where = np.full(self.n, -1, dtype=np.int64)
+        where[ids] = np.arange(len(ids))
+        chosen = where[self.label]
+        at = chosen >= 0
+        rows, cols = np.divmod(self.pixels[at], self.labels.shape[1])
+        lo = np.full((len(ids), 2), np.iinfo(np.int64).max)
+        hi = np.full((len(ids), 2), -1)
+        np.minimum.at(lo, chosen[at], np.column_stack([cols, rows]))
+        np.maximum.at(hi, chosen[at], np.column_stack([cols, rows]))
+        return np.column_stack([lo, hi - lo + 1])
 
 
 def _inscribed_radii(c: _Components, mpp: float, p: AdaptiveConfig) -> np.ndarray:
     """Largest inscribed radius (um) of each component of at least
     ``p.radius_min_area_um2``."""
-    ok = c.stats[:, cv2.CC_STAT_AREA] * mpp ** 2 >= p.radius_min_area_um2
+    ok = c.area * mpp ** 2 >= p.radius_min_area_um2
     ok[0] = False
     if c.n < 2 or not ok.any():
         return np.zeros(0)
-    return component_max(c.dist, c.labels, c.n)[ok] * mpp
+    return _label_max(c.dist.ravel()[c.pixels], c.label, c.n)[ok] * mpp
 
 
 def _typical_radius(radii: np.ndarray, p: AdaptiveConfig) -> float:
@@ -182,23 +201,6 @@ def _typical_radius(radii: np.ndarray, p: AdaptiveConfig) -> float:
         return p.radius_prior_um
     lo, hi = p.radius_range_um
     return float(np.clip(np.median(radii), lo, hi))
-
-
-def nucleus_radius(masks, mpp: float, p: AdaptiveConfig) -> float:
-    """Typical nucleus radius (um): median over the foreground components of at least
-    ``p.radius_min_area_um2`` (of one or more masks, (H, W) uint8 0/1) of their largest
-    inscribed radius, clamped to ``p.radius_range_um`` (``p.radius_prior_um`` when fewer
-    than 5 components)."""
-    masks = [masks] if isinstance(masks, np.ndarray) else masks
-    radii = [_inscribed_radii(_Components.of(m), mpp, p) for m in masks]
-    return _typical_radius(np.concatenate(radii) if radii else np.zeros(0), p)
-
-
-def component_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
-    """Maximum of ``values`` (H, W) float32 over each label 0..n-1 of ``labels`` (H, W)
-    int32: (n,) float32 (0 for labels without pixels)."""
-    pixels = np.flatnonzero(labels)
-    return _label_max(values.ravel()[pixels], labels.ravel()[pixels], n)
 
 
 def _label_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
@@ -224,10 +226,19 @@ def calibrate(ods, mpp: float, p: AdaptiveConfig | None = None) -> Calibration:
     """
     p = p or AdaptiveConfig()
     ods = [ods] if isinstance(ods, np.ndarray) else list(ods)
-    cons = [contrast(o, mpp, p) for o in ods]
-    t = otsu_threshold(np.concatenate([c[::2, ::2].ravel() for c in cons])) * p.threshold_scale
-    radius = nucleus_radius([foreground(c, mpp, t, p) for c in cons], mpp, p)
-    return Calibration(t, radius)
+    return _calibrated([contrast(o, mpp, p) for o in ods], mpp, p)[0]
+
+
+def _calibrated(cons: list, mpp: float, p: AdaptiveConfig
+                ) -> tuple[Calibration, list]:
+    """Threshold (Otsu's, of the pooled contrast, x ``p.threshold_scale``, never under
+    ``p.min_threshold``) and nucleus radius of contrast images, and the components of each
+    one's foreground."""
+    t = max(otsu_threshold(np.concatenate([c[::2, ::2].ravel() for c in cons]))
+            * p.threshold_scale, p.min_threshold)
+    components = [_Components.of(foreground(c, mpp, t, p)) for c in cons]
+    radii = np.concatenate([_inscribed_radii(c, mpp, p) for c in components])
+    return Calibration(t, _typical_radius(radii, p)), components
 
 
 def split(mask: np.ndarray, mpp: float, radius_um: float, p: AdaptiveConfig,
@@ -254,7 +265,7 @@ def split(mask: np.ndarray, mpp: float, radius_um: float, p: AdaptiveConfig,
         Labels (not contiguous), 0 = background.
     """
     c = components or _Components.of(mask)
-    dist, nc, comp, stats = c.dist, c.n, c.labels, c.stats
+    dist, nc, comp = c.dist, c.n, c.labels
     s = p.marker_sigma_rel * radius_um / mpp
     ds = cv2.GaussianBlur(dist, (0, 0), s) if s > 0.3 else dist
     peaks = (ds >= cv2.dilate(ds, _disk(p.marker_radius_rel * radius_um / mpp))) & \
@@ -270,8 +281,7 @@ def split(mask: np.ndarray, mpp: float, radius_um: float, p: AdaptiveConfig,
     # each pixel of a component to split goes to its nearest marker of that component
     # (Euclidean), one OpenCV distance transform per component box (~20x cheaper than one
     # over the whole image); new ids lie above the component ids
-    for component in multi:
-        x, y, w, h = stats[component, :4]
+    for component, (x, y, w, h) in zip(multi, c.boxes(multi)):
         box = np.s_[y:y + h, x:x + w]
         inside = comp[box] == component
         mk = np.where(inside, markers[box], 0)
@@ -280,8 +290,62 @@ def split(mask: np.ndarray, mpp: float, radius_um: float, p: AdaptiveConfig,
         at = mk > 0
         to_marker = np.zeros(int(nearest.max()) + 1, dtype=np.int32)
         to_marker[nearest[at]] = mk[at]
-        labels[box][inside] = to_marker[nearest[inside]] + nc
+        labels[box][inside] = one_piece_each(np.where(inside, to_marker[nearest] + nc, 0),
+                                             at)[inside]
     return labels
+
+
+def one_piece_each(labels: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Make every label one 4-connected region (a single polygon outline).
+
+    A nearest-marker split can leave a label in pieces.  The piece of a label that holds
+    its seed (its marker; the first seed pixel in raster order where the seed itself is in
+    pieces) stays, its other pieces (a few pixels cut off by a neighbour) become
+    background.  The decision needs no piece sizes, so a tile and the whole image decide
+    alike wherever they see the same seeds (giving the pieces to a neighbour instead
+    scored the same on the dev sets).
+
+    Parameters
+    ----------
+    labels : ndarray, shape (H, W), int32
+        0 = background.
+    seeds : ndarray, shape (H, W), bool
+        Seed pixels, at least one inside each label.
+
+    Returns
+    -------
+    ndarray, shape (H, W), int32
+        The same ids, each 4-connected; a copy.
+
+    Examples
+    --------
+    >>> lab = np.array([[1, 1, 2, 1],
+    ...                 [1, 1, 2, 2]], np.int32)
+    >>> seeds = np.array([[1, 0, 0, 0], [0, 0, 0, 1]], bool)
+    >>> one_piece_each(lab, seeds)
+    array([[1, 1, 2, 0],
+           [1, 1, 2, 2]], dtype=int32)
+    """
+    out = np.array(labels, dtype=np.int32)
+    pieces, n = _pieces(out)
+    if n > len(np.unique(out)) - (out.min() == 0):
+        flat = pieces.ravel()
+        owner = np.zeros(n + 1, dtype=np.int32)
+        owner[flat] = out.ravel()
+        seeded = flat[np.flatnonzero(seeds.ravel() & (flat > 0))]
+        _, first = np.unique(owner[seeded], return_index=True)
+        stays = np.zeros(n + 1, dtype=bool)
+        stays[seeded[first]] = True
+        out[~stays[pieces]] = 0
+    return out
+
+
+def _pieces(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected regions of equal non-zero label: (H, W) int32 piece ids 1..n, and n."""
+    from skimage.measure import label
+
+    pieces, n = label(labels, background=0, connectivity=1, return_num=True)
+    return pieces.astype(np.int32, copy=False), int(n)
 
 
 def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None = None,
@@ -312,17 +376,14 @@ def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None 
     p = p or AdaptiveConfig()
     con = contrast(od, mpp, p)
     if calibration is None:
-        t = otsu_threshold(con[::2, ::2]) * p.threshold_scale
-        mask = foreground(con, mpp, t, p)
-        components = _Components.of(mask)
-        calibration = Calibration(t, _typical_radius(_inscribed_radii(components, mpp, p), p))
+        calibration, (components,) = _calibrated([con], mpp, p)
     else:
-        mask = foreground(con, mpp, calibration.threshold, p)
-        components = _Components.of(mask)
+        components = _Components.of(foreground(con, mpp, calibration.threshold, p))
+    mask = (components.labels > 0).view(np.uint8)
     labels = split(mask, mpp, calibration.radius_um, p, components)
     # the filters and the relabelling work on the foreground pixels only (5-10% of a tile):
     # ``labels`` is non-zero exactly there
-    pixels = np.flatnonzero(mask)
+    pixels = components.pixels
     label = labels.ravel()[pixels]
     area = np.bincount(label, minlength=1)
     px = mpp ** 2
@@ -331,6 +392,9 @@ def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None 
     keep = (area >= min_area / px) & ~big
     if p.min_peak_contrast > 0:
         keep &= _label_max(con.ravel()[pixels], label, len(area)) >= p.min_peak_contrast
+    if p.min_width_um > 0:  # membranes, fibres and slivers are thinner than any nucleus
+        keep &= _label_max(components.dist.ravel()[pixels], label, len(area)) \
+            >= p.min_width_um / (2 * mpp)
     keep[0] = big[0] = False
     new = np.zeros(len(area), dtype=np.int32)
     new[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)

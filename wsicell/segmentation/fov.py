@@ -142,7 +142,8 @@ def _segment_adaptive(slide, file_mpp: float, grid: ReferenceGrid, rgb: np.ndarr
     if is_grayscale(image):
         stain, hematoxylin = None, image[..., 0]
     else:
-        stain = fit_stain_parameters(image, config.stain)
+        stain = fit_stain_parameters(image, config.stain,
+                                     max_gain=config.segmentation.adaptive.max_stain_gain)
         hematoxylin = stain.hematoxylin_of(image)
     labels, big = segment_hematoxylin_od(hematoxylin_od(hematoxylin), seg_mpp,
                                          config.segmentation.adaptive)

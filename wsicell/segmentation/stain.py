@@ -349,7 +349,8 @@ class StainParameters:
 
 
 def fit_stain_parameters(
-    rgb: np.ndarray, config: StainConfig = StainConfig(), mask: np.ndarray | None = None
+    rgb: np.ndarray, config: StainConfig = StainConfig(), mask: np.ndarray | None = None,
+    max_gain: float | None = None,
 ) -> StainParameters:
     """Estimate a slide's or image's colour standardisation.
 
@@ -364,6 +365,11 @@ def fit_stain_parameters(
     config : StainConfig
     mask : ndarray of bool, optional
         Pixels to estimate from (e.g. tissue).
+    max_gain : float, optional
+        Largest contrast gain of the normalisation (target over source standard deviation,
+        per Lab channel): the source deviations are floored at ``target / max_gain``.  A
+        field without nuclei (fat, glass, blood) has a tiny colour spread, and matching it to
+        the target's would stretch its noise into stain; None: no limit.
     """
     pixels = _pixels(rgb, mask)
     if config.fit_max_pixels and len(pixels) > config.fit_max_pixels:
@@ -372,6 +378,9 @@ def fit_stain_parameters(
     if min(source.std) <= 1e-6:
         raise ValueError("no colour variation to estimate stains from (blank image)")
     target = LabStats.target(config)
+    if max_gain:
+        source = LabStats(source.mean, tuple(np.maximum(source.std,
+                                                        np.array(target.std) / max_gain)))
     stains = macenko_stain_vectors(
         rgb_to_sda(reinhard(pixels, source, target)),
         config.macenko_min_magnitude,

@@ -69,6 +69,42 @@ def detect_tissue(thumbnail: np.ndarray, min_object_px: int = 16) -> np.ndarray:
     return mask
 
 
+SMALL_FIELD_PX = 512  # an image under this (both sides, pixels) is a field, not a slide
+
+
+def small_field_tissue(rgb: np.ndarray, min_fraction: float = 0.01) -> np.ndarray:
+    """Tissue mask of a small field (a patch, a TMA core, a field of view) at full resolution.
+
+    A thumbnail of a field under :data:`SMALL_FIELD_PX` is a few pixels wide, too coarse to
+    detect tissue on: the whole field is a tissue candidate when at least ``min_fraction``
+    of its pixels absorb light like stained tissue (:func:`stained_pixels`), and nothing is
+    tissue otherwise (a blank field).
+
+    Parameters
+    ----------
+    rgb : ndarray, shape (h, w, 3), uint8
+        The field at its own resolution.
+    min_fraction : float
+        Least fraction of stained pixels.
+
+    Returns
+    -------
+    ndarray, shape (h, w), bool
+        All True or all False.
+
+    Examples
+    --------
+    >>> glass = np.full((40, 30, 3), 243, np.uint8)
+    >>> bool(small_field_tissue(glass).any())
+    False
+    >>> glass[:10] = (150, 60, 140)
+    >>> bool(small_field_tissue(glass).all())
+    True
+    """
+    stained = bool(stained_pixels(rgb).mean() >= min_fraction) if rgb.size else False
+    return np.full(rgb.shape[:2], stained, dtype=bool)
+
+
 def _mask_boxes(mask_shape: tuple[int, int], tile_boxes: np.ndarray, tile_to_mask: float):
     """The mask pixels ``[x0, y0, x1, y1)`` each tile touches (at least one), as 4 int arrays."""
     h, w = mask_shape
