@@ -135,13 +135,30 @@ def describe_clusters(clusters: np.ndarray, slides: np.ndarray, area_um2: np.nda
     return medians
 
 
+def sample_in_chunks(n: int, chunk: int, most: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted rows ``0..n-1`` to read: all of them when ``n <= most``, else ``most`` random
+    rows of whole random chunks of ``chunk`` rows (a bounded number of chunks is decoded).
+
+    Examples
+    --------
+    >>> rows = sample_in_chunks(100, 10, 25, np.random.default_rng(0))
+    >>> len(rows), len(np.unique(rows // 10))
+    (25, 3)
+    """
+    if n <= most:
+        return np.arange(n)
+    order = rng.permutation(-(-n // chunk))
+    rows = np.concatenate([np.arange(c * chunk, min((c + 1) * chunk, n)) for c in order])
+    return np.sort(rows[:most])
+
+
 def store_cluster_descriptions(root, slide_ids: list[str], model_id: str, k: int,
                                max_cells: int = 5000, seed: int = 0) -> pd.DataFrame:
     """:func:`describe_clusters` of the cells a model labelled in a store.
 
     Areas and stain come from the cell tables; roundness from the stored nucleus masks of
-    up to ``max_cells`` random cells per slide (all of a smaller slide), the cells whose
-    ranks are taken.
+    up to ``max_cells`` cells per slide (all of a smaller slide; else those of random whole
+    chunks, :func:`sample_in_chunks`), the cells whose ranks are taken.
 
     Parameters
     ----------
@@ -162,11 +179,10 @@ def store_cluster_descriptions(root, slide_ids: list[str], model_id: str, k: int
     parts = []
     for slide_id in slide_ids:
         cluster, _ = read_labels(root, slide_id, model_id)
-        chosen = np.arange(len(cluster))
-        if len(chosen) > max_cells:
-            chosen = np.sort(rng.choice(len(cluster), max_cells, replace=False))
+        stored = slide_masks(root, slide_id)
+        chosen = sample_in_chunks(len(cluster), stored.chunks[0], max_cells, rng)
         cells = slide_cells(root, slide_id, ["area", "mean_hematoxylin"]).iloc[chosen]
-        masks = slide_masks(root, slide_id).oindex[chosen] if len(chosen) else np.zeros((0, 1, 1))
+        masks = stored.oindex[chosen] if len(chosen) else np.zeros((0, 1, 1), bool)
         parts.append(pd.DataFrame({"slide": slide_id, "cluster": cluster[chosen],
                                    "area": cells.area.to_numpy(np.float64),
                                    "hematoxylin": cells.mean_hematoxylin.to_numpy(np.float64),

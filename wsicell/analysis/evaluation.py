@@ -132,7 +132,9 @@ def evaluate_clustering(store: str | Path, model_dir: str | Path, points_dir: st
         raise WsicellError(f"{points_dir}: only {len(crops)} matched cells for k={model.k} clusters")
     gan = model.classify(crops).argmax(axis=1)
     baseline = baseline_clusters(crops, model.k, seed=seed)
-    rows = matched_rows(store, points_dir, radius)
+    with warnings.catch_warnings():  # matched_cells warned of skipped files already
+        warnings.simplefilter("ignore")
+        rows = matched_rows(store, points_dir, radius)
     described = cells_descriptions(open_store(store), rows.slide_id.astype(str).to_numpy(),
                                    rows.cell.to_numpy(), gan, model.k)
     confusion = {name: confusion_table(clusters, labels, model.k)
