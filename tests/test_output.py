@@ -24,6 +24,7 @@ def test_ingest_prints_the_dashboard_and_its_bar_on_lines_of_their_own(tmp_path)
     dashboard = [line for line in first if "Dask dashboard" in line]
     assert len(dashboard) == 1 and dashboard[0].startswith("Dask dashboard: http://")
     assert any(re.search(r"\d+/\d+ \[", line) for line in first)  # the tiles bar
+    assert " 0tile [" not in "".join(first)  # no bar of zero tiles
     assert any(line.startswith("BM_GRAZ_HE_0001_01: ") and "cells from" in line
                for line in first)
     # a second run has nothing to do: no bar, no cluster, one line saying so

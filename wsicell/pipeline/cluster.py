@@ -175,8 +175,9 @@ class TileProgress:
             if self._bar is None:
                 if total <= done:
                     return
-                self._bar = tqdm(total=0, desc=self._desc, unit="tile",
+                self._bar = tqdm(total=total, initial=done, desc=self._desc, unit="tile",
                                  disable=not self.enabled, file=sys.stderr, dynamic_ncols=True)
+                return
             self._bar.total += total
             self._bar.update(done)
             self._bar.refresh()
