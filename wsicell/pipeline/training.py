@@ -10,6 +10,12 @@ the final ``model.pt`` + ``config.json`` read by
 
 Multi-GPU: run under ``torchrun --nproc-per-node N``; each rank streams its own share of the
 store.
+
+Time and interruptions: a first line says what will run and an estimate follows the first
+timed iterations (``say``); ``max_minutes`` ends the run at a time budget with a complete
+model directory; checkpoints are also written every ``checkpoint_minutes`` and on SIGINT /
+SIGTERM (after the current iteration, then :class:`TrainingInterrupted`). ``config.json``
+records the iterations trained, why training stopped and its wall time.
 """
 
 from __future__ import annotations
