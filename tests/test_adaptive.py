@@ -177,6 +177,12 @@ def test_every_nucleus_is_one_connected_region_with_one_outline():
     boxes = _boxes(labels)
     assert all(mask_outline(labels[box] == i + 1).geom_type == "Polygon"
                for i, box in enumerate(boxes) if box is not None)
+    # the stored crop masks too, shrunk ones included (16 px crops shrink most nuclei)
+    from wsicell.segmentation.nuclei import Objects, cell_crops
+
+    objects = Objects.from_labels(labels)
+    _, masks = cell_crops(labels, rgb, objects.bbox, 16)
+    assert all(mask_outline(m).geom_type == "Polygon" for m in masks if m.any())
 
 
 def _boxes(labels):

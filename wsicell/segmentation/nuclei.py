@@ -302,14 +302,30 @@ def cell_crop(region: np.ndarray, inside: np.ndarray, size: int) -> tuple[np.nda
         cell[~inside] = 255
         cell = cv2.resize(cell, (w, h), interpolation=cv2.INTER_AREA)
         copied = slice(None)  # the whole shrunk box: its background is white already
-        inside = cv2.resize(inside.astype(np.float32), (w, h),
-                            interpolation=cv2.INTER_AREA) >= 0.5
+        inside = largest_piece(cv2.resize(inside.astype(np.float32), (w, h),
+                                          interpolation=cv2.INTER_AREA) >= 0.5)
     crop = np.full((size, size, 3), 255, dtype=np.uint8)
     mask = np.zeros((size, size), dtype=bool)
     top, left = (size - h) // 2, (size - w) // 2
     crop[top:top + h, left:left + w][copied] = cell[copied]
     mask[top:top + h, left:left + w] = inside
     return crop, mask
+
+
+def largest_piece(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected piece of a bool mask (H, W): a shrunk nucleus mask can fall
+    apart at a thin neck, and its outline must stay one polygon.
+
+    Examples
+    --------
+    >>> largest_piece(np.array([[1, 1, 0, 1]], bool)).astype(int)
+    array([[1, 1, 0, 0]])
+    """
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8),
+                                                           connectivity=4, ltype=cv2.CV_32S)
+    if n <= 2:
+        return mask
+    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
 def crop_placement(bbox: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
