@@ -114,7 +114,13 @@ class OutputPath(click.Path):
     """A path a command writes: a ``file`` or a ``directory`` (created when missing).
 
     Refused before the command starts: a parent directory that does not exist (or is a
-    file), a directory where a file belongs, or a file where a directory belongs.
+    file), a directory where a file belongs, or a file where a directory belongs.  A URL
+    (``s3://bucket/cells.zarr``) passes unchanged.
+
+    Examples
+    --------
+    >>> OUTPUT_DIR.convert("s3://bucket/cells.zarr", None, None)
+    's3://bucket/cells.zarr'
     """
 
     def __init__(self, kind: str = "file"):
@@ -122,6 +128,8 @@ class OutputPath(click.Path):
         self.kind = kind
 
     def convert(self, value, param, ctx):
+        if "://" in str(value):  # a URL (s3://...): checked where it is opened
+            return value
         path = Path(super().convert(value, param, ctx))
         parent = path.absolute().parent
         if not parent.is_dir():

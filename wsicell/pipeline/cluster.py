@@ -110,7 +110,7 @@ def start_local_cluster(workers: int, threads_per_worker: int, memory_limit: str
         try:
             cluster = local_cluster(workers, threads_per_worker, memory_limit, dashboard)
             return cluster, Client(cluster)
-        except (RuntimeError, OSError, TimeoutError, ValueError) as err:
+        except (RuntimeError, OSError, TimeoutError) as err:  # a worker died, a port taken
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             if cluster is not None:
                 cluster.close()
@@ -119,8 +119,8 @@ def start_local_cluster(workers: int, threads_per_worker: int, memory_limit: str
                               f"retrying ({attempt + 1}/{START_ATTEMPTS})", stacklevel=2)
     raise WsicellError(
         f"the local Dask cluster of {workers} worker(s) failed to start {START_ATTEMPTS} times "
-        f"(last: {reason}); its workers died while starting: check free memory and "
-        "--memory-limit, or lower --workers")
+        f"(last: {reason}); most often its workers died while starting: check free memory "
+        "and --memory-limit, or lower --workers")
 
 
 @contextmanager
