@@ -330,6 +330,7 @@ class StoredArray:
     def __init__(self, array: zarr.Array, where: str):
         self._array, self.where = array, where
         self.shape, self.chunks, self.dtype = array.shape, array.chunks, array.dtype
+        self._listed: set[str] | None = None  # object storage: chunk keys, listed once
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -344,7 +345,7 @@ class StoredArray:
 
     def _read(self, selection, read):
         chunks = _chunks_of(self._array, selection)
-        missing = [c for c in chunks if not _chunk_exists(self._array, c)]
+        missing = [c for c in chunks if not self._exists(c)]
         if missing:
             raise WsicellError(f"{self.where}: chunk {missing[0]} is missing (the store is "
                                "damaged: wsicell validate --deep STORE lists what is)")
@@ -354,6 +355,23 @@ class StoredArray:
             bad = next((c for c in chunks if _chunk_problem(self._array, c)), chunks[:1])
             raise WsicellError(f"{self.where}: chunk {bad} is damaged ({_reason(err)}; "
                                "wsicell validate --deep STORE lists what is)") from None
+
+
+    def _exists(self, coords: tuple[int, ...]) -> bool:
+        """Whether a chunk is stored: a file test on a local disk; on object storage a
+        look-up in the array's chunk keys, listed on the first read (a complete slide's
+        arrays never change), asking the store itself only for a key not listed."""
+        store = self._array.store_path.store
+        if isinstance(store, zarr.storage.LocalStore) or 0 in self.shape:
+            return _chunk_exists(self._array, coords)
+        if self._listed is None:
+            from zarr.core.sync import collect_aiterator
+
+            prefix = f"{self._array.store_path.path}/"
+            self._listed = {key[len(prefix):] for key in
+                            collect_aiterator(store.list_prefix(prefix))}
+        return (self._array.metadata.encode_chunk_key(coords) in self._listed
+                or _chunk_exists(self._array, coords))
 
 
 class _OrthogonalIndex:
