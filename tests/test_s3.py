@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-from test_ingest_recovery import (  # noqa: F401 - its fixtures: the slide, its config, a local store
+# test_ingest_recovery's fixtures: the sample slide, its configuration, a local store
+from test_ingest_recovery import (  # noqa: F401
     CONFIG,
     SLIDE_ID,
     config_file,

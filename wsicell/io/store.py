@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import socket
-import threading
-import time
 import itertools
 import json
 import os
 import re
 import shutil
+import socket
+import threading
+import time
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -136,9 +136,10 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     >>> complete_slides(root)
     []
     """
-    path = store_location(path)
-    if isinstance(path, str):
-        return _open_remote_store(path, mode)
+    location = store_location(path)
+    if isinstance(location, str):
+        return _open_remote_store(location, mode)
+    path = location if str(path).startswith("file://") else Path(path)  # as given, for messages
     if path.exists() and not path.is_dir():
         raise WsicellError(f"{path}: is a file, not a cell store directory")
     if not path.exists() and mode != "a":
@@ -234,8 +235,9 @@ def _filesystem(url: str):
     try:
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as err:
-        raise WsicellError(f"{url}: cannot open this URL ({_first_line(err)}; object storage "
-                           "needs its fsspec backend: pip install 'wsicell[s3]' for s3://)") from None
+        raise WsicellError(f"{url}: cannot open this URL ({_first_line(err)}; object "
+                           "storage needs its fsspec backend: pip install 'wsicell[s3]' for "
+                           "s3://)") from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -567,7 +569,7 @@ class StoreLease:
     """
 
     def __init__(self, url: str, writer: str = "ingest", seconds: float = LEASE_SECONDS):
-        self.url, self.writer, self.seconds = f"{url}.lease", writer, seconds
+        self.store, self.url, self.writer, self.seconds = url, f"{url}.lease", writer, seconds
         self.fs, self.path = _filesystem(self.url)
         self.owner = uuid.uuid4().hex
         self.tag: str | None = None
@@ -576,23 +578,25 @@ class StoreLease:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> bytes:
-        return json.dumps({"owner": self.owner, "writer": self.writer, "host": socket.gethostname(),
-                           "pid": os.getpid(), "expires": time.time() + self.seconds}).encode()
+        return json.dumps({"owner": self.owner, "writer": self.writer,
+                           "host": socket.gethostname(), "pid": os.getpid(),
+                           "expires": time.time() + self.seconds}).encode()
 
     def __enter__(self) -> StoreLease:
         tag = _put_if_absent(self.fs, self.path, self._record())
         if tag is None:
             held, old_tag = _read_with_tag(self.fs, self.path)
             if held is not None and held.get("expires", 0) > time.time() and not _dead(held):
+                until = time.strftime("%H:%M:%S", time.localtime(held["expires"]))
                 raise WsicellError(
-                    f"{self.url[:-len('.lease')]}: another {held.get('writer', 'wsicell process')} "
-                    f"is writing to this store (host {held.get('host', '?')}, pid "
-                    f"{held.get('pid', '?')}, lease until {time.strftime('%H:%M:%S', time.localtime(held['expires']))}); "
-                    "wait for it to finish")
-            tag = _replace_if(self.fs, self.path, self._record(), old_tag)
+                    f"{self.store}: another {held.get('writer', 'wsicell process')} is writing "
+                    f"to this store (host {held.get('host', '?')}, pid {held.get('pid', '?')}, "
+                    f"lease until {until}); wait for it to finish")
+            tag = (_put_if_absent(self.fs, self.path, self._record()) if held is None
+                   else _replace_if(self.fs, self.path, self._record(), old_tag))
             if tag is None:
-                raise WsicellError(f"{self.url[:-len('.lease')]}: another wsicell process took "
-                                   "this store's expired lease first; wait for it to finish")
+                raise WsicellError(f"{self.store}: another wsicell process took this store's "
+                                   "expired lease first; wait for it to finish")
         self.tag = tag
         self._thread = threading.Thread(target=self._renew, name="wsicell-lease", daemon=True)
         self._thread.start()
@@ -774,7 +778,7 @@ def write_crop_rows(store: str | Path, slide_id: str, start: int, crops: np.ndar
 
 def _below(store: str | Path, *parts: str):
     """A node of a store by its path (a local Path, or a URL zarr opens with fsspec)."""
-    location = store_location(store)
+    location = store_location(store) if "://" in str(store) else Path(store)
     if isinstance(location, str):
         return "/".join((location, *parts))
     return location.joinpath(*parts)
