@@ -74,7 +74,7 @@ def loader_rate(store: Path, slides: list[str], device: torch.device, workers: i
 
 
 def loader_rate_s3(store: Path, slides: list[str], device: torch.device, workers: int,
-                   batches: int, rounds: int = 2) -> tuple[float, float]:
+                   batches: int, rounds: int = 3) -> tuple[float, float]:
     """Crops per second from the store copied to an S3 server on loopback (moto's server
     mode, started here), and the same from the local store, measured in alternating rounds
     (the median of each): ``(s3, local)``."""
