@@ -8,6 +8,9 @@ loop, and crops per second from disk.
 Without ``--store`` the vendored bone-marrow image is ingested into a temporary store.
 ``loader_crops_per_s`` streams uint8 batches through :class:`wsicell.learning.data.CropStream` and a
 DataLoader (``--workers`` processes, pinned memory on a GPU) and copies them to the device;
+``loader_crops_per_s_s3`` does the same from the store copied to an S3 server on loopback
+(moto's server mode, started by the benchmark; ``pip install 'wsicell[test]'``), in rounds
+alternating with the local store, whose rate in those rounds it prints beside;
 ``gen_iters_per_s`` times full iterations of the default configuration (5 critic steps with
 gradient penalty, one G step, one Q step, batch 64) on batches from that loader.
 
@@ -79,7 +82,7 @@ def loader_rate(store: Path, slides: list[str], device: torch.device, workers: i
 
 
 def loader_rate_s3(store: Path, slides: list[str], device: torch.device, workers: int,
-                   batches: int, rounds: int = 2) -> tuple[float, float]:
+                   batches: int, rounds: int = 3) -> tuple[float, float]:
     """Crops per second from the store copied to an S3 server on loopback (moto's server
     mode, started here), and the same from the local store, measured in alternating rounds
     (the median of each): ``(s3, local)``."""

@@ -19,8 +19,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-from conftest import TEST_DATA
-from test_ingest_recovery import CONFIG, SLIDE_ID, ingest_command, kill_tree
+# test_ingest_recovery's fixtures: the sample slide, its configuration, a local store
+from test_ingest_recovery import (  # noqa: F401
+    CONFIG,
+    SLIDE_ID,
+    config_file,
+    ingest_command,
+    kill_tree,
+    reference,
+    slide,
+)
 
 from wsicell.config import TrainConfig, WsicellConfig
 from wsicell.errors import WsicellError
@@ -92,22 +100,9 @@ def s3():
 
 
 @pytest.fixture(scope="module")
-def slide():
-    return TEST_DATA / "bm_graz_pyramid.tif"
-
-
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "config.json"
-    path.write_text(json.dumps(CONFIG.to_json()))
-    return path
-
-
-@pytest.fixture(scope="module")
-def local(tmp_path_factory, slide):
-    store = tmp_path_factory.mktemp("local") / "cells.zarr"
-    ingest(store, [slide], CONFIG, **DASK)
-    return store
+def local(reference):
+    """The sample ingested into a local store (test_ingest_recovery's reference)."""
+    return reference
 
 
 @pytest.fixture(scope="module")
@@ -149,13 +144,13 @@ def test_a_clean_local_run_leaves_no_lock_file(local):
     assert not Path(f"{local}.lock").exists()
 
 
-def test_ingest_into_s3_gives_the_local_store(s3, remote, local):
+def test_ingest_into_s3_gives_the_local_store(s3, remote, local, slide):
     assert_same(remote, local)
     assert validate_store(remote, deep=True) == []
     # nothing beside the store: no staging, no lease
     assert sorted(p.rsplit("/", 1)[-1] for p in s3.ls(BUCKET, refresh=True)) == ["cells.zarr"]
     # a second run finds the slide complete and changes nothing
-    assert ingest(remote, [TEST_DATA / "bm_graz_pyramid.tif"], CONFIG, **DASK) == [SLIDE_ID]
+    assert ingest(remote, [slide], CONFIG, **DASK) == [SLIDE_ID]
     assert_same(remote, local)
 
 
@@ -241,8 +236,11 @@ def test_a_killed_ingest_resumes_to_the_same_store(s3, slide, config_file, local
 
 def test_crop_stream_from_s3_gives_the_local_batches(remote, local):
     slides = complete_slides(open_store(local))
-    streams = [CropStream(store, slides, 16, 64, seed=3) for store in (local, remote)]
+    # units are whole chunks on object storage: the same units locally give the same batches
+    streams = [CropStream(local, slides, 16, 64, seed=3, whole_chunks=True),
+               CropStream(remote, slides, 16, 64, seed=3)]
     assert (streams[0].read_ahead, streams[1].read_ahead) == (1, 8)
+    assert streams[0].units == streams[1].units
     n = 2 * streams[0].n_crops // 16  # two epochs
     batches = [np.stack([b.numpy() for _, b in zip(range(n), s)]) for s in streams]
     np.testing.assert_array_equal(batches[1], batches[0])

@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import socket
-import threading
-import time
 import itertools
 import json
 import os
 import re
 import shutil
+import socket
+import threading
+import time
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -202,9 +202,10 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     >>> complete_slides(root)
     []
     """
-    path = store_location(path)
-    if isinstance(path, str):
-        return _open_remote_store(path, mode)
+    location = store_location(path)
+    if isinstance(location, str):
+        return _open_remote_store(location, mode)
+    path = location if str(path).startswith("file://") else Path(path)  # as given, for messages
     if path.exists() and not path.is_dir():
         raise WsicellError(f"{path}: is a file, not a cell store directory")
     if not path.exists() and mode != "a":
@@ -300,8 +301,9 @@ def _filesystem(url: str):
     try:
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as err:
-        raise WsicellError(f"{url}: cannot open this URL ({_first_line(err)}; object storage "
-                           "needs its fsspec backend: pip install 'wsicell[s3]' for s3://)") from None
+        raise WsicellError(f"{url}: cannot open this URL ({_first_line(err)}; object "
+                           "storage needs its fsspec backend: pip install 'wsicell[s3]' for "
+                           "s3://)") from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -417,6 +419,7 @@ class StoredArray:
     def __init__(self, array: zarr.Array, where: str):
         self._array, self.where = array, where
         self.shape, self.chunks, self.dtype = array.shape, array.chunks, array.dtype
+        self._listed: set[str] | None = None  # object storage: chunk keys, listed once
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -431,7 +434,7 @@ class StoredArray:
 
     def _read(self, selection, read):
         chunks = _chunks_of(self._array, selection)
-        missing = [c for c in chunks if not _chunk_exists(self._array, c)]
+        missing = [c for c in chunks if not self._exists(c)]
         if missing:
             raise WsicellError(f"{self.where}: chunk {missing[0]} is missing (the store is "
                                "damaged: wsicell validate --deep STORE lists what is)")
@@ -441,6 +444,23 @@ class StoredArray:
             bad = next((c for c in chunks if _chunk_problem(self._array, c)), chunks[:1])
             raise WsicellError(f"{self.where}: chunk {bad} is damaged ({_reason(err)}; "
                                "wsicell validate --deep STORE lists what is)") from None
+
+
+    def _exists(self, coords: tuple[int, ...]) -> bool:
+        """Whether a chunk is stored: a file test on a local disk; on object storage a
+        look-up in the array's chunk keys, listed on the first read (a complete slide's
+        arrays never change), asking the store itself only for a key not listed."""
+        store = self._array.store_path.store
+        if isinstance(store, zarr.storage.LocalStore) or 0 in self.shape:
+            return _chunk_exists(self._array, coords)
+        if self._listed is None:
+            from zarr.core.sync import collect_aiterator
+
+            prefix = f"{self._array.store_path.path}/"
+            self._listed = {key[len(prefix):] for key in
+                            collect_aiterator(store.list_prefix(prefix))}
+        return (self._array.metadata.encode_chunk_key(coords) in self._listed
+                or _chunk_exists(self._array, coords))
 
 
 class _OrthogonalIndex:
@@ -653,7 +673,7 @@ class StoreLease:
     """
 
     def __init__(self, url: str, writer: str = "ingest", seconds: float = LEASE_SECONDS):
-        self.url, self.writer, self.seconds = f"{url}.lease", writer, seconds
+        self.store, self.url, self.writer, self.seconds = url, f"{url}.lease", writer, seconds
         self.fs, self.path = _filesystem(self.url)
         self.owner = uuid.uuid4().hex
         self.tag: str | None = None
@@ -662,23 +682,25 @@ class StoreLease:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> bytes:
-        return json.dumps({"owner": self.owner, "writer": self.writer, "host": socket.gethostname(),
-                           "pid": os.getpid(), "expires": time.time() + self.seconds}).encode()
+        return json.dumps({"owner": self.owner, "writer": self.writer,
+                           "host": socket.gethostname(), "pid": os.getpid(),
+                           "expires": time.time() + self.seconds}).encode()
 
     def __enter__(self) -> StoreLease:
         tag = _put_if_absent(self.fs, self.path, self._record())
         if tag is None:
             held, old_tag = _read_with_tag(self.fs, self.path)
             if held is not None and held.get("expires", 0) > time.time() and not _dead(held):
+                until = time.strftime("%H:%M:%S", time.localtime(held["expires"]))
                 raise WsicellError(
-                    f"{self.url[:-len('.lease')]}: another {held.get('writer', 'wsicell process')} "
-                    f"is writing to this store (host {held.get('host', '?')}, pid "
-                    f"{held.get('pid', '?')}, lease until {time.strftime('%H:%M:%S', time.localtime(held['expires']))}); "
-                    "wait for it to finish")
-            tag = _replace_if(self.fs, self.path, self._record(), old_tag)
+                    f"{self.store}: another {held.get('writer', 'wsicell process')} is writing "
+                    f"to this store (host {held.get('host', '?')}, pid {held.get('pid', '?')}, "
+                    f"lease until {until}); wait for it to finish")
+            tag = (_put_if_absent(self.fs, self.path, self._record()) if held is None
+                   else _replace_if(self.fs, self.path, self._record(), old_tag))
             if tag is None:
-                raise WsicellError(f"{self.url[:-len('.lease')]}: another wsicell process took "
-                                   "this store's expired lease first; wait for it to finish")
+                raise WsicellError(f"{self.store}: another wsicell process took this store's "
+                                   "expired lease first; wait for it to finish")
         self.tag = tag
         self._thread = threading.Thread(target=self._renew, name="wsicell-lease", daemon=True)
         self._thread.start()
@@ -860,7 +882,7 @@ def write_crop_rows(store: str | Path, slide_id: str, start: int, crops: np.ndar
 
 def _below(store: str | Path, *parts: str):
     """A node of a store by its path (a local Path, or a URL zarr opens with fsspec)."""
-    location = store_location(store)
+    location = store_location(store) if "://" in str(store) else Path(store)
     if isinstance(location, str):
         return "/".join((location, *parts))
     return location.joinpath(*parts)

@@ -160,11 +160,16 @@ class CropStream(IterableDataset):
     read_ahead : int, optional
         Unit reads each stream keeps in flight (default: ``READ_AHEAD`` for a store on
         object storage, 1 on a local disk).
+    whole_chunks : bool, optional
+        Units are whole chunks, never pieces of one (default: on object storage, where a
+        piece costs the request of its whole chunk); otherwise a small store's chunks are
+        cut into pieces so that every stream gets several.
     """
 
     def __init__(self, store, slide_ids: list[str], batch_size: int, shuffle_buffer: int,
                  seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 start_batch: int = 0, read_ahead: int | None = None):
+                 start_batch: int = 0, read_ahead: int | None = None,
+                 whole_chunks: bool | None = None):
         super().__init__()
         if not slide_ids:
             raise WsicellError(f"{store}: no slides to train on")
@@ -182,7 +187,8 @@ class CropStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.n_workers = max(num_workers, 1)
         self.start_batch = start_batch
-        self.read_ahead = read_ahead or (READ_AHEAD if is_remote(store) else 1)
+        remote = is_remote(store)
+        self.read_ahead = read_ahead or (READ_AHEAD if remote else 1)
         self.n_crops = sum(a.shape[0] for a in arrays)
         n_streams = world_size * self.n_workers
         if self.n_crops < 2 * n_streams * batch_size:
@@ -190,7 +196,9 @@ class CropStream(IterableDataset):
                 f"{store}: {self.n_crops} crops are too few for batches of {batch_size} over "
                 f"{n_streams} streams (ranks x loader workers); use smaller batches or fewer "
                 "workers")
-        max_unit = max(1, self.n_crops // (4 * n_streams))
+        max_unit = (max(a.chunks[0] for a in arrays)
+                    if (remote if whole_chunks is None else whole_chunks)
+                    else max(1, self.n_crops // (4 * n_streams)))
         self.units = plan_units([a.shape[0] for a in arrays], [a.chunks[0] for a in arrays],
                                 max_unit)
         self._arrays = None
@@ -214,26 +222,38 @@ class CropStream(IterableDataset):
         worker = ((info.id if info is not None else 0) + self.start_batch) % self.n_workers
         stream = self.rank * self.n_workers + worker
         skip = batches_before(self.start_batch, worker, self.n_workers)
+        # one read-ahead for all epochs: the next epoch's first chunks are in flight while
+        # this one's last batches are cut
+        epochs, ahead = itertools.tee(self._epoch_groups(stream, skip))
+        arrays = self.arrays()
+        reads = read_ahead(lambda u: arrays[u.slide][u.start:u.stop],
+                           (u for _, groups, _ in ahead for _, group, _, _ in groups
+                            for u in group), self.read_ahead)
+        for epoch, groups, skip_crops in epochs:
+            yield from self._epoch_batches(epoch, stream, groups, skip_crops, reads)
+
+    def _epoch_groups(self, stream: int, skip: int):
+        """Every epoch of a stream from the first that has a batch left after ``skip``
+        batches: ``(epoch, groups, skip_crops)``, the shuffle groups to read as ``(index,
+        units, size, first crop)`` and the crops of the first to skip."""
         for epoch in itertools.count():
             units = self.stream_units(epoch, stream)
             n_batches = sum(u.size for u in units) // self.batch_size
             if skip >= n_batches:
                 skip -= n_batches
                 continue
-            yield from self._epoch_batches(epoch, stream, units, skip * self.batch_size)
-            skip = 0
+            skip_crops, skip = skip * self.batch_size, 0
+            groups, position = [], 0
+            for index, group in enumerate(group_units(units, self.shuffle_buffer)):
+                size = sum(u.size for u in group)
+                position, group_start = position + size, position
+                if position > skip_crops:
+                    groups.append((index, group, size, group_start))
+            yield epoch, groups, skip_crops
 
-    def _epoch_batches(self, epoch: int, stream: int, units: list[Unit], skip_crops: int):
-        """Batches of one epoch of one stream, starting ``skip_crops`` crops into it."""
-        arrays = self.arrays()
-        groups, position = [], 0
-        for index, group in enumerate(group_units(units, self.shuffle_buffer)):
-            size = sum(u.size for u in group)
-            position, group_start = position + size, position
-            if position > skip_crops:
-                groups.append((index, group, size, group_start))
-        reads = read_ahead(lambda u: arrays[u.slide][u.start:u.stop],
-                           [u for _, group, _, _ in groups for u in group], self.read_ahead)
+    def _epoch_batches(self, epoch: int, stream: int, groups: list, skip_crops: int, reads):
+        """Batches of one epoch of one stream, starting ``skip_crops`` crops into it; the
+        units of ``groups`` come from ``reads`` in order."""
         pending, held = [], 0
         for index, group, size, group_start in groups:
             crops = np.concatenate([next(reads) for _ in group])
