@@ -4,7 +4,7 @@ confusion table of clusters against annotated types."""
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import _slide_attrs, write_test_labels
+from conftest import STAIN, _slide_attrs, write_test_labels
 
 from wsicell.analysis.cluster_descriptions import (
     confusion_table,
@@ -21,6 +21,7 @@ from wsicell.io.store import (
     write_cell_rows,
     write_crop_rows,
 )
+from wsicell.segmentation.measurements import nucleus_measurements
 
 
 def ellipse_mask(radius_rows: float, radius_cols: float) -> np.ndarray:
@@ -40,8 +41,11 @@ def write_slide(root, slide_id, tmp_path, masks, area, hematoxylin):
         "bbox_x1": 10 * i + 4, "bbox_y1": 5 * i + 3, "area": area,
         "mean_hematoxylin": hematoxylin, "crop_x0": 10.0 * i - 16, "crop_y0": 5.0 * i - 16,
         "crop_px": np.ones(n), "tile_id": np.zeros(n, int)})
-    write_crop_rows(root.store.root, slide_id, 0, np.full((n, 32, 32, 3), 200, np.uint8),
-                    np.asarray(masks))
+    crops = np.full((n, 32, 32, 3), 200, np.uint8)
+    write_crop_rows(root.store.root, slide_id, 0, crops, np.asarray(masks))
+    write_cell_rows(root.store.root, slide_id, 0, nucleus_measurements(
+        np.asarray(masks), crops, STAIN["stain_matrix"], np.ones(n)))
+    group.attrs["stain"] = STAIN
     finish_slide(group, [n], {"n_tiles": 1})
 
 

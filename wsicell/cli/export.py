@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import click
 
-from wsicell.cli.options import OUTPUT_FILE
+from pathlib import Path
+
+from wsicell.cli.options import OutputPath
 from wsicell.io.export import FORMATS, GEOMETRIES
 
 
 @click.command()
 @click.argument("store", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True)
-@click.option("--out", required=True, type=OUTPUT_FILE, help="Output file.")
+@click.option("--out", required=True, type=OutputPath("file or directory"),
+              help="Output file (a directory for spatialdata).")
 @click.option("--slide", "slide_ids", multiple=True,
               help="Slide id to export (repeatable) [default: all complete slides].")
 @click.option("--geometry", type=click.Choice(GEOMETRIES), default="outline",
@@ -37,6 +40,8 @@ def export(store, fmt, out, slide_ids, geometry, labels, model_dir):
     """
     from wsicell.io.export import export_cells
 
+    if fmt != "spatialdata" and "://" not in str(out) and Path(out).is_dir():
+        raise click.BadParameter(f"{out}: is a directory, not a file", param_hint="'--out'")
     features = None
     if model_dir is not None and fmt not in ("anndata", "spatialdata"):
         raise click.UsageError("--features goes into --format anndata or spatialdata only")
