@@ -13,7 +13,7 @@ from PIL import Image
 
 from wsicell.config import load_config
 from wsicell.errors import WsicellError
-from wsicell.pipeline.fields import evaluate_detection, evaluate_segmentation
+from wsicell.pipeline.fields import evaluate_detection, evaluate_segmentation, preset_configs
 from wsicell.segmentation.fov import segment_file
 
 SAMPLE = TEST_DATA / "BM_GRAZ_HE_0001_01.png"
@@ -86,6 +86,19 @@ def test_cli_evaluates_the_configurations_preset_by_default(dataset, tmp_path):
                             text=True)
     assert result.returncode == 0, result.stderr
     assert list(json.loads(result.stdout)["presets"]) == ["paper"]
+
+
+def test_the_default_preset_keeps_the_files_own_values(tmp_path):
+    """Without a preset the file's segmentation section is evaluated as written; a named
+    preset replaces it."""
+    config = load_config(None, "paper").to_json()
+    config["segmentation"]["hematoxylin_threshold"] = 99
+    path = tmp_path / "custom.json"
+    path.write_text(json.dumps(config))
+    own = preset_configs([None], path)
+    assert own["paper"].segmentation.hematoxylin_threshold == 99
+    assert preset_configs(["paper"], path)["paper"].segmentation.hematoxylin_threshold != 99
+
 
 def _one_line_error(images, masks, match):
     with pytest.raises(WsicellError, match=match) as err:

@@ -234,7 +234,7 @@ class TrainConfig(_Section):
     lr_info: PositiveFloat = Field(
         1e-4, description="Adam learning rate of the Q step (G, trunk and Q head); the "
         "research code has it apart. The paper's 1e-4 leaves L_Q near ln(k) for hundreds of "
-        "iterations; 1e-3 brought it below 0.3 within 150 on CoNSeP (README, Training)."
+        "iterations; 1e-3 brought it below 0.3 within 150 on CoNSeP (docs/training.md)."
     )
     betas: tuple[float, float] = Field((0.5, 0.9), description="Adam betas.")
     lambda_gp: float = Field(10.0, ge=0, description="Gradient-penalty weight lambda1.")
@@ -251,7 +251,7 @@ class TrainConfig(_Section):
         "batch (SCAN, Van Gansbeke et al. 2020), so that Q spreads real cells over its "
         "categories instead of collapsing them into one (0 = the paper). On CoNSeP (3 seeds) "
         "it shrank the largest cluster from 75% to 60% of the cells and raised NMI from 0.022 "
-        "to 0.038 on the train patches' cells (README, Cell types on CoNSeP)."
+        "to 0.038 on the train patches' cells (docs/cell-types.md)."
     )
     lambda_confidence: float = Field(
         0.0, ge=0, description="Beyond the paper: weight of the mean entropy of each real "
@@ -260,7 +260,7 @@ class TrainConfig(_Section):
         "crops and categories (RIM / IMSAT): confident, evenly used categories (0 = off). On "
         "the demo's bone marrow it kept all 5 categories in use (2 without); on CoNSeP's "
         "train patches' cells (3 seeds) it did not help: purity 0.383 against 0.399, "
-        "largest cluster up to 90% against 77% (README, Cell types on CoNSeP)."
+        "largest cluster up to 90% against 77% (docs/cell-types.md)."
     )
     epochs: PositiveFloat = Field(10, description="Passes over the training crops.")
     width: PositiveInt = Field(128, description="Channels of the residual networks.")
@@ -384,17 +384,17 @@ SEGMENTATION_PRESETS: dict[str, SegmentationConfig] = {
     "paper": SegmentationConfig(preset="paper"),
     # Keeps the small nuclei the 200 px cut loses (erythroblasts, lymphocytes) and drops
     # the slivers the opening leaves.  Chosen on 4 of the 8 annotated bm_graz images,
-    # checked on the other 4 (README, "Detection").
+    # checked on the other 4 (docs/segmentation.md, "Detection").
     "sensitive": SegmentationConfig(preset="sensitive", min_area_px=100, min_fragment_px=80),
     # Solid tissue with packed, elongated or pale nuclei (colorectal: CoNSeP): a looser
     # threshold, a narrow opening that keeps spindle nuclei, small nuclei kept, touching
     # nuclei split.  Chosen on every 6th CoNSeP train patch, checked on the test patches
-    # (README, "Detection").
+    # (docs/segmentation.md, "Detection").
     "tissue": SegmentationConfig(preset="tissue", hematoxylin_threshold=140, min_area_px=40,
                                  min_fragment_px=30, opening_size_px=3, split_touching=True),
     # Self-calibrating and in microns (wsicell.segmentation.adaptive): one configuration
-    # chosen on the train splits of MoNuSeg, CoNSeP and bm_graz together (README,
-    # "The adaptive preset").  Ingest calibrates it once per slide (its stain sample).
+    # chosen on the train splits of MoNuSeg, CoNSeP and bm_graz together
+    # (docs/segmentation.md, "The default: adaptive").  Ingest calibrates it once per slide (its stain sample).
     "adaptive": SegmentationConfig(preset="adaptive", method="adaptive"),
 }
 

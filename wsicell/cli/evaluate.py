@@ -8,15 +8,11 @@ from wsicell.cli.options import MPP, SEED, positive
 from wsicell.config import SEGMENTATION_PRESETS
 
 
-def _presets(preset: str | None, config_file) -> list[str]:
+def _presets(preset: str | None, config_file) -> list[str | None]:
     """The presets to evaluate: all, the one named, or the configuration's (default)."""
     if preset == "all":
         return sorted(SEGMENTATION_PRESETS)
-    if preset is None:
-        from wsicell.config import load_config
-
-        return [load_config(config_file).segmentation.preset]
-    return [preset]
+    return [preset]  # None: the configuration's own, as its file sets it
 
 
 @click.group()

@@ -112,7 +112,24 @@ def annotated_images(image_dir: Path, points_dir: Path) -> list[tuple[Path, Path
     return pairs
 
 
-def evaluate_detection(image_dir: str | Path, points_dir: str | Path, presets: list[str],
+def preset_configs(presets: list[str | None], config_file: str | Path | None = None) -> dict:
+    """The configuration of each preset to evaluate, keyed by the preset's name: a named
+    preset replaces the file's ``segmentation`` section; None is the file's configuration
+    as written (its own preset with any values the file sets).
+
+    Examples
+    --------
+    >>> sorted(preset_configs([None, "paper"]))
+    ['adaptive', 'paper']
+    """
+    configs = {}
+    for name in presets:
+        config = load_config(config_file, name)
+        configs[config.segmentation.preset] = config
+    return configs
+
+
+def evaluate_detection(image_dir: str | Path, points_dir: str | Path, presets: list[str | None],
                        radius: float = 12.0, config_file: str | Path | None = None,
                        mpp: float | None = None, progress: bool = True) -> dict:
     """Precision, recall and F1 of detected nucleus centroids against annotated points.
@@ -129,8 +146,8 @@ def evaluate_detection(image_dir: str | Path, points_dir: str | Path, presets: l
     """
     pairs = annotated_images(Path(image_dir), Path(points_dir))
     results = {"radius": radius, "presets": {}}
-    configs = {name: load_config(config_file, name) for name in presets}
-    per_image = {name: {} for name in presets}
+    configs = preset_configs(presets, config_file)
+    per_image = {name: {} for name in configs}
     for image, points_file in tqdm(pairs, desc="evaluate", unit="image", disable=not progress):
         reference = read_points(points_file, ("x", "y")).to_numpy()
         for name, config in configs.items():
@@ -212,7 +229,7 @@ def _image_shape(path: Path) -> tuple[int, int]:
 _MEAN_FIGURES = ("iou", "f1", "aji", "dq", "sq", "pq")
 
 
-def evaluate_segmentation(image_dir: str | Path, mask_dir: str | Path, presets: list[str],
+def evaluate_segmentation(image_dir: str | Path, mask_dir: str | Path, presets: list[str | None],
                           mpp: float, config_file: str | Path | None = None,
                           progress: bool = True) -> dict:
     """Instance segmentation of each preset against instance masks.
@@ -228,7 +245,7 @@ def evaluate_segmentation(image_dir: str | Path, mask_dir: str | Path, presets: 
     ----------
     image_dir, mask_dir : str or Path
         Images, and PNG instance masks of the same stems (8- or 16-bit, 0 = background).
-    presets : list of str
+    presets : list of str or None
     mpp : float
         Microns per pixel of the images.
     config_file : str or Path, optional
@@ -252,8 +269,8 @@ def evaluate_segmentation(image_dir: str | Path, mask_dir: str | Path, presets: 
     for image, mask in pairs:  # every input is checked before the long part
         read_instance_mask(mask, _image_shape(image))
     radius = DETECTION_RADIUS_UM / mpp
-    configs = {name: load_config(config_file, name) for name in presets}
-    per_image = {name: {} for name in presets}
+    configs = preset_configs(presets, config_file)
+    per_image = {name: {} for name in configs}
     for image, mask_file in tqdm(pairs, desc="evaluate", unit="image", disable=not progress):
         mask = read_instance_mask(mask_file, _image_shape(image))
         for name, config in configs.items():

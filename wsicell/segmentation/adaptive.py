@@ -22,8 +22,8 @@ it, so the recipe holds at 20x and 40x alike.
    refused (removed and counted, never silently).
 
 OpenCV / numpy only; ~0.06-0.09 s per megapixel single-threaded at 0.25 um/px, about
-0.066 s/MP on the benchmark slide's tiles at 0.4 um/px (README, "The default: adaptive" and
-"Benchmarks").
+0.066 s/MP on the benchmark slide's tiles at 0.4 um/px (docs/segmentation.md,
+"The default: adaptive", and docs/benchmarks.md).
 """
 
 from __future__ import annotations
