@@ -259,8 +259,9 @@ def main() -> None:
         print(f"loader_crops_per_s: {loader:.0f}")
         s3_rate, local_rate = loader_rate_s3(store, slides, device, args.workers,
                                              args.loader_batches)
-        print(f"loader_crops_per_s_s3: {s3_rate:.0f}  (local in the same rounds: "
-              f"{local_rate:.0f}, ratio {s3_rate / local_rate:.2f})")
+        print(f"loader_crops_per_s_local_same_rounds: {local_rate:.0f}")
+        print(f"loader_crops_per_s_s3: {s3_rate:.0f}")
+        print(f"loader_s3_vs_local: {s3_rate / local_rate:.2f}")
 
 
 if __name__ == "__main__":
