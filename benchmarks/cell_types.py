@@ -83,7 +83,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from wsicell.analysis.cluster_descriptions import describe_clusters, mask_roundness
+from wsicell.analysis.cluster_descriptions import axis_ratio, describe_clusters
 from wsicell.analysis.evaluation import matched_rows
 from wsicell.analysis.metrics import clustering_score
 from wsicell.config import IngestConfig, WsicellConfig
@@ -95,6 +95,7 @@ from wsicell.io.store import (
     slide_masks,
 )
 from wsicell.learning.baseline import grayscale, handmade_features, hog_features
+from wsicell.segmentation.measurements import inertia_axes
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 K = 5
@@ -447,7 +448,7 @@ def run_set(cell_set: CellSet, args: argparse.Namespace) -> dict[str, float]:
                 for s, where in scored.items() for name in ("purity", "nmi", "largest")}
 
     measured = {"slides": cells.slide_id.to_numpy(), "area_um2": cells.area.to_numpy(),
-                "roundness": mask_roundness(masks),
+                "roundness": axis_ratio(*inertia_axes(masks)[:2]),
                 "hematoxylin": cells.mean_hematoxylin.to_numpy()}
     matched = (cells.label != "").to_numpy()
     types = sorted(cells.label[matched].unique())

@@ -9,7 +9,7 @@ from conftest import STAIN, _slide_attrs, write_test_labels
 from wsicell.analysis.cluster_descriptions import (
     confusion_table,
     describe_clusters,
-    mask_roundness,
+    axis_ratio,
     store_cluster_descriptions,
 )
 from wsicell.io.store import (
@@ -21,7 +21,7 @@ from wsicell.io.store import (
     write_cell_rows,
     write_crop_rows,
 )
-from wsicell.segmentation.measurements import nucleus_measurements
+from wsicell.segmentation.measurements import inertia_axes, nucleus_measurements
 
 
 def ellipse_mask(radius_rows: float, radius_cols: float) -> np.ndarray:
@@ -72,7 +72,7 @@ def test_descriptions_from_a_store_with_known_masks(tmp_path):
     assert described.description[0] == "small, round, dark"
     assert described.description[1] == "large, elongated, pale"
     assert described.description[3] == ""
-    roundness = mask_roundness(masks)
+    roundness = axis_ratio(*inertia_axes(masks)[:2])
     assert described.roundness[0] == pytest.approx(np.median(roundness[:10]))
     assert described.roundness[0] > 0.9 and described.roundness[1] < 0.4
     assert described.area_um2[0] == pytest.approx(np.median(np.r_[area[:10], 1.5 * area[:10]]))

@@ -1,8 +1,8 @@
 """What each cell cluster is, in a pathologist's words, from the measured nuclei.
 
 Each nucleus is measured from what the store keeps: its area (the cell table's ``area``,
-um^2), its roundness (the minor / major axis ratio of the ellipse with the same second
-moments as its stored mask, 1 = a disc) and its stain (the cell table's
+um^2), its roundness (``minor_axis_um / major_axis_um``, the axes of the ellipse with the
+same second moments as its mask, measured at ingest; 1 = a disc) and its stain (the cell table's
 ``mean_hematoxylin``, 0..255, lower = more hematoxylin = darker).  Each measure is turned
 into a rank **within its own slide** (0 = the smallest / most elongated / palest nucleus of
 the slide, 1 = the largest / roundest / darkest), so that a slide stained darker or scanned
@@ -23,45 +23,35 @@ from wsicell.io.store import read_labels, slide_cells, slide_masks
 
 #: A cluster's median rank below LOW gets the first word, above HIGH the last, else the middle.
 LOW, HIGH = 0.4, 0.6
+#: The cell-table columns a description reads.
+MEASURED = ["area", "mean_hematoxylin", "major_axis_um", "minor_axis_um"]
 WORDS = {"area": ("small", "medium-sized", "large"),
          "roundness": ("elongated", "oval", "round"),
          "darkness": ("pale", "medium-stained", "dark")}
 
 
-def mask_roundness(masks: np.ndarray) -> np.ndarray:
-    """Minor / major axis ratio of each mask's ellipse of equal second moments.
+def axis_ratio(major: np.ndarray, minor: np.ndarray) -> np.ndarray:
+    """Roundness of nuclei: minor / major axis of their inertia ellipses.
 
     Parameters
     ----------
-    masks : ndarray, shape (N, H, W), bool
-        One nucleus mask per crop.
+    major, minor : ndarray, shape (N,), float
+        Axis lengths in any one unit (the cell table's ``major_axis_um`` / ``minor_axis_um``,
+        or :func:`wsicell.segmentation.measurements.inertia_axes` of masks).
 
     Returns
     -------
     ndarray, shape (N,), float64
-        In [0, 1]: 1 for a disc (or a square), near 0 for a line; NaN for an empty mask.
+        In [0, 1]: 1 for a disc, near 0 for a line; NaN where the major axis is 0 or NaN.
 
     Examples
     --------
-    >>> rows, cols = np.mgrid[:32, :32] - 15.5
-    >>> disc = (rows / 8) ** 2 + (cols / 8) ** 2 <= 1
-    >>> ellipse = (rows / 4) ** 2 + (cols / 12) ** 2 <= 1
-    >>> np.round(mask_roundness(np.stack([disc, ellipse])), 2).tolist()
-    [1.0, 0.34]
+    >>> axis_ratio(np.array([8.0, 12.0, 0.0]), np.array([8.0, 4.0, 0.0])).round(2).tolist()
+    [1.0, 0.33, nan]
     """
-    masks = np.asarray(masks, dtype=bool)
-    n, h, w = masks.shape
-    weight = masks.reshape(n, -1).astype(np.float64)
-    count = weight.sum(axis=1)
-    rows, cols = (grid.ravel().astype(np.float64) for grid in np.mgrid[:h, :w])
+    major, minor = np.asarray(major, dtype=np.float64), np.asarray(minor, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean_r, mean_c = weight @ rows / count, weight @ cols / count
-        var_r = weight @ rows ** 2 / count - mean_r ** 2
-        var_c = weight @ cols ** 2 / count - mean_c ** 2
-        cov = weight @ (rows * cols) / count - mean_r * mean_c
-        half_sum, root = (var_r + var_c) / 2, np.sqrt(((var_r - var_c) / 2) ** 2 + cov ** 2)
-        major, minor = half_sum + root, np.maximum(half_sum - root, 0.0)
-        return np.where(count > 0, np.sqrt(minor / major), np.nan)
+        return np.where(major > 0, minor / major, np.nan)
 
 
 def slide_ranks(values: np.ndarray, slides: np.ndarray) -> np.ndarray:
@@ -98,7 +88,7 @@ def describe_clusters(clusters: np.ndarray, slides: np.ndarray, area_um2: np.nda
     slides : ndarray, shape (N,)
         Slide of each cell (ranks are taken within a slide).
     area_um2, roundness, hematoxylin : ndarray, shape (N,), float
-        Nucleus area (um^2), :func:`mask_roundness` and mean hematoxylin (0..255, lower =
+        Nucleus area (um^2), :func:`axis_ratio` and mean hematoxylin (0..255, lower =
         darker) of each cell.
     k : int
         Number of clusters (clusters without a cell get an empty row).
@@ -156,7 +146,7 @@ def store_cluster_descriptions(root, slide_ids: list[str], model_id: str, k: int
                                max_cells: int = 5000, seed: int = 0) -> pd.DataFrame:
     """:func:`describe_clusters` of the cells a model labelled in a store.
 
-    Areas and stain come from the cell tables; roundness from the stored nucleus masks of
+    Areas, stain and roundness come from the cell tables (the measurements of ingest), for
     up to ``max_cells`` cells per slide (all of a smaller slide; else those of random whole
     chunks, :func:`sample_in_chunks`), the cells whose ranks are taken.
 
@@ -179,14 +169,14 @@ def store_cluster_descriptions(root, slide_ids: list[str], model_id: str, k: int
     parts = []
     for slide_id in slide_ids:
         cluster, _ = read_labels(root, slide_id, model_id)
-        stored = slide_masks(root, slide_id)
-        chosen = sample_in_chunks(len(cluster), stored.chunks[0], max_cells, rng)
-        cells = slide_cells(root, slide_id, ["area", "mean_hematoxylin"]).iloc[chosen]
-        masks = stored.oindex[chosen] if len(chosen) else np.zeros((0, 1, 1), bool)
+        chunk = slide_masks(root, slide_id).chunks[0]
+        chosen = sample_in_chunks(len(cluster), chunk, max_cells, rng)
+        cells = slide_cells(root, slide_id, MEASURED).iloc[chosen]
         parts.append(pd.DataFrame({"slide": slide_id, "cluster": cluster[chosen],
                                    "area": cells.area.to_numpy(np.float64),
                                    "hematoxylin": cells.mean_hematoxylin.to_numpy(np.float64),
-                                   "roundness": mask_roundness(masks)}))
+                                   "roundness": axis_ratio(cells.major_axis_um,
+                                                           cells.minor_axis_um)}))
     every = pd.concat(parts, ignore_index=True)
     return describe_clusters(every.cluster.to_numpy(), every.slide.to_numpy(),
                              every.area.to_numpy(), every.roundness.to_numpy(),
@@ -204,10 +194,10 @@ def cells_descriptions(root, slide_of: np.ndarray, cell_of: np.ndarray, clusters
         where = np.flatnonzero(slide_of == slide_id)
         order = where[np.argsort(cell_of[where], kind="stable")]
         rows = cell_of[order]
-        cells = slide_cells(root, slide_id, ["area", "mean_hematoxylin"]).iloc[rows]
+        cells = slide_cells(root, slide_id, MEASURED).iloc[rows]
         area[order] = cells.area.to_numpy(np.float64)
         stain[order] = cells.mean_hematoxylin.to_numpy(np.float64)
-        roundness[order] = mask_roundness(slide_masks(root, slide_id).oindex[rows])
+        roundness[order] = axis_ratio(cells.major_axis_um, cells.minor_axis_um)
     return describe_clusters(clusters, slide_of, area, roundness, stain, k)
 
 
