@@ -30,7 +30,7 @@ from test_ingest_recovery import (  # noqa: F401
     slide,
 )
 
-from wsicell.config import TrainConfig, WsicellConfig
+from wsicell.config import TrainConfig
 from wsicell.errors import WsicellError
 from wsicell.io.export import export_cells
 from wsicell.io.staging import staged_tiles, staging_dir
