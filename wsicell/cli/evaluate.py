@@ -105,7 +105,8 @@ def _print_scores(rows: list[tuple[str, dict]], columns: list[str]) -> None:
 
 
 @evaluate.command()
-@click.option("--store", required=True, type=click.Path(), help="The cell store.")
+@click.option("--store", required=True, type=click.Path(),
+              help="The cell store (a path, or a URL such as s3://bucket/cells.zarr).")
 @click.option("--model", "model_dir", required=True, type=click.Path(),
               help="Trained model directory.")
 @click.option("--points", "points_dir", required=True, type=click.Path(),

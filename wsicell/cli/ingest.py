@@ -56,7 +56,8 @@ def dashboard_address(value: str) -> str | None:
 @click.command(epilog=EPILOG)
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--store", required=True, type=OUTPUT_DIR,
-              help="Zarr cell store (created if missing).")
+              help="Zarr cell store, a path, or a URL such as s3://bucket/cells.zarr "
+              "(created if missing).")
 @ingest_options
 @click.option("--config", "config_file", type=click.Path(), default=None,
               help="JSON configuration file (wsicell.config.WsicellConfig).")

@@ -31,7 +31,8 @@ same model does not recompute them.
               help="Directory of slides; those not yet in the store are ingested first.")
 @click.option("--model", "model_dir", required=True, type=click.Path(),
               help="Trained model directory (wsicell train --out).")
-@click.option("--store", required=True, type=OUTPUT_DIR, help="Zarr cell store.")
+@click.option("--store", required=True, type=OUTPUT_DIR,
+              help="Zarr cell store (a path, or a URL such as s3://bucket/cells.zarr).")
 @click.option("--out", "out_dir", required=True, type=OUTPUT_DIR, help="Results directory.")
 @click.option("--region-size", type=positive(1e6, "um"), default=None,
               help="Side of the proportion grid's square regions, microns [default: 500].")

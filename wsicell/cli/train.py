@@ -53,7 +53,9 @@ def _config_options(function):
 
 
 @click.command(epilog=EPILOG)
-@click.option("--store", required=True, type=click.Path(), help="Zarr cell store (wsicell ingest).")
+@click.option("--store", required=True, type=click.Path(),
+              help="Zarr cell store of wsicell ingest (a path, or a URL such as "
+              "s3://bucket/cells.zarr).")
 @click.option("--slides", default=None,
               help="Comma-separated slide ids to train on [default: all complete slides].")
 @click.option("--out", "out_dir", required=True, type=OUTPUT_DIR, help="Model directory.")
