@@ -86,10 +86,33 @@ def test_gradient_penalty_of_a_linear_critic_is_analytic():
     generator = torch.Generator().manual_seed(1)
     assert gradient_penalty(critic, real, fake, generator).item() == pytest.approx(expected.item(),
                                                                                      rel=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the penalty stays in float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 unless asked otherwise
         penalty = gradient_penalty(critic, real.bfloat16(), fake.bfloat16(), generator)
     assert penalty.dtype == torch.float32
     assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.skipif(not cpu_supports_bfloat16(), reason="this CPU has no native bfloat16")
+def test_penalty_under_bf16_autocast_matches_float32(crops):
+    """The critic's pass on x_hat under bf16 autocast (what the trainer does on a bf16 CPU):
+    the penalty (a float32 scalar) agrees with float32 to 3%, and its gradient in the
+    critic's parameters to 10% (relative L2), cosine >= 0.99."""
+    real = prepare_batch(torch.from_numpy(crops[:32]), torch.Generator().manual_seed(0), True)
+    fake = real.flip(0) * 0.5
+    results = []
+    for autocast in (None, torch.autocast("cpu", dtype=torch.bfloat16)):
+        model = build_model(5, 32, 16, seed=0)
+        penalty = gradient_penalty(model.critic, real, fake, torch.Generator().manual_seed(1),
+                                   autocast)
+        penalty.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameter_groups()["critic"]
+                           if p.grad is not None])
+        results.append((penalty, grads))
+    (p32, g32), (p16, g16) = results
+    assert p16.dtype == torch.float32 and p16.item() != p32.item()  # bf16 really ran
+    assert p16.item() == pytest.approx(p32.item(), rel=0.03)
+    assert ((g16 - g32).norm() / g32.norm()).item() <= 0.10
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0).item() >= 0.99
 
 
 def test_penalty_is_differentiable_in_the_critic_parameters():

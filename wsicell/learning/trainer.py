@@ -4,9 +4,9 @@ One *iteration* is ``critic_steps`` (5) critic steps on real batches, then one g
 and one Q step, each from freshly drawn noise z and categorical code c:
 
 * critic: ``L_D = E[D(G(z,c))] - E[D(x)] + lambda1 * E[(||grad D(x_hat)||_2 - 1)^2]``, with
-  ``x_hat`` uniformly on the lines between real and fake crops (gradient penalty, always in
-  float32, differentiated with ``create_graph=True``);  ``V(D,G) = E[D(x)] - E[D(G(z,c))]``
-  is the critic's estimate of the Wasserstein distance;
+  ``x_hat`` uniformly on the lines between real and fake crops (gradient penalty,
+  differentiated with ``create_graph=True``; its norm in float32);
+  ``V(D,G) = E[D(x)] - E[D(G(z,c))]`` is the critic's estimate of the Wasserstein distance;
 * generator: ``L_G = -E[D(G(z,c))]`` (steps G);
 * Q: ``L_Q = lambda2 * cross_entropy(Q(G(z,c)), c)`` (steps G and Q = the shared trunk
   with the Q head, as the research code does); beyond the paper, optional terms on Q's
@@ -35,8 +35,12 @@ LOSS_NAMES = ("V", "L_D", "L_G", "L_Q")
 
 
 def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor,
-                     generator: torch.Generator) -> torch.Tensor:
-    """WGAN-GP penalty ``E[(||grad_x D(x_hat)||_2 - 1)^2]``, in float32 (autocast off).
+                     generator: torch.Generator, autocast=None) -> torch.Tensor:
+    """WGAN-GP penalty ``E[(||grad_x D(x_hat)||_2 - 1)^2]``.
+
+    ``x_hat``, its gradient and the norm are float32; the critic's pass on ``x_hat`` (and
+    so the double backward through it) runs under ``autocast``, as in PyTorch's AMP recipe
+    for gradient penalties.
 
     Parameters
     ----------
@@ -45,16 +49,29 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor,
     real, fake : Tensor, shape (B, 3, 32, 32)
     generator : torch.Generator
         Draws the interpolation weights ``eps ~ U(0, 1)``, one per pair.
+    autocast : context manager, optional
+        Precision of the critic's pass, e.g. ``torch.autocast("cpu", torch.bfloat16)``
+        (default: autocast off, float32 throughout, whatever the caller's context).
 
     Returns
     -------
-    Tensor, scalar, differentiable with respect to the critic's parameters.
+    Tensor, scalar float32, differentiable with respect to the critic's parameters.
+
+    Examples
+    --------
+    >>> critic = lambda x: 0.5 * x[:, 0, 0, 0]  # its gradient's norm is 0.5 everywhere
+    >>> real, fake = torch.zeros(4, 3, 32, 32), torch.ones(4, 3, 32, 32)
+    >>> gradient_penalty(critic, real, fake, torch.Generator()).item()  # (0.5 - 1)^2
+    0.25
     """
     eps = torch.rand(real.shape[0], 1, 1, 1, generator=generator, device=real.device)
     x_hat = (eps * real.float() + (1 - eps) * fake.float()).requires_grad_(True)
-    with torch.autocast(real.device.type, enabled=False):
-        (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
-    return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+    off = torch.autocast(real.device.type, enabled=False)
+    with autocast if autocast is not None else off:
+        scores = critic(x_hat).float()
+    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+    with off:
+        return (grad.float().flatten(1).norm(dim=1) - 1).pow(2).mean()
 
 
 @contextlib.contextmanager
@@ -73,9 +90,9 @@ def frozen(params):
 class Trainer:
     """The networks, their three Adam optimisers and the three update steps.
 
-    The forward passes run under bf16 autocast when :func:`uses_bfloat16` says so (by
-    default on a CPU with native bfloat16; ``self.bfloat16``), the gradient penalty always
-    in float32; on a CPU the networks and batches use the channels-last memory layout
+    The forward passes, the gradient penalty's included, run under bf16 autocast when
+    :func:`uses_bfloat16` says so (by default on a CPU with native bfloat16;
+    ``self.bfloat16``), the penalty's norm and every loss in float32; on a CPU the networks and batches use the channels-last memory layout
     (``channels_last`` None = on a CPU).
     """
 
@@ -131,7 +148,7 @@ class Trainer:
         with self.amp:
             scores = self.fast_critic(torch.cat([real, fake.to(real.dtype)])).float()
         value = scores[:batch].mean() - scores[batch:].mean()
-        penalty = gradient_penalty(self.model.critic, real, fake, self.generator)
+        penalty = gradient_penalty(self.model.critic, real, fake, self.generator, self.amp)
         loss = -value + self.cfg.lambda_gp * penalty
         self._step("critic", loss)
         return value.detach(), loss.detach()
