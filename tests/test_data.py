@@ -17,6 +17,7 @@ from wsicell.learning.data import (
     deal_units,
     group_units,
     plan_units,
+    unit_size,
 )
 
 BATCH = 16
@@ -84,6 +85,24 @@ def test_resumed_loader_continues_exactly(store):
     resumed = CropStream(store, [SLIDE], BATCH, 64, seed=2, num_workers=2, start_batch=7)
     again = [b.clone() for b, _ in zip(crop_loader(resumed, 2, False), range(33))]
     assert all(torch.equal(a, b) for a, b in zip(again, reference[7:]))
+
+
+def test_whole_chunks_never_leave_a_stream_without_a_batch(store):
+    """Whole-chunk units (the object-storage default) on a store with fewer chunks than
+    streams: the chunks are cut so that every stream still gets a batch every epoch (a
+    stream without one used to spin forever looking for an epoch that had one)."""
+    n_chunks = -(-slide_crops(open_store(store), SLIDE).shape[0] // 128)
+    assert n_chunks < 8
+    for rank in range(2):
+        stream = CropStream(store, [SLIDE], BATCH, 64, seed=0, rank=rank, world_size=2,
+                            num_workers=4, whole_chunks=True)
+        for epoch in range(5):
+            for worker in range(4):
+                units = stream.stream_units(epoch, rank * 4 + worker)
+                assert sum(u.size for u in units) >= BATCH
+        batches = [b for b, _ in zip(iter(stream), range(3))]
+        assert len(batches) == 3
+    assert unit_size(100_000, 128, 8, whole_chunks=True) == 128
 
 
 def test_too_few_crops_for_the_streams(store):

@@ -74,6 +74,26 @@ def plan_units(sizes: list[int], chunk_sizes: list[int], max_unit: int) -> list[
     return units
 
 
+def unit_size(n_crops: int, chunk: int, n_streams: int, whole_chunks: bool) -> int:
+    """The largest unit, in crops: a whole chunk (``chunk``: the crops of the store's
+    fullest chunk) when ``whole_chunks`` is asked for and every stream's share of the
+    ``n_crops`` holds at least 4 such chunks; otherwise a quarter of a stream's share (so
+    that every stream gets several units and a batch every epoch, however few chunks the
+    store has).
+
+    Examples
+    --------
+    >>> unit_size(100_000, 4096, 2, whole_chunks=True)
+    4096
+    >>> unit_size(3_000, 4096, 2, whole_chunks=True)  # one chunk, two streams
+    375
+    """
+    share = n_crops // n_streams
+    if whole_chunks and share >= 4 * chunk:
+        return chunk
+    return max(1, min(chunk, share // 4))
+
+
 def deal_units(units: list[Unit], n_streams: int, rng: np.random.Generator) -> list[list[Unit]]:
     """Shuffle the units and deal them to ``n_streams`` streams, each unit to the stream
     holding the fewest crops so far (so streams differ by at most one unit's size)."""
@@ -161,9 +181,8 @@ class CropStream(IterableDataset):
         Unit reads each stream keeps in flight (default: ``READ_AHEAD`` for a store on
         object storage, 1 on a local disk).
     whole_chunks : bool, optional
-        Units are whole chunks, never pieces of one (default: on object storage, where a
-        piece costs the request of its whole chunk); otherwise a small store's chunks are
-        cut into pieces so that every stream gets several.
+        Units are whole chunks where the store holds enough of them (default: on object
+        storage, where a piece costs the request of its whole chunk); see :func:`unit_size`.
     """
 
     def __init__(self, store, slide_ids: list[str], batch_size: int, shuffle_buffer: int,
@@ -196,9 +215,9 @@ class CropStream(IterableDataset):
                 f"{store}: {self.n_crops} crops are too few for batches of {batch_size} over "
                 f"{n_streams} streams (ranks x loader workers); use smaller batches or fewer "
                 "workers")
-        max_unit = (max(a.chunks[0] for a in arrays)
-                    if (remote if whole_chunks is None else whole_chunks)
-                    else max(1, self.n_crops // (4 * n_streams)))
+        fullest_chunk = max(min(a.chunks[0], a.shape[0]) for a in arrays)
+        max_unit = unit_size(self.n_crops, fullest_chunk, n_streams,
+                             remote if whole_chunks is None else whole_chunks)
         self.units = plan_units([a.shape[0] for a in arrays], [a.chunks[0] for a in arrays],
                                 max_unit)
         self._arrays = None
