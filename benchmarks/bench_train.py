@@ -34,6 +34,7 @@ iteration is timed alone at the ``--widths`` (16 and 128: ``gen_iters_per_s_w16`
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -62,6 +63,22 @@ def vendored_store(directory: Path) -> Path:
     store = directory / "bench.zarr"
     config = WsicellConfig(ingest=IngestConfig(tile_size=512, crops_per_chunk=128))
     ingest(store, [VENDORED], config, mpp=0.4, workers=1, progress=False)
+    return store
+
+
+def cohort_store(directory: Path, copies: int) -> Path:
+    """``copies`` copies of the vendored image ingested as slides of one store at the default
+    chunking (one chunk of ~560 crops per slide): a store whose loader reads whole chunks,
+    as it does from a cohort on object storage."""
+    from wsicell.pipeline.ingest import ingest
+
+    images = directory / "cohort"
+    images.mkdir()
+    for copy in range(copies):
+        shutil.copyfile(VENDORED, images / f"slide_{copy:02d}.png")
+    store = directory / "cohort.zarr"
+    ingest(store, sorted(images.iterdir()), WsicellConfig(ingest=IngestConfig(tile_size=512)),
+           mpp=0.4, workers=1, progress=False)
     return store
 
 
@@ -101,12 +118,16 @@ def loader_rate_s3(store: Path, slides: list[str], device: torch.device, workers
                        "AWS_DEFAULT_REGION": "us-east-1",
                        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
     try:
-        for _ in range(300):
+        deadline = time.monotonic() + 120  # moto's imports take tens of seconds on a busy box
+        while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("bench_train: the moto S3 server did not start") from None
                 time.sleep(0.1)
+        s3fs.S3FileSystem.clear_instance_cache()  # a cached instance may name an old server
         fs = s3fs.S3FileSystem()
         fs.mkdir("wsicell-bench")
         fs.put(str(store), "wsicell-bench/bench.zarr", recursive=True)
@@ -207,6 +228,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed iterations of each before the comparison")
     parser.add_argument("--loader-batches", type=int, default=200)
+    parser.add_argument("--s3-copies", type=int, default=16,
+                        help="without --store, the S3 loader comparison reads a store of this "
+                        "many copies of the vendored image at the default chunking")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--widths", type=int, nargs="*", default=None,
                         help="on the CPU, also time the default iteration at these widths "
@@ -257,8 +281,9 @@ def main() -> None:
         print(f"gen_iters_per_s: {rate:.4g}")
         print(f"speedup_vs_nu_gan: {rate / reference:.3f}")
         print(f"loader_crops_per_s: {loader:.0f}")
-        s3_rate, local_rate = loader_rate_s3(store, slides, device, args.workers,
-                                             args.loader_batches)
+        cohort = args.store or cohort_store(Path(tmp), args.s3_copies)
+        s3_rate, local_rate = loader_rate_s3(cohort, complete_slides(open_store(cohort)),
+                                             device, args.workers, args.loader_batches)
         print(f"loader_crops_per_s_local_same_rounds: {local_rate:.0f}")
         print(f"loader_crops_per_s_s3: {s3_rate:.0f}")
         print(f"loader_s3_vs_local: {s3_rate / local_rate:.2f}")
