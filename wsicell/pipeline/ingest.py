@@ -119,8 +119,8 @@ def _stain_parameters(client, plan: SlidePlan, tiles: dict, config: WsicellConfi
                            "sampled tissue tiles to estimate the stain")
     try:
         seg = config.segmentation
-        return fit_stain_parameters(pixels, config.stain, max_gain=seg.adaptive.max_stain_gain
-                                    if seg.method == "adaptive" else None).to_json()
+        return fit_stain_parameters(pixels, config.stain, **(seg.adaptive.stain_fit
+                                    if seg.method == "adaptive" else {})).to_json()
     except ValueError as err:  # degenerate colours, e.g. a blank or single-colour slide
         raise WsicellError(f"{plan.path}: cannot estimate the stain ({err})") from None
 
