@@ -154,7 +154,7 @@ def test_stain_noise_without_nuclei_gives_almost_no_objects():
     od = hematoxylin_od(fit_stain_parameters(pink.astype(np.uint8)).hematoxylin_of(
         pink.astype(np.uint8)))
     assert segment_hematoxylin_od(od, 0.4)[0].max() <= 20
-    # either the prior threshold (the field has no hematoxylin mode) or the peak-contrast
+    # either the prior core threshold (the field has no hematoxylin mode) or the peak-contrast
     # test alone keeps it clean; Otsu alone splits the noise into ~2,000 "nuclei"
     assert segment_hematoxylin_od(od, 0.4, AdaptiveConfig(prior_threshold=0))[0].max() <= 20
     assert segment_hematoxylin_od(od, 0.4, AdaptiveConfig(min_peak_contrast=0))[0].max() <= 20
@@ -253,8 +253,9 @@ def _regions_found(tmp_path, image, mpp, boxes):
 
 def test_fat_only_fields_give_no_nucleus(tmp_path):
     """The fat and glass of BM_GRAZ_HE_0001_01 (benchmarks/negative_regions.csv; 48 x 48 um
-    each) have no hematoxylin mode: the field falls back to the prior threshold and the
-    reference hematoxylin vector (15 objects before, in 10 of the 14 fields)."""
+    each) have no hematoxylin mode: objects need a core over the prior threshold, and the
+    fitted hematoxylin vector gives way to the reference (15 objects before, in 10 of the
+    14 fields)."""
     fat = [(320, 0, 440, 120), (440, 0, 560, 120), (840, 0, 960, 120), (1040, 320, 1160, 440),
            (1000, 440, 1120, 560), (1040, 640, 1160, 760), (400, 880, 520, 1000),
            (280, 920, 400, 1040), (1080, 1000, 1200, 1120)]

@@ -100,11 +100,11 @@ class AdaptiveConfig(_Section):
     min_threshold: float = Field(0.0, ge=0, description="Floor of the calibrated threshold "
                                  "(top-hat optical density): where a field has no hematoxylin "
                                  "mode Otsu's threshold lands in the stroma, fat or blood.")
-    prior_threshold: float = Field(0.2, ge=0, description="Threshold (top-hat optical "
-                                   "density) a field without a hematoxylin mode falls back "
-                                   "to where Otsu's is lower: fewer than ``min_mode_share`` "
-                                   "of its pixels reach it (fat, blood, stroma, glass; 0 "
-                                   "disables).")
+    prior_threshold: float = Field(0.2, ge=0, description="Core threshold (top-hat optical "
+                                   "density) of a field without a hematoxylin mode, one "
+                                   "where fewer than ``min_mode_share`` of the pixels reach "
+                                   "it (fat, blood, stroma, glass): its objects are kept "
+                                   "only with ``min_area_um2`` over it (0 disables).")
     min_mode_share: float = Field(0.02, ge=0, le=1, description="Share of a field's pixels "
                                   "whose top-hat optical density must exceed "
                                   "``prior_threshold`` for its own Otsu threshold to be "
@@ -127,7 +127,8 @@ class AdaptiveConfig(_Section):
     min_area_rel: float = Field(2.5, ge=0, description="Objects under this x radius^2 are "
                                 "dropped.")
     min_area_um2: float = Field(2.0, ge=0, description="Absolute floor (um2) of the smallest "
-                                "object.")
+                                "object, and of its core in a field without a hematoxylin "
+                                "mode (``prior_threshold``).")
     min_peak_contrast: float = Field(0.2, ge=0, description="Objects whose highest contrast "
                                      "(top-hat optical density) stays under this are "
                                      "dropped: faint specks and stain noise, not nuclei "

@@ -25,6 +25,7 @@ restarted produces the same store as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import warnings
@@ -138,7 +139,7 @@ def _calibration(client, plan: SlidePlan, tiles: dict, stain: dict, config: Wsic
     with phase_bar(len(submissions), f"{plan.slide_id} calibration", bars) as bar:
         windows = run_tasks(client, submissions, bar)
     found = calibrate([hematoxylin_od(h) for h in windows], seg.reference_mpp, seg.adaptive)
-    return {"threshold": found.threshold, "radius_um": found.radius_um}
+    return dataclasses.asdict(found)
 
 
 def _consolidate(client, plan: SlidePlan, tile_ids: np.ndarray, config: WsicellConfig,

@@ -219,8 +219,8 @@ def segment_objects(hematoxylin: np.ndarray, config: WsicellConfig,
                     ) -> tuple[Objects, np.ndarray]:
     """The nuclei of a tile's hematoxylin (H, W) uint8 at the reference resolution by the
     configured recipe, and the centroids (K, 2) of the objects refused as too large
-    (``adaptive``, with the slide's ``calibration``: threshold, radius_um; ``eosin``, the
-    tile's eosin intensity (H, W) uint8, where :func:`needs_eosin`)."""
+    (``adaptive``, with the slide's ``calibration``, a :class:`Calibration` as a dict;
+    ``eosin``, the tile's eosin intensity (H, W) uint8, where :func:`needs_eosin`)."""
     seg = config.segmentation
     if seg.method == "adaptive":
         labels, refused = segment_hematoxylin_od(
