@@ -238,9 +238,12 @@ def segment_tile(plan: SlidePlan, colours: StainLookup | StainParameters, config
     (3x3, the slide's) gives the eosin of the normalised tile where :func:`needs_eosin`."""
     wx0, wy0, wx1, wy1 = window = plan.window(region)
     rgb = read_tile(plan, window)
-    hematoxylin = colours.hematoxylin_of(rgb)
-    eosin = hematoxylin_intensity(colours.normalise(rgb), np.asarray(stain_matrix), stain=1) \
-        if needs_eosin(config) else None
+    if needs_eosin(config):  # both stains of the normalised tile (as the lookup's own)
+        normalised, matrix = colours.normalise(rgb), np.asarray(stain_matrix)
+        hematoxylin, eosin = (hematoxylin_intensity(normalised, matrix, stain=stain)
+                              for stain in (0, 1))
+    else:
+        hematoxylin, eosin = colours.hematoxylin_of(rgb), None
     objects, refused = segment_objects(hematoxylin, config, calibration, eosin)
     x, y = objects.x + wx0, objects.y + wy0
     x0, y0, x1, y1 = region
