@@ -87,9 +87,9 @@ class AdaptiveConfig(_Section):
     max_hematoxylin_angle: float = Field(18.0, ge=0, le=90, description="Largest angle "
                                          "(degrees) between the fitted hematoxylin vector "
                                          "and ``stain.hematoxylin_reference``; a fit further "
-                                         "off (a field of fat, blood or mucus: 16-30 degrees; "
-                                         "dev tissue: 4-16) takes the reference instead (0: "
-                                         "no limit).")
+                                         "off (fields of fat, blood, glass: 12-30 degrees, "
+                                         "median 23; dev images 4-16, CoNSeP patches median "
+                                         "13) takes the reference instead (0: no limit).")
     smooth_um: float = Field(0.25, ge=0, description="Gaussian sigma (um) on the "
                              "hematoxylin optical density.")
     tophat_radius_um: float = Field(6.0, ge=0, description="Radius (um) of the disk whose "
@@ -107,9 +107,9 @@ class AdaptiveConfig(_Section):
                                    "only with ``min_area_um2`` over it (0 disables).")
     min_mode_share: float = Field(0.02, ge=0, le=1, description="Share of a field's pixels "
                                   "whose top-hat optical density must exceed "
-                                  "``prior_threshold`` for its own Otsu threshold to be "
-                                  "trusted (dev images: 2-38%; negative control: fat, "
-                                  "blood and glass mostly under 2%).")
+                                  "``prior_threshold`` for the field to have a hematoxylin "
+                                  "mode (whole dev images 4-12%; 95 of the 102 nucleus-free "
+                                  "fields of the negative control under 2%).")
     max_hole_um2: float = Field(30.0, ge=0, description="Holes of the foreground up to this "
                                 "area (um2) are filled.")
     radius_range_um: tuple[PositiveFloat, PositiveFloat] = Field(
