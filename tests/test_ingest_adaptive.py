@@ -32,6 +32,7 @@ def test_the_slide_calibration_is_recorded_with_the_stain(tiled):
     assert attrs["config"]["segmentation"]["preset"] == "adaptive"
     calibration = attrs["calibration"]
     assert 0 < calibration["threshold"] < 1 and 1.0 <= calibration["radius_um"] <= 4.0
+    assert calibration["core_threshold"] == 0  # tissue: the slide has a hematoxylin mode
     assert attrs["n_refused"] >= 0 and attrs["n_tiles"] >= 20  # tissue tiles of the 5 x 5
 
 
