@@ -143,11 +143,14 @@ def adaptive_per_tile(paths: list[Path], mpp: float) -> list[np.ndarray]:
 
     config = WsicellConfig().with_options("adaptive")
     rgbs = [read_rgb_image(p) for p in paths]
-    stain = fit_stain_parameters(np.concatenate([r.reshape(-1, 3) for r in rgbs]), config.stain)
-    ods = [hematoxylin_od(stain.hematoxylin_of(r)) for r in rgbs]
+    stain = fit_stain_parameters(np.concatenate([r.reshape(-1, 3) for r in rgbs]), config.stain,
+                                 **config.segmentation.adaptive.stain_fit)
+    normalised = [stain.normalise(r) for r in rgbs]
+    ods = [hematoxylin_od(stain.hematoxylin(n)) for n in normalised]
     p = config.segmentation.adaptive
     calibration = calibrate(ods, mpp, p)
-    return [segment_hematoxylin_od(od, mpp, p, calibration)[0] for od in ods]
+    return [segment_hematoxylin_od(od, mpp, p, calibration, hematoxylin_od(stain.eosin(n)))[0]
+            for od, n in zip(ods, normalised)]
 
 
 def read_labels(path: Path) -> np.ndarray:

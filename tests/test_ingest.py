@@ -115,8 +115,10 @@ def test_tiled_ingest_equals_whole_image_segmentation(store, slide_id, path):
     slide = open_slide(path)
     grid = ReferenceGrid.of(slide, attrs["mpp"], CONFIG.segmentation.reference_mpp)
     whole = read_reference_region(slide, grid, 0, 0, grid.width, grid.height)
-    hematoxylin = StainParameters.from_json(attrs["stain"]).hematoxylin_of(whole)
-    nuclei, _ = segment_objects(hematoxylin, CONFIG, attrs["calibration"])
+    stain = StainParameters.from_json(attrs["stain"])
+    normalised = stain.normalise(whole)
+    nuclei, _ = segment_objects(stain.hematoxylin(normalised), CONFIG, attrs["calibration"],
+                                stain.eosin(normalised))
     cells = slide_cells(root, slide_id)
     # the whole image has nuclei on glass too: keep those whose centroid is in the tissue
     # region of a processed tile (reference px, as ingest plans them)

@@ -32,6 +32,7 @@ def test_the_slide_calibration_is_recorded_with_the_stain(tiled):
     assert attrs["config"]["segmentation"]["preset"] == "adaptive"
     calibration = attrs["calibration"]
     assert 0 < calibration["threshold"] < 1 and 1.0 <= calibration["radius_um"] <= 4.0
+    assert calibration["core_threshold"] == 0  # tissue: the slide has a hematoxylin mode
     assert attrs["n_refused"] >= 0 and attrs["n_tiles"] >= 20  # tissue tiles of the 5 x 5
 
 
@@ -40,8 +41,10 @@ def test_tiles_give_the_cells_of_the_whole_image(tiled):
     root = open_store(path)
     attrs = slide_attrs(root, IMAGE.stem)
     rgb = read_rgb_image(IMAGE)
-    hematoxylin = StainParameters.from_json(attrs["stain"]).hematoxylin_of(rgb)
-    whole, refused = segment_objects(hematoxylin, config, attrs["calibration"])
+    stain = StainParameters.from_json(attrs["stain"])
+    normalised = stain.normalise(rgb)
+    whole, refused = segment_objects(stain.hematoxylin(normalised), config,
+                                     attrs["calibration"], stain.eosin(normalised))
     cells = slide_cells(root, IMAGE.stem)
     tiles = root[f"slides/{IMAGE.stem}/tiles"]
     regions = np.column_stack([tiles[c][:] for c in ("x0", "y0", "x1", "y1")])

@@ -117,3 +117,20 @@ def test_stain_parameters_json_round_trip(image):
 def test_blank_image_has_no_stains():
     with pytest.raises(ValueError, match="blank"):
         stain.fit_stain_parameters(np.full((64, 64, 3), 255, np.uint8))
+
+
+def test_an_implausible_hematoxylin_vector_gives_way_to_the_reference():
+    """A field of fat fits its "hematoxylin" 21 degrees off the reference: with a limit of
+    18 degrees it takes the reference; the tissue around it (7 degrees) keeps its own."""
+    tissue = read_rgb_image(TEST_DATA / "BM_GRAZ_HE_0001_01.png")
+    fat = tissue[0:120, 320:440]
+    reference = np.asarray(StainConfig().hematoxylin_reference)
+    reference = reference / np.linalg.norm(reference)
+    fitted = stain.fit_stain_parameters(fat, max_gain=1.5)
+    limited = stain.fit_stain_parameters(fat, max_gain=1.5, max_hematoxylin_angle=18.0)
+    assert abs(np.asarray(fitted.stain_matrix)[:, 0] @ reference) < np.cos(np.radians(18))
+    np.testing.assert_allclose(np.asarray(limited.stain_matrix)[:, 0], reference)
+    np.testing.assert_allclose(np.asarray(limited.stain_matrix)[:, 1],
+                               np.asarray(fitted.stain_matrix)[:, 1])
+    assert stain.fit_stain_parameters(tissue, max_hematoxylin_angle=18.0) == \
+        stain.fit_stain_parameters(tissue)

@@ -84,6 +84,12 @@ class AdaptiveConfig(_Section):
                                   "colour normalisation before the stain fit (target over "
                                   "source Lab standard deviation): a field without nuclei "
                                   "keeps its noise as noise (0: no limit).")
+    max_hematoxylin_angle: float = Field(18.0, ge=0, le=90, description="Largest angle "
+                                         "(degrees) between the fitted hematoxylin vector "
+                                         "and ``stain.hematoxylin_reference``; a fit further "
+                                         "off (fields of fat, blood, glass: 12-30 degrees, "
+                                         "median 23; dev images 4-16, CoNSeP patches median "
+                                         "13) takes the reference instead (0: no limit).")
     smooth_um: float = Field(0.25, ge=0, description="Gaussian sigma (um) on the "
                              "hematoxylin optical density.")
     tophat_radius_um: float = Field(6.0, ge=0, description="Radius (um) of the disk whose "
@@ -94,6 +100,16 @@ class AdaptiveConfig(_Section):
     min_threshold: float = Field(0.0, ge=0, description="Floor of the calibrated threshold "
                                  "(top-hat optical density): where a field has no hematoxylin "
                                  "mode Otsu's threshold lands in the stroma, fat or blood.")
+    prior_threshold: float = Field(0.2, ge=0, description="Core threshold (top-hat optical "
+                                   "density) of a field without a hematoxylin mode, one "
+                                   "where fewer than ``min_mode_share`` of the pixels reach "
+                                   "it (fat, blood, stroma, glass): its objects are kept "
+                                   "only with ``min_area_um2`` over it (0 disables).")
+    min_mode_share: float = Field(0.02, ge=0, le=1, description="Share of a field's pixels "
+                                  "whose top-hat optical density must exceed "
+                                  "``prior_threshold`` for the field to have a hematoxylin "
+                                  "mode (whole dev images 4-12%; 95 of the 102 nucleus-free "
+                                  "fields of the negative control under 2%).")
     max_hole_um2: float = Field(30.0, ge=0, description="Holes of the foreground up to this "
                                 "area (um2) are filled.")
     radius_range_um: tuple[PositiveFloat, PositiveFloat] = Field(
@@ -111,7 +127,8 @@ class AdaptiveConfig(_Section):
     min_area_rel: float = Field(2.5, ge=0, description="Objects under this x radius^2 are "
                                 "dropped.")
     min_area_um2: float = Field(2.0, ge=0, description="Absolute floor (um2) of the smallest "
-                                "object.")
+                                "object, and of its core in a field without a hematoxylin "
+                                "mode (``prior_threshold``).")
     min_peak_contrast: float = Field(0.2, ge=0, description="Objects whose highest contrast "
                                      "(top-hat optical density) stays under this are "
                                      "dropped: faint specks and stain noise, not nuclei "
@@ -120,8 +137,20 @@ class AdaptiveConfig(_Section):
                                 "circle (distance transform of the foreground) is narrower "
                                 "than this (um) are dropped: membranes between fat cells, "
                                 "collagen fibres, keratin slivers (0 disables).")
+    max_eosin_ratio: float = Field(0.5, ge=0, description="Objects whose mean eosin optical "
+                                   "density over their mean hematoxylin optical density "
+                                   "exceeds this are dropped: red cells and eosinophilic "
+                                   "debris, not nuclei (median 0.43 on red cells, 0.16-0.26 "
+                                   "on nuclei; 0 disables; skipped on grayscale images).")
     max_area_um2: PositiveFloat = Field(250.0, description="Objects larger than this (um2) "
                                         "after splitting are refused (removed and counted).")
+
+    @property
+    def stain_fit(self) -> dict:
+        """Keyword arguments of :func:`wsicell.segmentation.stain.fit_stain_parameters`
+        for this recipe."""
+        return {"max_gain": self.max_stain_gain,
+                "max_hematoxylin_angle": self.max_hematoxylin_angle}
 
 
 class SegmentationConfig(_Section):

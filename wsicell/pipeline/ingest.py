@@ -25,6 +25,7 @@ restarted produces the same store as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import warnings
@@ -119,8 +120,8 @@ def _stain_parameters(client, plan: SlidePlan, tiles: dict, config: WsicellConfi
                            "sampled tissue tiles to estimate the stain")
     try:
         seg = config.segmentation
-        return fit_stain_parameters(pixels, config.stain, max_gain=seg.adaptive.max_stain_gain
-                                    if seg.method == "adaptive" else None).to_json()
+        return fit_stain_parameters(pixels, config.stain, **(seg.adaptive.stain_fit
+                                    if seg.method == "adaptive" else {})).to_json()
     except ValueError as err:  # degenerate colours, e.g. a blank or single-colour slide
         raise WsicellError(f"{plan.path}: cannot estimate the stain ({err})") from None
 
@@ -138,7 +139,7 @@ def _calibration(client, plan: SlidePlan, tiles: dict, stain: dict, config: Wsic
     with phase_bar(len(submissions), f"{plan.slide_id} calibration", bars) as bar:
         windows = run_tasks(client, submissions, bar)
     found = calibrate([hematoxylin_od(h) for h in windows], seg.reference_mpp, seg.adaptive)
-    return {"threshold": found.threshold, "radius_um": found.radius_um}
+    return dataclasses.asdict(found)
 
 
 def _consolidate(client, plan: SlidePlan, tile_ids: np.ndarray, config: WsicellConfig,

@@ -60,7 +60,7 @@ from wsicell.segmentation.nuclei import (
     measure_nuclei,
     segment_hematoxylin,
 )
-from wsicell.segmentation.stain import StainLookup, StainParameters
+from wsicell.segmentation.stain import StainLookup, StainParameters, hematoxylin_intensity
 from wsicell.segmentation.tissue import (
     SMALL_FIELD_PX,
     detect_tissue,
@@ -207,28 +207,44 @@ def sample_hematoxylin(plan: SlidePlan, stain: dict, region) -> np.ndarray:
     return StainParameters.from_json(stain).hematoxylin_of(_sample_window(plan, region))
 
 
+def needs_eosin(config: WsicellConfig) -> bool:
+    """Whether the configured recipe tests eosin inside its objects (``adaptive`` with a
+    ``max_eosin_ratio``)."""
+    seg = config.segmentation
+    return seg.method == "adaptive" and seg.adaptive.max_eosin_ratio > 0
+
+
 def segment_objects(hematoxylin: np.ndarray, config: WsicellConfig,
-                    calibration: dict | None) -> tuple[Objects, np.ndarray]:
+                    calibration: dict | None, eosin: np.ndarray | None = None
+                    ) -> tuple[Objects, np.ndarray]:
     """The nuclei of a tile's hematoxylin (H, W) uint8 at the reference resolution by the
     configured recipe, and the centroids (K, 2) of the objects refused as too large
-    (``adaptive``, with the slide's ``calibration``: threshold, radius_um)."""
+    (``adaptive``, with the slide's ``calibration``, a :class:`Calibration` as a dict;
+    ``eosin``, the tile's eosin intensity (H, W) uint8, where :func:`needs_eosin`)."""
     seg = config.segmentation
     if seg.method == "adaptive":
-        labels, refused = segment_hematoxylin_od(hematoxylin_od(hematoxylin), seg.reference_mpp,
-                                                 seg.adaptive, Calibration(**calibration))
+        labels, refused = segment_hematoxylin_od(
+            hematoxylin_od(hematoxylin), seg.reference_mpp, seg.adaptive,
+            Calibration(**calibration), None if eosin is None else hematoxylin_od(eosin))
         return Objects.from_labels(labels), refused
     return segment_hematoxylin(hematoxylin, seg), np.zeros((0, 2))
 
 
 def segment_tile(plan: SlidePlan, colours: StainLookup | StainParameters, config: WsicellConfig,
-                 calibration: dict | None, region) -> dict[str, np.ndarray]:
+                 calibration: dict | None, region, stain_matrix) -> dict[str, np.ndarray]:
     """The nuclei owned by one tile region ``[x0, y0, x1, y1)`` (reference px), in level-0
     pixels, as staged columns plus ``crops``, ``masks`` and ``refused`` (one value: the
-    objects refused as too large whose centroid lies in the region)."""
+    objects refused as too large whose centroid lies in the region).  ``stain_matrix``
+    (3x3, the slide's) gives the eosin of the normalised tile where :func:`needs_eosin`."""
     wx0, wy0, wx1, wy1 = window = plan.window(region)
     rgb = read_tile(plan, window)
-    hematoxylin = colours.hematoxylin_of(rgb)
-    objects, refused = segment_objects(hematoxylin, config, calibration)
+    if needs_eosin(config):  # both stains of the normalised tile (as the lookup's own)
+        normalised, matrix = colours.normalise(rgb), np.asarray(stain_matrix)
+        hematoxylin, eosin = (hematoxylin_intensity(normalised, matrix, stain=stain)
+                              for stain in (0, 1))
+    else:
+        hematoxylin, eosin = colours.hematoxylin_of(rgb), None
+    objects, refused = segment_objects(hematoxylin, config, calibration, eosin)
     x, y = objects.x + wx0, objects.y + wy0
     x0, y0, x1, y1 = region
     # A nucleus touching a window edge inside the slide is cut by the window: it is
@@ -273,7 +289,7 @@ def segment_tiles(plan: SlidePlan, stain: dict, calibration: dict | None,
                if plan.stain_lookup else StainParameters.from_json(stain))
     counts = {}
     for tile_id, region in tiles:
-        cells = segment_tile(plan, colours, config, calibration, region)
+        cells = segment_tile(plan, colours, config, calibration, region, stain["stain_matrix"])
         # QuPath's nucleus measurements, on the crops' masks at their scale (um per crop px)
         cells.update(nucleus_measurements(cells["masks"], cells["crops"], stain["stain_matrix"],
                                           cells["crop_px"] * plan.mpp))

@@ -140,13 +140,14 @@ def _segment_adaptive(slide, file_mpp: float, grid: ReferenceGrid, rgb: np.ndarr
     image = slide.read_level_region(0, 0, 0, slide.width, slide.height) if native else rgb
     seg_mpp = file_mpp if native else config.segmentation.reference_mpp
     if is_grayscale(image):
-        stain, hematoxylin = None, image[..., 0]
+        stain, hematoxylin, eosin_od = None, image[..., 0], None
     else:
-        stain = fit_stain_parameters(image, config.stain,
-                                     max_gain=config.segmentation.adaptive.max_stain_gain)
-        hematoxylin = stain.hematoxylin_of(image)
+        stain = fit_stain_parameters(image, config.stain, **config.segmentation.adaptive.stain_fit)
+        normalised = stain.normalise(image)
+        hematoxylin = stain.hematoxylin(normalised)
+        eosin_od = hematoxylin_od(stain.eosin(normalised))
     labels, big = segment_hematoxylin_od(hematoxylin_od(hematoxylin), seg_mpp,
-                                         config.segmentation.adaptive)
+                                         config.segmentation.adaptive, eosin_od=eosin_od)
     if native:
         # objects smaller than a reference pixel vanish: number the survivors 1..N, and the
         # native labels alike (the vanished ones become background there too)

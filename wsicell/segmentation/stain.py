@@ -264,6 +264,44 @@ def hematoxylin_first(stains: np.ndarray, hematoxylin_reference) -> np.ndarray:
     return complement_stain_matrix(stains[:, order])
 
 
+def plausible_hematoxylin(stain_matrix: np.ndarray, hematoxylin_reference,
+                          max_angle: float) -> np.ndarray:
+    """A stain matrix whose hematoxylin vector lies at most ``max_angle`` degrees from the
+    reference; one further off (fitted on fat, blood or mucus, where the first stain
+    vector is no hematoxylin) has it replaced by the reference, the eosin vector kept.
+
+    Parameters
+    ----------
+    stain_matrix : ndarray, shape (3, 3)
+        Columns [hematoxylin, eosin, residual] (:func:`hematoxylin_first`).
+    hematoxylin_reference : sequence of 3 floats
+        Reference optical-density colour of hematoxylin.
+    max_angle : float
+        Degrees.
+
+    Returns
+    -------
+    ndarray, shape (3, 3), float64
+        ``stain_matrix`` itself, or [reference, eosin, their cross product], unit columns.
+
+    Examples
+    --------
+    >>> reference = np.array([0.65, 0.70, 0.29])
+    >>> grey = complement_stain_matrix(np.array([[0.58, 0.58, 0.58], [0.1, 0.9, 0.4]]).T)
+    >>> fixed = plausible_hematoxylin(grey, reference, 15.0)
+    >>> bool(np.allclose(fixed[:, 0], reference / np.linalg.norm(reference)))
+    True
+    >>> plausible_hematoxylin(grey, reference, 30.0) is grey
+    True
+    """
+    reference = np.asarray(hematoxylin_reference, dtype=np.float64)
+    reference = reference / np.linalg.norm(reference)
+    hematoxylin = stain_matrix[:, 0] / np.linalg.norm(stain_matrix[:, 0])
+    if np.degrees(np.arccos(min(abs(float(reference @ hematoxylin)), 1.0))) <= max_angle:
+        return stain_matrix
+    return complement_stain_matrix(np.column_stack([reference, stain_matrix[:, 1]]))
+
+
 def color_deconvolution(rgb: np.ndarray, stain_matrix: np.ndarray) -> np.ndarray:
     """Stain intensity images of a uint8 RGB image.
 
@@ -294,14 +332,16 @@ def _stain_intensity(rgb: np.ndarray, inverse_rows: np.ndarray) -> np.ndarray:
     return _to_uint8(_elementwise(cv2.exp, log_intensity) - 1.0)
 
 
-def hematoxylin_intensity(rgb: np.ndarray, stain_matrix: np.ndarray) -> np.ndarray:
+def hematoxylin_intensity(rgb: np.ndarray, stain_matrix: np.ndarray,
+                          stain: int = 0) -> np.ndarray:
     """Hematoxylin channel (0..255, dark = much stain) of a uint8 RGB image.
 
     ``stain_matrix`` has hematoxylin as its first column (see :func:`hematoxylin_first`).
-    Returns an array of the image's leading shape, uint8.
+    Returns an array of the image's leading shape, uint8.  ``stain=1`` gives the eosin
+    channel (the second column) instead.
     """
     inverse = np.linalg.pinv(_unit_columns(np.asarray(stain_matrix, dtype=np.float64)))
-    return _stain_intensity(rgb, inverse[:1])[..., 0]
+    return _stain_intensity(rgb, inverse[stain:stain + 1])[..., 0]
 
 
 @dataclass(frozen=True)
@@ -341,6 +381,10 @@ class StainParameters:
         """Hematoxylin channel (uint8, leading shape) of a normalised image."""
         return hematoxylin_intensity(normalised, np.asarray(self.stain_matrix))
 
+    def eosin(self, normalised: np.ndarray) -> np.ndarray:
+        """Eosin channel (uint8, leading shape) of a normalised image."""
+        return hematoxylin_intensity(normalised, np.asarray(self.stain_matrix), stain=1)
+
     def hematoxylin_of(self, rgb: np.ndarray) -> np.ndarray:
         """Hematoxylin channel (uint8, leading shape) of a raw image, after normalising it
         (the same as :meth:`StainLookup.hematoxylin_of`, cheaper below a few tens of
@@ -350,7 +394,7 @@ class StainParameters:
 
 def fit_stain_parameters(
     rgb: np.ndarray, config: StainConfig = StainConfig(), mask: np.ndarray | None = None,
-    max_gain: float | None = None,
+    max_gain: float | None = None, max_hematoxylin_angle: float | None = None,
 ) -> StainParameters:
     """Estimate a slide's or image's colour standardisation.
 
@@ -370,6 +414,10 @@ def fit_stain_parameters(
         per Lab channel): the source deviations are floored at ``target / max_gain``.  A
         field without nuclei (fat, glass, blood) has a tiny colour spread, and matching it to
         the target's would stretch its noise into stain; None: no limit.
+    max_hematoxylin_angle : float, optional
+        Degrees: a fitted hematoxylin vector further than this from
+        ``config.hematoxylin_reference`` is replaced by it (:func:`plausible_hematoxylin`);
+        None: no limit.
     """
     pixels = _pixels(rgb, mask)
     if config.fit_max_pixels and len(pixels) > config.fit_max_pixels:
@@ -387,6 +435,9 @@ def fit_stain_parameters(
         config.macenko_angle_percentiles,
     )
     matrix = hematoxylin_first(stains, config.hematoxylin_reference)
+    if max_hematoxylin_angle:
+        matrix = plausible_hematoxylin(matrix, config.hematoxylin_reference,
+                                       max_hematoxylin_angle)
     return StainParameters(source, target, tuple(tuple(float(v) for v in row) for row in matrix))
 
 
