@@ -113,7 +113,8 @@ def convex_hulls(masks: np.ndarray) -> np.ndarray:
 
     The hull of a mask's pixel squares is that of the outer corners of each row's first
     and last pixel: at most 4 S points per mask, as one ring, hulled by GEOS for all masks
-    at once.
+    at once.  A corner that an adjacent row's pixels overhang lies inside the hull (on a
+    horizontal line between two of its points) and is left out: about half the points.
 
     Parameters
     ----------
@@ -145,6 +146,17 @@ def convex_hulls(masks: np.ndarray) -> np.ndarray:
     step = 2 * np.repeat(row, 2) + np.tile([0, 1], len(row))
     order = np.concatenate([step, -1 - step])  # left side downwards, right side upwards
     owner = np.tile(np.repeat(cell, 2), 2)
+    # the corners overhung by the row above (top corners) or below (bottom corners)
+    above = np.zeros((len(row), 2), dtype=bool)  # [left, right] overhung from above
+    below = np.zeros((len(row), 2), dtype=bool)
+    adjacent = (cell[1:] == cell[:-1]) & (row[1:] == row[:-1] + 1)
+    above[1:] = adjacent[:, None] & np.column_stack([left[:-1] < left[1:],
+                                                     right[:-1] > right[1:]])
+    below[:-1] = adjacent[:, None] & np.column_stack([left[1:] < left[:-1],
+                                                      right[1:] > right[:-1]])
+    inside = np.concatenate([np.column_stack([above[:, 0], below[:, 0]]).ravel(),
+                             np.column_stack([below[:, 1], above[:, 1]]).ravel()])
+    x, y, order, owner = x[~inside], y[~inside], order[~inside], owner[~inside]
     ranked = np.lexsort((order, owner))
     hulls = np.full(n, None, dtype=object)
     present = np.unique(cell)
