@@ -187,6 +187,15 @@ def test_a_block_whose_claimer_died_is_built_by_the_waiting_worker(tmp_path, sta
     assert not (tmp_path / "03.npy").exists()
 
 
+def test_a_block_of_an_older_layout_is_rebuilt(tmp_path, stain_json):
+    (tmp_path / "05.claim").touch()  # hematoxylin only: (BLOCK, 5), before eosin was tabulated
+    np.save(tmp_path / "05.npy", np.zeros((StainLookup.BLOCK, 5), dtype=np.uint8))
+    colours, stains = _shared_lookup(tmp_path, stain_json, wait_s=0.05)
+    expected = StainLookup.build(StainParameters.from_json(json.loads(stain_json)))
+    np.testing.assert_array_equal(colours, expected.colour_table)
+    np.testing.assert_array_equal(stains, expected.stain_table)
+
+
 def test_embedded_cluster_workers_poll_less():
     from distributed import Client
 

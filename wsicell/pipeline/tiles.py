@@ -169,7 +169,9 @@ def shared_lookup_blocks(directory: Path, params: StainParameters,
         yield index, colours, stains
     for index in claimed_elsewhere:
         block = wait_for_array(directory / f"{index:02d}.npy", wait_s)
-        yield (index, block[:, :4], block[:, 4:]) if block is not None else (
+        # a block of an older layout (staged by an earlier version) is rebuilt, not misread
+        usable = block is not None and block.shape == (StainLookup.BLOCK, 6)
+        yield (index, block[:, :4], block[:, 4:]) if usable else (
             index, *StainLookup.build_block(params, index))
 
 
