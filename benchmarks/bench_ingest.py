@@ -174,8 +174,7 @@ def time_recipes_on_tiles(slide: Path, run: dict, config: WsicellConfig, n_tiles
         htk_recipe(rgb)
         htk_s += time.perf_counter() - start
         start = time.perf_counter()
-        segment_tile(plan, lookup, config, run["calibration"], region,
-                     run["stain"]["stain_matrix"])
+        segment_tile(plan, lookup, config, run["calibration"], region)
         kernel_s += time.perf_counter() - start
     return htk_s / megapixels, kernel_s / megapixels, megapixels, processed_mp
 

@@ -162,29 +162,38 @@ def stain_json():
 def _shared_lookup(directory, stain_json, wait_s=10.0):
     params = StainParameters.from_json(json.loads(stain_json))
     lookup = StainLookup.from_blocks(shared_lookup_blocks(Path(directory), params, wait_s))
-    return lookup.colour_table, lookup.hematoxylin_table
+    return lookup.colour_table, lookup.stain_table
 
 
 def test_workers_share_the_lookup_build(tmp_path, stain_json):
     expected = StainLookup.build(StainParameters.from_json(json.loads(stain_json)))
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         tables = pool.starmap(_shared_lookup, [(tmp_path, stain_json)] * 2)
-    for colours, hematoxylin in tables:
+    for colours, stains in tables:
         np.testing.assert_array_equal(colours, expected.colour_table)
-        np.testing.assert_array_equal(hematoxylin, expected.hematoxylin_table)
+        np.testing.assert_array_equal(stains, expected.stain_table)
     assert len(list(tmp_path.glob("*.npy"))) == StainLookup.N_BLOCKS  # each block built once
     # a later worker only loads the published blocks
-    colours, hematoxylin = _shared_lookup(tmp_path, stain_json)
-    np.testing.assert_array_equal(hematoxylin, expected.hematoxylin_table)
+    colours, stains = _shared_lookup(tmp_path, stain_json)
+    np.testing.assert_array_equal(stains, expected.stain_table)
 
 
 def test_a_block_whose_claimer_died_is_built_by_the_waiting_worker(tmp_path, stain_json):
     (tmp_path / "03.claim").touch()  # claimed, never published
-    colours, hematoxylin = _shared_lookup(tmp_path, stain_json, wait_s=0.05)
+    colours, stains = _shared_lookup(tmp_path, stain_json, wait_s=0.05)
     expected = StainLookup.build(StainParameters.from_json(json.loads(stain_json)))
     np.testing.assert_array_equal(colours, expected.colour_table)
-    np.testing.assert_array_equal(hematoxylin, expected.hematoxylin_table)
+    np.testing.assert_array_equal(stains, expected.stain_table)
     assert not (tmp_path / "03.npy").exists()
+
+
+def test_a_block_of_an_older_layout_is_rebuilt(tmp_path, stain_json):
+    (tmp_path / "05.claim").touch()  # hematoxylin only: (BLOCK, 5), before eosin was tabulated
+    np.save(tmp_path / "05.npy", np.zeros((StainLookup.BLOCK, 5), dtype=np.uint8))
+    colours, stains = _shared_lookup(tmp_path, stain_json, wait_s=0.05)
+    expected = StainLookup.build(StainParameters.from_json(json.loads(stain_json)))
+    np.testing.assert_array_equal(colours, expected.colour_table)
+    np.testing.assert_array_equal(stains, expected.stain_table)
 
 
 def test_embedded_cluster_workers_poll_less():

@@ -107,6 +107,8 @@ def test_lookup_equals_direct_computation(image):
     np.testing.assert_array_equal(lookup.normalise(pixels), params.normalise(pixels))
     np.testing.assert_array_equal(lookup.hematoxylin_of(pixels[:, None]),
                                   params.hematoxylin_of(pixels[:, None]))
+    for ours, direct in zip(lookup.stains_of(pixels[:, None]), params.stains_of(pixels[:, None])):
+        np.testing.assert_array_equal(ours, direct)
 
 
 def test_stain_parameters_json_round_trip(image):

@@ -60,7 +60,7 @@ from wsicell.segmentation.nuclei import (
     measure_nuclei,
     segment_hematoxylin,
 )
-from wsicell.segmentation.stain import StainLookup, StainParameters, hematoxylin_intensity
+from wsicell.segmentation.stain import StainLookup, StainParameters
 from wsicell.segmentation.tissue import (
     SMALL_FIELD_PX,
     detect_tissue,
@@ -149,7 +149,7 @@ def _worker_lookup(staging: Path, stain_json: str) -> StainLookup:
 
 def shared_lookup_blocks(directory: Path, params: StainParameters,
                          wait_s: float = LOOKUP_BLOCK_WAIT_S):
-    """Yield ``(index, colours, hematoxylin)`` for every block of the StainLookup of
+    """Yield ``(index, colours, stains)`` for every block of the StainLookup of
     ``params`` (:meth:`StainLookup.build_block`), sharing the work through ``directory``.
 
     A process first builds and publishes every block it can claim, then loads the blocks
@@ -163,13 +163,15 @@ def shared_lookup_blocks(directory: Path, params: StainParameters,
         if not claim(directory / f"{index:02d}.claim"):
             claimed_elsewhere.append(index)
             continue
-        colours, hematoxylin = StainLookup.build_block(params, index)
-        # one (BLOCK, 5) array per block: the 4-byte colour words, then the hematoxylin
-        write_array(directory / f"{index:02d}.npy", np.column_stack([colours, hematoxylin]))
-        yield index, colours, hematoxylin
+        colours, stains = StainLookup.build_block(params, index)
+        # one (BLOCK, 6) array per block: the 4-byte colour words, then hematoxylin and eosin
+        write_array(directory / f"{index:02d}.npy", np.column_stack([colours, stains]))
+        yield index, colours, stains
     for index in claimed_elsewhere:
         block = wait_for_array(directory / f"{index:02d}.npy", wait_s)
-        yield (index, block[:, :4], block[:, 4]) if block is not None else (
+        # a block of an older layout (staged by an earlier version) is rebuilt, not misread
+        usable = block is not None and block.shape == (StainLookup.BLOCK, 6)
+        yield (index, block[:, :4], block[:, 4:]) if usable else (
             index, *StainLookup.build_block(params, index))
 
 
@@ -231,17 +233,15 @@ def segment_objects(hematoxylin: np.ndarray, config: WsicellConfig,
 
 
 def segment_tile(plan: SlidePlan, colours: StainLookup | StainParameters, config: WsicellConfig,
-                 calibration: dict | None, region, stain_matrix) -> dict[str, np.ndarray]:
+                 calibration: dict | None, region) -> dict[str, np.ndarray]:
     """The nuclei owned by one tile region ``[x0, y0, x1, y1)`` (reference px), in level-0
     pixels, as staged columns plus ``crops``, ``masks`` and ``refused`` (one value: the
-    objects refused as too large whose centroid lies in the region).  ``stain_matrix``
-    (3x3, the slide's) gives the eosin of the normalised tile where :func:`needs_eosin`."""
+    objects refused as too large whose centroid lies in the region).  The eosin of the
+    normalised tile comes with its hematoxylin where :func:`needs_eosin`."""
     wx0, wy0, wx1, wy1 = window = plan.window(region)
     rgb = read_tile(plan, window)
-    if needs_eosin(config):  # both stains of the normalised tile (as the lookup's own)
-        normalised, matrix = colours.normalise(rgb), np.asarray(stain_matrix)
-        hematoxylin, eosin = (hematoxylin_intensity(normalised, matrix, stain=stain)
-                              for stain in (0, 1))
+    if needs_eosin(config):
+        hematoxylin, eosin = colours.stains_of(rgb)
     else:
         hematoxylin, eosin = colours.hematoxylin_of(rgb), None
     objects, refused = segment_objects(hematoxylin, config, calibration, eosin)
@@ -289,7 +289,7 @@ def segment_tiles(plan: SlidePlan, stain: dict, calibration: dict | None,
                if plan.stain_lookup else StainParameters.from_json(stain))
     counts = {}
     for tile_id, region in tiles:
-        cells = segment_tile(plan, colours, config, calibration, region, stain["stain_matrix"])
+        cells = segment_tile(plan, colours, config, calibration, region)
         # QuPath's nucleus measurements, on the crops' masks at their scale (um per crop px)
         cells.update(nucleus_measurements(cells["masks"], cells["crops"], stain["stain_matrix"],
                                           cells["crop_px"] * plan.mpp))

@@ -147,7 +147,7 @@ def fill_holes(mask: np.ndarray, max_hole_px: int) -> np.ndarray:
     n, hole_labels = cv2.connectedComponentsWithAlgorithm(holes, 4, cv2.CV_32S, cv2.CCL_GRANA)
     out = mask.copy()
     if n > 1:
-        pixels = np.flatnonzero(holes)
+        pixels = np.flatnonzero(holes.view(bool))  # numpy's fast path: bool, not uint8
         label = hole_labels.ravel()[pixels]
         small = np.bincount(label, minlength=n) <= max_hole_px
         out.ravel()[pixels[small[label]]] = 1
@@ -176,7 +176,7 @@ class _Components:
     @classmethod
     def of(cls, mask: np.ndarray) -> "_Components":
         n, labels = cv2.connectedComponentsWithAlgorithm(mask, 4, cv2.CV_32S, cv2.CCL_GRANA)
-        pixels = np.flatnonzero(mask)
+        pixels = np.flatnonzero(mask.view(bool))  # numpy's fast path: bool, not uint8
         label = labels.ravel()[pixels]
         return cls(n, labels, pixels, label, np.bincount(label, minlength=n),
                    cv2.distanceTransform(mask, cv2.DIST_L2, 5))
@@ -320,7 +320,7 @@ def split(mask: np.ndarray, mpp: float, radius_um: float, p: AdaptiveConfig,
                                           ltype=cv2.CV_32S)
     # number of markers in each component
     marker_comp = np.zeros(nm, dtype=np.int64)
-    sel = np.flatnonzero(markers.ravel())
+    sel = c.pixels[markers.ravel()[c.pixels] > 0]  # the markers lie in the foreground
     marker_comp[markers.ravel()[sel]] = comp.ravel()[sel]
     multi = np.flatnonzero(np.bincount(marker_comp[1:], minlength=nc)[1:] >= 2) + 1
     labels = comp.copy()

@@ -84,8 +84,10 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
 def _log_lms(rgb: np.ndarray) -> np.ndarray:
     """Natural log of LMS cone responses, shape (..., 3) float32 (0 -> log(eps))."""
     lms = _transform(rgb, RGB_TO_LMS)
-    # LMS is 0 only for black (the matrix is positive); HistomicsTK puts eps there.
-    np.maximum(lms, np.finfo(np.float64).eps, out=lms)
+    # LMS is 0 only for black (the matrix is positive); HistomicsTK puts eps there.  In
+    # float32 (OpenCV): numpy's maximum with a float64 eps computes in float64, 20x slower.
+    flat = lms.reshape(-1, 1)
+    cv2.max(flat, float(np.finfo(np.float64).eps), dst=flat)
     return _elementwise(cv2.log, lms)
 
 
@@ -391,6 +393,12 @@ class StainParameters:
         megapixels)."""
         return self.hematoxylin(self.normalise(rgb))
 
+    def stains_of(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Hematoxylin and eosin channels (uint8, leading shape each) of a raw image, after
+        normalising it once (the same as :meth:`StainLookup.stains_of`)."""
+        normalised = self.normalise(rgb)
+        return self.hematoxylin(normalised), self.eosin(normalised)
+
 
 def fit_stain_parameters(
     rgb: np.ndarray, config: StainConfig = StainConfig(), mask: np.ndarray | None = None,
@@ -445,10 +453,11 @@ class StainLookup:
     """A :class:`StainParameters` tabulated for all 2^24 RGB colours.
 
     ``colour_table[(r << 16) | (g << 8) | b]`` holds the normalised colour as a 4-byte word
-    (64 MiB) and ``hematoxylin_table`` its hematoxylin intensity (16 MiB).  Building costs
-    about a second; applying it is one gather per pixel, independent of the colour maths.
-    Segmentation needs only the hematoxylin of every pixel, the small table; crops need
-    the colour of a third as many pixels.
+    (64 MiB) and ``stain_table`` its hematoxylin and eosin intensities as a 2-byte word
+    (32 MiB).  Building costs about a second; applying it is one gather per pixel,
+    independent of the colour maths.  Segmentation needs only the stains of every pixel,
+    the small table (both stains in one gather: a pixel's cost is the random access);
+    crops need the colour of a third as many pixels.
     """
 
     N_COLOURS = 1 << 24
@@ -456,13 +465,13 @@ class StainLookup:
     BLOCK = N_COLOURS // N_BLOCKS
     _STEP = 1 << 17  # colours per step of a build: its float32 temporaries fit L2
 
-    def __init__(self, colour_table: np.ndarray, hematoxylin_table: np.ndarray):
+    def __init__(self, colour_table: np.ndarray, stain_table: np.ndarray):
         if colour_table.shape != (self.N_COLOURS, 4) or colour_table.dtype != np.uint8:
             raise ValueError("a colour lookup table has shape (2**24, 4) and dtype uint8")
-        if hematoxylin_table.shape != (self.N_COLOURS,) or hematoxylin_table.dtype != np.uint8:
-            raise ValueError("a hematoxylin lookup table has shape (2**24,) and dtype uint8")
+        if stain_table.shape != (self.N_COLOURS, 2) or stain_table.dtype != np.uint8:
+            raise ValueError("a stain lookup table has shape (2**24, 2) and dtype uint8")
         self.colour_table = colour_table
-        self.hematoxylin_table = hematoxylin_table
+        self.stain_table = stain_table
 
     @classmethod
     def build(cls, params: StainParameters) -> "StainLookup":
@@ -472,30 +481,30 @@ class StainLookup:
 
     @classmethod
     def from_blocks(cls, blocks) -> "StainLookup":
-        """Tables from ``(index, colours, hematoxylin)`` triples (see :meth:`build_block`),
-        one per block index, in any order."""
+        """Tables from ``(index, colours, stains)`` triples (see :meth:`build_block`), one
+        per block index, in any order."""
         colours = np.empty((cls.N_COLOURS, 4), dtype=np.uint8)
-        hematoxylin = np.empty(cls.N_COLOURS, dtype=np.uint8)
+        stains = np.empty((cls.N_COLOURS, 2), dtype=np.uint8)
         filled = set()
-        for index, block_colours, block_hematoxylin in blocks:
+        for index, block_colours, block_stains in blocks:
             rows = slice(index * cls.BLOCK, (index + 1) * cls.BLOCK)
-            colours[rows], hematoxylin[rows] = block_colours, block_hematoxylin
+            colours[rows], stains[rows] = block_colours, block_stains
             filled.add(index)
         missing = set(range(cls.N_BLOCKS)) - filled
         if missing:
             raise ValueError(f"lookup blocks missing: {sorted(missing)}")
-        return cls(colours, hematoxylin)
+        return cls(colours, stains)
 
     @classmethod
     def build_block(cls, params: StainParameters, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``index * BLOCK`` to ``(index + 1) * BLOCK`` of the tables: the normalised
         colours as 4-byte words, (BLOCK, 4) uint8 (the fourth byte 0), and their hematoxylin
-        intensity, (BLOCK,) uint8."""
+        and eosin intensities, (BLOCK, 2) uint8."""
         codes = np.arange(cls._STEP, dtype=np.uint32)
         first_step = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=1)
         first_step = first_step.astype(np.uint8)  # the other steps differ in red only
         colours = np.empty((cls.BLOCK, 4), dtype=np.uint8)
-        hematoxylin = np.empty(cls.BLOCK, dtype=np.uint8)
+        stains = np.empty((cls.BLOCK, 2), dtype=np.uint8)
         for offset in range(0, cls.BLOCK, cls._STEP):
             rgb = first_step.copy()
             rgb[:, 0] += (index * cls.BLOCK + offset) >> 16
@@ -503,9 +512,10 @@ class StainLookup:
             # whole 4-byte rows: writing 3 of every 4 bytes cost a quarter of the build
             colours[offset:offset + cls._STEP] = cv2.cvtColor(
                 normalised[:, None], cv2.COLOR_RGB2RGBA)[:, 0]
-            hematoxylin[offset:offset + cls._STEP] = params.hematoxylin(normalised)
+            stains[offset:offset + cls._STEP] = np.column_stack(
+                [params.hematoxylin(normalised), params.eosin(normalised)])
         colours[:, 3] = 0
-        return colours, hematoxylin
+        return colours, stains
 
     def normalise(self, rgb: np.ndarray) -> np.ndarray:
         """Normalised colours of uint8 RGB pixels, shape (..., 3) -> (..., 3)."""
@@ -519,8 +529,20 @@ class StainLookup:
     def hematoxylin_of(self, rgb: np.ndarray) -> np.ndarray:
         """Hematoxylin intensity of the normalised colours of uint8 RGB pixels, shape
         (..., 3) -> (...) uint8."""
+        return cv2.extractChannel(self._stain_words(rgb), 0).reshape(np.shape(rgb)[:-1])
+
+    def stains_of(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Hematoxylin and eosin intensities of the normalised colours of uint8 RGB pixels,
+        shape (..., 3) -> two (...) uint8 (one gather; the colours are not needed)."""
+        shape = np.shape(rgb)[:-1]
+        return tuple(c.reshape(shape) for c in cv2.split(self._stain_words(rgb)))
+
+    def _stain_words(self, rgb: np.ndarray) -> np.ndarray:
+        """The stain table's rows of uint8 RGB pixels (..., 3), gathered as 2-byte words:
+        (rows, columns, 2) uint8 (the shape of :func:`colour_codes`)."""
         codes = colour_codes(rgb)
-        return np.take(self.hematoxylin_table, codes).reshape(np.shape(rgb)[:-1])
+        words = np.take(self.stain_table.view(np.uint16).ravel(), codes)
+        return words.view(np.uint8).reshape(*codes.shape, 2)
 
 
 def colour_codes(rgb: np.ndarray) -> np.ndarray:
