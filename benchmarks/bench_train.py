@@ -8,9 +8,11 @@ loop, and crops per second from disk.
 Without ``--store`` the vendored bone-marrow image is ingested into a temporary store.
 ``loader_crops_per_s`` streams uint8 batches through :class:`wsicell.learning.data.CropStream` and a
 DataLoader (``--workers`` processes, pinned memory on a GPU) and copies them to the device;
-``loader_crops_per_s_s3`` does the same from the store copied to an S3 server on loopback
-(moto's server mode, started by the benchmark; ``pip install 'wsicell[test]'``), in rounds
-alternating with the local store, whose rate in those rounds it prints beside;
+``loader_crops_per_s_s3`` does the same from a store copied to an S3 server on loopback
+(moto's server mode, started by the benchmark; ``pip install 'wsicell[test]'``): ``--store``,
+or else ``--s3-copies`` copies of the vendored image at the default chunking, in rounds
+alternating with that store on the local disk, whose rate in those rounds it prints beside
+(``loader_crops_per_s_local_same_rounds``, ratio ``loader_s3_vs_local``);
 ``gen_iters_per_s`` times full iterations of the default configuration (5 critic steps with
 gradient penalty, one G step, one Q step, batch 64) on batches from that loader.
 

@@ -145,12 +145,11 @@ def adaptive_per_tile(paths: list[Path], mpp: float) -> list[np.ndarray]:
     rgbs = [read_rgb_image(p) for p in paths]
     stain = fit_stain_parameters(np.concatenate([r.reshape(-1, 3) for r in rgbs]), config.stain,
                                  **config.segmentation.adaptive.stain_fit)
-    normalised = [stain.normalise(r) for r in rgbs]
-    ods = [hematoxylin_od(stain.hematoxylin(n)) for n in normalised]
+    stains = [[hematoxylin_od(channel) for channel in stain.stains_of(r)] for r in rgbs]
     p = config.segmentation.adaptive
-    calibration = calibrate(ods, mpp, p)
-    return [segment_hematoxylin_od(od, mpp, p, calibration, hematoxylin_od(stain.eosin(n)))[0]
-            for od, n in zip(ods, normalised)]
+    calibration = calibrate([od for od, _ in stains], mpp, p)
+    return [segment_hematoxylin_od(od, mpp, p, calibration, eosin_od)[0]
+            for od, eosin_od in stains]
 
 
 def read_labels(path: Path) -> np.ndarray:

@@ -142,10 +142,10 @@ def _segment_adaptive(slide, file_mpp: float, grid: ReferenceGrid, rgb: np.ndarr
     if is_grayscale(image):
         stain, hematoxylin, eosin_od = None, image[..., 0], None
     else:
-        stain = fit_stain_parameters(image, config.stain, **config.segmentation.adaptive.stain_fit)
-        normalised = stain.normalise(image)
-        hematoxylin = stain.hematoxylin(normalised)
-        eosin_od = hematoxylin_od(stain.eosin(normalised))
+        stain = fit_stain_parameters(image, config.stain,
+                                     **config.segmentation.adaptive.stain_fit)
+        hematoxylin, eosin = stain.stains_of(image)
+        eosin_od = hematoxylin_od(eosin)
     labels, big = segment_hematoxylin_od(hematoxylin_od(hematoxylin), seg_mpp,
                                          config.segmentation.adaptive, eosin_od=eosin_od)
     if native:

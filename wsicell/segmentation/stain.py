@@ -334,13 +334,12 @@ def _stain_intensity(rgb: np.ndarray, inverse_rows: np.ndarray) -> np.ndarray:
     return _to_uint8(_elementwise(cv2.exp, log_intensity) - 1.0)
 
 
-def hematoxylin_intensity(rgb: np.ndarray, stain_matrix: np.ndarray,
-                          stain: int = 0) -> np.ndarray:
-    """Hematoxylin channel (0..255, dark = much stain) of a uint8 RGB image.
+def stain_intensity(rgb: np.ndarray, stain_matrix: np.ndarray, stain: int = 0) -> np.ndarray:
+    """One stain's channel (0..255, dark = much stain) of a uint8 RGB image.
 
-    ``stain_matrix`` has hematoxylin as its first column (see :func:`hematoxylin_first`).
-    Returns an array of the image's leading shape, uint8.  ``stain=1`` gives the eosin
-    channel (the second column) instead.
+    ``stain_matrix`` has hematoxylin as its first column and eosin as its second (see
+    :func:`hematoxylin_first`); ``stain`` is the column (0: hematoxylin, 1: eosin).
+    Returns an array of the image's leading shape, uint8.
     """
     inverse = np.linalg.pinv(_unit_columns(np.asarray(stain_matrix, dtype=np.float64)))
     return _stain_intensity(rgb, inverse[stain:stain + 1])[..., 0]
@@ -381,11 +380,11 @@ class StainParameters:
 
     def hematoxylin(self, normalised: np.ndarray) -> np.ndarray:
         """Hematoxylin channel (uint8, leading shape) of a normalised image."""
-        return hematoxylin_intensity(normalised, np.asarray(self.stain_matrix))
+        return stain_intensity(normalised, np.asarray(self.stain_matrix))
 
     def eosin(self, normalised: np.ndarray) -> np.ndarray:
         """Eosin channel (uint8, leading shape) of a normalised image."""
-        return hematoxylin_intensity(normalised, np.asarray(self.stain_matrix), stain=1)
+        return stain_intensity(normalised, np.asarray(self.stain_matrix), stain=1)
 
     def hematoxylin_of(self, rgb: np.ndarray) -> np.ndarray:
         """Hematoxylin channel (uint8, leading shape) of a raw image, after normalising it
