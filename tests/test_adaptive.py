@@ -290,3 +290,37 @@ def test_eosin_dominated_objects_are_dropped():
     assert segment_hematoxylin_od(od, 0.25, AdaptiveConfig(max_eosin_ratio=0),
                                   eosin_od=eosin)[0].max() == 2
     assert segment_hematoxylin_od(od, 0.25)[0].max() == 2
+
+
+def test_specks_of_a_coarser_source_image_are_dropped():
+    # 1.6 um disks (8 um2): the calibrated radius is theirs, so min_area_rel keeps them at
+    # 0.4 um/px; drawn from a 0.5 um/px source, they are under 40 of its pixels (10 um2)
+    od = hematoxylin_od(_field(0.4, CENTRES, radius_um=1.6))
+    assert segment_hematoxylin_od(od, 0.4)[0].max() == len(CENTRES)
+    assert segment_hematoxylin_od(od, 0.4, source_mpp=0.4)[0].max() == len(CENTRES)
+    assert segment_hematoxylin_od(od, 0.4, source_mpp=0.5)[0].max() == 0
+    assert segment_hematoxylin_od(od, 0.4, AdaptiveConfig(min_source_px=0),
+                                  source_mpp=0.5)[0].max() == len(CENTRES)
+
+
+def test_cmu1_keratin_and_dermis_give_no_object_under_10_um2():
+    from conftest import shared_data_path
+
+    from wsicell.io.slide import ReferenceGrid, open_slide, read_reference_region
+
+    slide = open_slide(shared_data_path("slides", "CMU-1-Small-Region.svs"))
+    grid = ReferenceGrid.of(slide, slide.mpp, 0.4)
+    # level-0 (900, 1150)-(1650, 1800): keratin flakes, epidermis and dermis
+    rgb = read_reference_region(slide, grid, 1122, 1435, 936, 811)
+    p = AdaptiveConfig()
+    stain = fit_stain_parameters(rgb, load_config(None, "adaptive").stain, **p.stain_fit)
+    hematoxylin, eosin = (hematoxylin_od(s) for s in stain.stains_of(rgb))
+    areas = {}
+    for source_mpp in (None, slide.mpp):
+        labels, _ = segment_hematoxylin_od(hematoxylin, 0.4, p, eosin_od=eosin,
+                                           source_mpp=source_mpp)
+        areas[source_mpp] = np.bincount(labels.ravel())[1:] * 0.4 ** 2
+    assert slide.mpp == pytest.approx(0.499)
+    assert (areas[None] < 10).mean() > 0.05  # the 20x image's specks and slivers
+    assert len(areas[slide.mpp]) > 0.7 * len(areas[None])  # 778 -> 600
+    assert (areas[slide.mpp] >= 10 - 1e-6).all()

@@ -129,6 +129,12 @@ class AdaptiveConfig(_Section):
     min_area_um2: float = Field(2.0, ge=0, description="Absolute floor (um2) of the smallest "
                                 "object, and of its core in a field without a hematoxylin "
                                 "mode (``prior_threshold``).")
+    min_source_px: float = Field(40.0, ge=0, description="Objects smaller than this many "
+                                 "pixels of the source image are dropped where it is coarser "
+                                 "than the grid segmented (a 20x image at 0.4 um/px: 10 um2 at "
+                                 "0.5 um/px): specks and slivers a few pixels across, not "
+                                 "nuclei (BRCA dev, 0.5 um/px: 80% of the objects under 10 "
+                                 "um2 match no nucleus); 0 disables.")
     min_peak_contrast: float = Field(0.2, ge=0, description="Objects whose highest contrast "
                                      "(top-hat optical density) stays under this are "
                                      "dropped: faint specks and stain noise, not nuclei "

@@ -217,17 +217,19 @@ def needs_eosin(config: WsicellConfig) -> bool:
 
 
 def segment_objects(hematoxylin: np.ndarray, config: WsicellConfig,
-                    calibration: dict | None, eosin: np.ndarray | None = None
-                    ) -> tuple[Objects, np.ndarray]:
+                    calibration: dict | None, eosin: np.ndarray | None = None,
+                    slide_mpp: float | None = None) -> tuple[Objects, np.ndarray]:
     """The nuclei of a tile's hematoxylin (H, W) uint8 at the reference resolution by the
     configured recipe, and the centroids (K, 2) of the objects refused as too large
     (``adaptive``, with the slide's ``calibration``, a :class:`Calibration` as a dict;
-    ``eosin``, the tile's eosin intensity (H, W) uint8, where :func:`needs_eosin`)."""
+    ``eosin``, the tile's eosin intensity (H, W) uint8, where :func:`needs_eosin`;
+    ``slide_mpp``, the slide's level-0 um/px, for the recipe's ``min_source_px``)."""
     seg = config.segmentation
     if seg.method == "adaptive":
         labels, refused = segment_hematoxylin_od(
             hematoxylin_od(hematoxylin), seg.reference_mpp, seg.adaptive,
-            Calibration(**calibration), None if eosin is None else hematoxylin_od(eosin))
+            Calibration(**calibration), None if eosin is None else hematoxylin_od(eosin),
+            slide_mpp)
         return Objects.from_labels(labels), refused
     return segment_hematoxylin(hematoxylin, seg), np.zeros((0, 2))
 
@@ -244,7 +246,7 @@ def segment_tile(plan: SlidePlan, colours: StainLookup | StainParameters, config
         hematoxylin, eosin = colours.stains_of(rgb)
     else:
         hematoxylin, eosin = colours.hematoxylin_of(rgb), None
-    objects, refused = segment_objects(hematoxylin, config, calibration, eosin)
+    objects, refused = segment_objects(hematoxylin, config, calibration, eosin, plan.mpp)
     x, y = objects.x + wx0, objects.y + wy0
     x0, y0, x1, y1 = region
     # A nucleus touching a window edge inside the slide is cut by the window: it is

@@ -20,7 +20,8 @@ it, so the recipe holds at 20x and 40x alike.
    distance transform smoothed by ``marker_sigma_rel`` x radius, at least
    ``min_marker_rel`` x radius from the background; a component with two or more markers
    gives each pixel to its nearest marker.
-6. Objects under max(``min_area_um2``, ``min_area_rel`` x radius^2), whose highest
+6. Objects under max(``min_area_um2``, ``min_area_rel`` x radius^2, ``min_source_px``
+   pixels of the source image where that is coarser than ``mpp``), whose highest
    contrast is under ``min_peak_contrast``, with less than ``min_area_um2`` over the
    core threshold (fields without a hematoxylin mode) or whose eosin OD over hematoxylin OD exceeds
    ``max_eosin_ratio`` (:func:`eosin_ratio`) are dropped; objects over ``max_area_um2``
@@ -426,7 +427,8 @@ def eosin_ratio(od: np.ndarray, eosin_od: np.ndarray, label: np.ndarray, n: int
 
 def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None = None,
                            calibration: Calibration | None = None,
-                           eosin_od: np.ndarray | None = None
+                           eosin_od: np.ndarray | None = None,
+                           source_mpp: float | None = None
                            ) -> tuple[np.ndarray, int]:
     """Nuclei of a hematoxylin optical-density image.
 
@@ -445,6 +447,10 @@ def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None 
         Eosin optical density of the same pixels (:func:`hematoxylin_od` of the eosin
         intensity) for the ``p.max_eosin_ratio`` test; without it (a grayscale image) the
         test is skipped.
+    source_mpp : float, optional
+        Microns per pixel of the image ``od`` was resampled from (a 20x file or slide
+        segmented at 0.4 um/px): where it is coarser than ``mpp``, objects under
+        ``p.min_source_px`` of its pixels are dropped.  Default: ``od`` is the source.
 
     Returns
     -------
@@ -468,7 +474,9 @@ def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None 
     label = labels.ravel()[pixels]
     area = np.bincount(label, minlength=1)
     px = mpp ** 2
-    min_area = max(p.min_area_um2, p.min_area_rel * calibration.radius_um ** 2)
+    coarse = source_mpp if source_mpp is not None and source_mpp > mpp else 0.0
+    min_area = max(p.min_area_um2, p.min_area_rel * calibration.radius_um ** 2,
+                   p.min_source_px * coarse ** 2)
     big = area > p.max_area_um2 / px
     keep = (area >= min_area / px) & ~big
     if p.min_peak_contrast > 0:

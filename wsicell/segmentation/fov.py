@@ -147,7 +147,8 @@ def _segment_adaptive(slide, file_mpp: float, grid: ReferenceGrid, rgb: np.ndarr
         hematoxylin, eosin = stain.stains_of(image)
         eosin_od = hematoxylin_od(eosin)
     labels, big = segment_hematoxylin_od(hematoxylin_od(hematoxylin), seg_mpp,
-                                         config.segmentation.adaptive, eosin_od=eosin_od)
+                                         config.segmentation.adaptive, eosin_od=eosin_od,
+                                         source_mpp=file_mpp)
     if native:
         # objects smaller than a reference pixel vanish: number the survivors 1..N, and the
         # native labels alike (the vanished ones become background there too)
