@@ -73,3 +73,13 @@ def test_a_small_patch_is_ingested(tmp_path):
                   progress=False) == ["patch"]
     assert validate_store(path) == []
     assert len(slide_cells(open_store(path), "patch")) > 20
+
+
+def test_cmu1_ingested_has_no_object_under_10_um2(tmp_path):
+    # a 20x slide (0.499 um/px) segmented at 0.4 um/px: min_source_px (40 of its pixels)
+    slide = shared_data_path("slides", "CMU-1-Small-Region.svs")
+    config = WsicellConfig().with_options("adaptive")
+    path = tmp_path / "cells.zarr"
+    assert ingest(path, [slide], config, workers=1, progress=False) == [slide.stem]
+    area = slide_cells(open_store(path), slide.stem).area.to_numpy()
+    assert len(area) > 2000 and area.min() >= 10 - 1e-3
