@@ -324,3 +324,19 @@ def test_cmu1_keratin_and_dermis_give_no_object_under_10_um2():
     assert (areas[None] < 10).mean() > 0.05  # the 20x image's specks and slivers
     assert len(areas[slide.mpp]) > 0.7 * len(areas[None])  # 778 -> 600
     assert (areas[slide.mpp] >= 10 - 1e-6).all()
+
+
+def test_pale_centres_of_large_nuclei_are_filled():
+    # bm_graz: large vesicular nuclei whose pale chromatin leaves a 30-62 um2 hole
+    rgb = cv2.cvtColor(cv2.imread(str(SAMPLE)), cv2.COLOR_BGR2RGB)
+    p = AdaptiveConfig()
+    stain = fit_stain_parameters(rgb, load_config(None, "adaptive").stain, **p.stain_fit)
+    hematoxylin, eosin = (hematoxylin_od(s) for s in stain.stains_of(rgb))
+    labels = segment_hematoxylin_od(hematoxylin, 0.4, p, eosin_od=eosin)[0]
+    before = segment_hematoxylin_od(hematoxylin, 0.4, AdaptiveConfig(max_hole_um2=30),
+                                    eosin_od=eosin)[0]
+    n, filled, stats, _ = cv2.connectedComponentsWithStats(
+        ((labels > 0) & (before == 0)).astype(np.uint8), connectivity=4)
+    centres = stats[1:, cv2.CC_STAT_AREA] * 0.4 ** 2 > 30
+    assert centres.sum() >= 8  # holes over 30 um2, now inside their nucleus
+    assert abs(int(labels.max()) - int(before.max())) <= 2  # the same nuclei, whole
