@@ -190,6 +190,26 @@ def test_real_crop_terms_train_the_trunk_and_q_on_real_crops(crops, term):
     assert not changed(model.generator, before["G"])
 
 
+def test_q_learns_the_continuous_codes_from_g_s_samples():
+    """With continuous codes, Q steps on G's samples make Q's estimates follow the codes
+    G was given (the squared error falls well below a guess's 1/3)."""
+    config = TINY.model_copy(update={"train": TINY.train.model_copy(
+        update={"continuous_codes": 2, "lambda_marginal": 0.0, "lr_info": 1e-3})})
+    model = build_model(5, 32, 8, seed=0, continuous=2)
+    trainer = Trainer(model, config, torch.device("cpu"))
+
+    def error() -> float:
+        with torch.no_grad():
+            fake, _, code = trainer._fake(256)
+            return torch.nn.functional.mse_loss(model.q_outputs(fake.float())[:, 5:],
+                                                code[:, 5:]).item()
+
+    before = error()
+    for _ in range(60):
+        trainer.info_step(None)
+    assert before > 0.2 and error() < 0.5 * before
+
+
 def test_training_writes_a_complete_model_dir(trained, crops):
     names = {p.name for p in trained.iterdir()}
     assert {"model.pt", "config.json", "checkpoint.pt", "log.jsonl", "losses.png",

@@ -152,7 +152,7 @@ def load_trained_model(model_dir, device="cpu") -> TrainedModel:
         if saved.get("format") != MODEL_FORMAT:
             raise ValueError("unknown format")
         cfg = config.train
-        network = InfoWGAN(cfg.categories, cfg.noise_dim, cfg.width)
+        network = InfoWGAN(cfg.categories, cfg.noise_dim, cfg.width, cfg.continuous_codes)
         network.load_state_dict(saved["state_dict"])
     except WsicellError:
         raise
