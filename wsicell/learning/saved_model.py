@@ -96,7 +96,8 @@ class TrainedModel:
         with torch.no_grad():
             for start in range(0, len(crops), batch_size):
                 batch = torch.from_numpy(crops[start:start + batch_size]).to(self.device)
-                outputs.append(function(to_unit_range(batch)).float().cpu().numpy())
+                outputs.append(function(to_unit_range(batch, self.config.train.nucleus_px))
+                               .float().cpu().numpy())
         if not outputs:
             width = function(torch.zeros(1, 3, CROP_SIZE, CROP_SIZE, device=self.device)).shape[1]
             return np.zeros((0, width), dtype=np.float32)

@@ -272,7 +272,8 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=1).mean()
 
 
-def cluster_occupancy(model: InfoWGAN, crops: np.ndarray, batch_size: int = 512) -> list[int]:
+def cluster_occupancy(model: InfoWGAN, crops: np.ndarray, nucleus_px: float = 0.0,
+                      batch_size: int = 512) -> list[int]:
     """How many of ``crops`` Q puts in each category (its argmax), the collapse watch.
 
     Parameters
@@ -280,6 +281,8 @@ def cluster_occupancy(model: InfoWGAN, crops: np.ndarray, batch_size: int = 512)
     model : InfoWGAN
     crops : ndarray, shape (N, 32, 32, 3), uint8
         A fixed sample of real crops.
+    nucleus_px : float
+        The training's ``nucleus_px`` (see :func:`wsicell.learning.augment.fit_nuclei`).
 
     Returns
     -------
@@ -290,7 +293,7 @@ def cluster_occupancy(model: InfoWGAN, crops: np.ndarray, batch_size: int = 512)
     with torch.no_grad():
         for start in range(0, len(crops), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size]))
-            logits = model.q_logits(to_unit_range(batch.to(device)))
+            logits = model.q_logits(to_unit_range(batch.to(device), nucleus_px))
             counts += torch.bincount(logits.argmax(dim=1), minlength=model.categories)
     return counts.cpu().tolist()
 
