@@ -41,6 +41,23 @@ def test_shapes(model):
     assert onehot.sum(dim=1).eq(1).all()
 
 
+def test_continuous_codes_join_the_category_and_leave_the_paper_s_draws_alone():
+    net = build_model(K, NOISE, WIDTH, seed=0, continuous=2)
+    z, category, code = net.sample_inputs(64, torch.Generator().manual_seed(1), "cpu")
+    assert code.shape == (64, K + 2)
+    assert torch.equal(code[:, :K].argmax(dim=1), category) and code[:, :K].sum(1).eq(1).all()
+    assert code[:, K:].abs().max() <= 1 and code[:, K:].std() > 0.4  # U(-1, 1)
+    assert net.generator(z, code).shape == (64, 3, 32, 32)
+    x = images(6)
+    assert net.q_outputs(x).shape == (6, K + 2)
+    assert torch.equal(net.q_logits(x), net.q_outputs(x)[:, :K])
+    # the paper's model (no continuous code) draws exactly what it always drew
+    paper = build_model(K, NOISE, WIDTH, seed=0)
+    z0, c0, onehot = paper.sample_inputs(64, torch.Generator().manual_seed(1), "cpu")
+    assert torch.equal(z0, z) and torch.equal(c0, category) and onehot.shape == (64, K)
+    assert paper.q_head.out_features == K
+
+
 def test_generator_ends_with_tanh():
     net = build_model(K, NOISE, WIDTH, seed=0)
     with torch.no_grad():

@@ -19,8 +19,8 @@ from conftest import TRAIN_SLIDE as SLIDE
 from wsicell.cli.train import train as train_command
 from wsicell.config import TrainConfig, WsicellConfig
 from wsicell.errors import WsicellError
-from wsicell.io.store import open_store, slide_crops
-from wsicell.learning.augment import prepare_batch
+from wsicell.io.store import open_store, slide_crops, slide_masks
+from wsicell.learning.augment import fit_nuclei, prepare_batch, to_unit_range
 from wsicell.learning.device import (
     cpu_supports_bfloat16,
     free_cpu_threads,
@@ -55,6 +55,11 @@ def store(train_store):
 @pytest.fixture(scope="module")
 def crops(store):
     return slide_crops(open_store(store), SLIDE)[:]
+
+
+@pytest.fixture(scope="module")
+def masks(store):
+    return slide_masks(open_store(store), SLIDE)[:]
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +193,51 @@ def test_real_crop_terms_train_the_trunk_and_q_on_real_crops(crops, term):
     assert trainer.info_step(real).item() == 0  # L_Q logs the paper's term only
     assert changed(model.trunk, before["trunk"]) and changed(model.q_head, before["Q"])
     assert not changed(model.generator, before["G"])
+
+
+def test_q_learns_the_continuous_codes_from_g_s_samples():
+    """With continuous codes, Q steps on G's samples make Q's estimates follow the codes
+    G was given (the squared error falls well below a guess's 1/3)."""
+    config = TINY.model_copy(update={"train": TINY.train.model_copy(
+        update={"continuous_codes": 2, "lambda_marginal": 0.0, "lr_info": 1e-3})})
+    model = build_model(5, 32, 8, seed=0, continuous=2)
+    trainer = Trainer(model, config, torch.device("cpu"))
+
+    def error() -> float:
+        with torch.no_grad():
+            fake, _, code = trainer._fake(256)
+            return torch.nn.functional.mse_loss(model.q_outputs(fake.float())[:, 5:],
+                                                code[:, 5:]).item()
+
+    before = error()
+    for _ in range(60):
+        trainer.info_step(None)
+    assert before > 0.2 and error() < 0.5 * before
+
+
+def test_fit_nuclei_gives_small_and_large_real_nuclei_one_size(crops, masks):
+    x = to_unit_range(torch.from_numpy(crops[:64]))
+    fitted = fit_nuclei(x, 24)
+    inside = (fitted < 1 - 0.05).any(dim=1)  # the nucleus, past the bilinear fringe
+    extent = torch.maximum(inside.any(dim=2).sum(1), inside.any(dim=1).sum(1))
+    before = np.maximum(masks[:64].any(axis=2).sum(1), masks[:64].any(axis=1).sum(1))
+    assert before.min() <= 14 and before.max() >= 28  # real nuclei of many sizes
+    assert extent.min() >= 22 and extent.max() <= 26  # 24, give or take the fringe
+    assert torch.equal(fit_nuclei(torch.ones(2, 3, 32, 32), 24), torch.ones(2, 3, 32, 32))
+    assert torch.equal(prepare_batch(torch.from_numpy(crops[:8]), nucleus_px=24),
+                       fitted[:8])
+
+
+def test_a_model_trained_on_fitted_nuclei_classifies_fitted_nuclei(store, crops, tmp_path):
+    config = TINY.model_copy(update={"train": TINY.train.model_copy(
+        update={"nucleus_px": 24.0})})
+    model = load_trained_model(train(store, tmp_path / "m", config, max_iters=2, **RUN))
+    assert model.config.train.nucleus_px == 24.0
+    with torch.no_grad():
+        logits = model.network.q_logits(fit_nuclei(to_unit_range(
+            torch.from_numpy(crops[:16])), 24))
+    assert np.allclose(model.classify(crops[:16]), torch.softmax(logits, 1).numpy(),
+                       atol=1e-5)
 
 
 def test_training_writes_a_complete_model_dir(trained, crops):

@@ -299,6 +299,19 @@ class TrainConfig(_Section):
         "train patches' cells (3 seeds) it did not help: purity 0.383 against 0.399, "
         "largest cluster up to 90% against 77% (docs/cell-types.md)."
     )
+    continuous_codes: int = Field(
+        0, ge=0, description="Beyond the paper: number of continuous codes u ~ U(-1, 1) that "
+        "G takes beside the categorical code and Q estimates (InfoGAN's, Chen et al. 2016; "
+        "loss lambda_info * 0.5 * squared error), so that continuous variation such as a "
+        "nucleus's size can go there instead of into the categories (0 = the paper)."
+    )
+    nucleus_px: float = Field(
+        0.0, ge=0, le=32, description="Beyond the paper: each crop's nucleus is scaled "
+        "(bilinear, centred) so that the longer side of its box spans this many pixels "
+        "before G's adversary and Q see it, in training and in classification, so that the "
+        "categories cannot be the nuclei's sizes (the cell table keeps the sizes); 0 = the "
+        "crops as stored (the paper)."
+    )
     epochs: PositiveFloat = Field(10, description="Passes over the training crops.")
     width: PositiveInt = Field(128, description="Channels of the residual networks.")
     rotate: bool = Field(True, description="Augment by rotations of 90/180/270 degrees.")

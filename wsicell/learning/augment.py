@@ -1,15 +1,74 @@
-"""Crops on the training device: uint8 to ``[-1, 1]`` floats, and the augmentations
-(random rotations and mirror images, stain perturbation in optical-density space).
+"""Crops on the training device: uint8 to ``[-1, 1]`` floats, each nucleus optionally
+scaled to a fixed size, and the augmentations (random rotations and mirror images, stain
+perturbation in optical-density space).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
-def to_unit_range(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1] (on the batch's device)."""
-    return batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+def to_unit_range(batch: torch.Tensor, nucleus_px: float = 0.0) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1] (on the batch's device), each
+    nucleus scaled by :func:`fit_nuclei` when ``nucleus_px > 0``."""
+    x = batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return fit_nuclei(x, nucleus_px) if nucleus_px > 0 else x
+
+
+def fit_nuclei(x: torch.Tensor, nucleus_px: float) -> torch.Tensor:
+    """Scale each crop's nucleus so that the longer side of its box spans ``nucleus_px``
+    pixels, centred in the crop (bilinear; the nucleus's size is taken out of the crop).
+
+    The nucleus is what is not white: crops are white (1) outside it.  A crop without a
+    nucleus pixel is returned unchanged.
+
+    Parameters
+    ----------
+    x : Tensor, shape (B, C, H, W), float in [-1, 1]
+        Crops whose background is exactly 1 in every channel.
+    nucleus_px : float
+        Side, in output pixels, of the longer side of each nucleus's box.
+
+    Returns
+    -------
+    Tensor, shape (B, C, H, W), float in [-1, 1]
+
+    Examples
+    --------
+    >>> x = torch.ones(1, 3, 32, 32)
+    >>> x[:, :, 15:17, 14:18] = -1  # a 2 x 4 px nucleus
+    >>> dark = fit_nuclei(x, 16)[0, 0] < 0
+    >>> dark.any(dim=1).sum().item(), dark.any(dim=0).sum().item()  # rows, columns
+    (8, 16)
+    """
+    b, _, h, w = x.shape
+    inside = (x < 1 - 1e-3).any(dim=1)  # (B, H, W)
+    rows, cols = inside.any(dim=2), inside.any(dim=1)
+    r0, r1 = _extent(rows)
+    c0, c1 = _extent(cols)
+    extent = torch.maximum(r1 - r0, c1 - c0).clamp_min(1).float()
+    shrink = torch.where(rows.any(dim=1), extent / nucleus_px, torch.ones_like(extent))
+    # output pixel-edge coordinate u in [-1, 1] samples input coordinate centre + u * shrink
+    # (align_corners=False: edge coordinates e in pixels are 2 e / size - 1)
+    centre_x = torch.where(rows.any(dim=1), (c0 + c1).float() / w - 1, torch.zeros_like(extent))
+    centre_y = torch.where(rows.any(dim=1), (r0 + r1).float() / h - 1, torch.zeros_like(extent))
+    zero = torch.zeros_like(extent)
+    theta = torch.stack([torch.stack([shrink, zero, centre_x], dim=1),
+                         torch.stack([zero, shrink, centre_y], dim=1)], dim=1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # sample x - 1 with zero padding: what lies outside the crop is white
+    return F.grid_sample(x - 1, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False) + 1
+
+
+def _extent(occupied: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First index and one past the last index of the True entries of each row of a
+    (B, N) bool tensor (N and 0 for a row without one)."""
+    index = torch.arange(occupied.shape[1], device=occupied.device)
+    first = torch.where(occupied, index, occupied.shape[1]).amin(dim=1)
+    last = torch.where(occupied, index, -1).amax(dim=1) + 1
+    return first, last
 
 
 # Optical-density colours of hematoxylin, eosin and a residual channel (rows; Ruifrok &
@@ -64,15 +123,15 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 
 def prepare_batch(batch: torch.Tensor, generator: torch.Generator | None = None,
-                  rotate: bool = False, stain_sigma: float = 0.0) -> torch.Tensor:
+                  rotate: bool = False, stain_sigma: float = 0.0,
+                  nucleus_px: float = 0.0) -> torch.Tensor:
     """uint8 crops (B, 32, 32, 3) on the device -> augmented float (B, 3, 32, 32) in [-1, 1].
 
-    Augmentations (they need ``generator``): the stain perturbation of :func:`stain_jitter`
-    when ``stain_sigma > 0``, then a random rotation by 0/90/180/270 degrees when ``rotate``.
+    Each nucleus is scaled by :func:`fit_nuclei` when ``nucleus_px > 0``.  Augmentations
+    (they need ``generator``): the stain perturbation of :func:`stain_jitter` when
+    ``stain_sigma > 0``, then a random rotation by 0/90/180/270 degrees when ``rotate``.
     """
+    x = to_unit_range(batch, nucleus_px)
     if stain_sigma > 0:
-        x = stain_jitter(batch.permute(0, 3, 1, 2).float(), stain_sigma, generator)
-        x = x.div_(127.5).sub_(1.0)
-    else:
-        x = to_unit_range(batch)
+        x = stain_jitter(x.add_(1.0).mul_(127.5), stain_sigma, generator).div_(127.5).sub_(1.0)
     return random_rotation(x, generator) if rotate else x

@@ -153,24 +153,38 @@ class CriticTrunk(nn.Module):
 
 
 class InfoWGAN(nn.Module):
-    """G, the critic trunk and its two heads, as one module (one state dict)."""
+    """G, the critic trunk and its two heads, as one module (one state dict).
 
-    def __init__(self, categories: int, noise_dim: int, width: int):
+    Beyond the paper, ``continuous`` codes (InfoGAN's, Chen et al. 2016) can join the
+    categorical one: G takes ``m`` more inputs ``u ~ U(-1, 1)`` after the one-hot code, and
+    the Q head has ``m`` more outputs that estimate them, so that continuous variation
+    (a nucleus's size, its stain) has somewhere to go other than the categories.  With
+    ``continuous=0`` (the paper) the networks are exactly the paper's.
+    """
+
+    def __init__(self, categories: int, noise_dim: int, width: int, continuous: int = 0):
         super().__init__()
         self.categories = categories
+        self.continuous = continuous
         self.noise_dim = noise_dim
-        self.generator = Generator(categories, noise_dim, width)
+        # G's code input is the one-hot category followed by the continuous codes
+        self.generator = Generator(categories + continuous, noise_dim, width)
         self.trunk = CriticTrunk(width)
         self.critic_head = nn.Linear(width, 1)
-        self.q_head = nn.Linear(width, categories)
+        self.q_head = nn.Linear(width, categories + continuous)
 
     def critic(self, x: torch.Tensor) -> torch.Tensor:
         """D(x): images (B, 3, 32, 32) -> critic values (B,)."""
         return self.critic_head(self.trunk(x)).squeeze(1)
 
+    def q_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The Q head's outputs, (B, 3, 32, 32) -> (B, k + m): the logits over the k
+        categories, then the estimates of the m continuous codes."""
+        return self.q_head(self.trunk(x))
+
     def q_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Q's logits over the k categories, (B, 3, 32, 32) -> (B, k)."""
-        return self.q_head(self.trunk(x))
+        return self.q_outputs(x)[:, :self.categories]
 
     def discriminator_features(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's D features: each block's activations max-pooled to 4x4, concatenated.
@@ -187,10 +201,16 @@ class InfoWGAN(nn.Module):
         return torch.cat(pooled, dim=1)
 
     def sample_inputs(self, batch: int, generator: torch.Generator, device) -> tuple:
-        """Draw noise z ~ N(0, I) (B, noise_dim), categories c (B,) uniform, one-hot (B, k)."""
+        """Draw noise z ~ N(0, I) (B, noise_dim), categories c (B,) uniform and G's code
+        input (B, k + m): c one-hot, then the continuous codes ~ U(-1, 1) (drawn only when
+        m > 0, so the paper's model draws what it always drew)."""
         z = torch.randn(batch, self.noise_dim, generator=generator, device=device)
         c = torch.randint(0, self.categories, (batch,), generator=generator, device=device)
-        return z, c, F.one_hot(c, self.categories).to(z.dtype)
+        code = F.one_hot(c, self.categories).to(z.dtype)
+        if self.continuous:
+            u = torch.rand(batch, self.continuous, generator=generator, device=device)
+            code = torch.cat([code, 2 * u - 1], dim=1)
+        return z, c, code
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters stepped by each optimiser: the critic (trunk + critic head), G, and the
@@ -236,15 +256,17 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
     return count
 
 
-def build_model(categories: int, noise_dim: int, width: int, seed: int) -> InfoWGAN:
+def build_model(categories: int, noise_dim: int, width: int, seed: int,
+                continuous: int = 0) -> InfoWGAN:
     """A freshly initialised :class:`InfoWGAN` (deterministic for a given seed)."""
-    model = InfoWGAN(categories, noise_dim, width)
+    model = InfoWGAN(categories, noise_dim, width, continuous)
     init_weights(model, torch.Generator().manual_seed(seed))
     return model
 
 
 def generator_grid(model: InfoWGAN, n_rows: int, seed: int = 0) -> np.ndarray:
-    """G's samples for ``n_rows`` fixed noise vectors and every category (eval mode).
+    """G's samples for ``n_rows`` fixed noise vectors and every category (eval mode), the
+    continuous codes, if any, at 0 (their middle).
 
     Returns
     -------
@@ -253,7 +275,8 @@ def generator_grid(model: InfoWGAN, n_rows: int, seed: int = 0) -> np.ndarray:
     device = next(model.parameters()).device
     z = torch.randn(n_rows, model.noise_dim, generator=torch.Generator().manual_seed(seed))
     z = z.to(device).repeat_interleave(model.categories, dim=0)
-    codes = torch.eye(model.categories, device=device).repeat(n_rows, 1)
+    codes = F.pad(torch.eye(model.categories, device=device), (0, model.continuous))
+    codes = codes.repeat(n_rows, 1)
     was_training = model.generator.training
     model.generator.eval()
     with torch.no_grad():

@@ -96,7 +96,8 @@ class TrainedModel:
         with torch.no_grad():
             for start in range(0, len(crops), batch_size):
                 batch = torch.from_numpy(crops[start:start + batch_size]).to(self.device)
-                outputs.append(function(to_unit_range(batch)).float().cpu().numpy())
+                outputs.append(function(to_unit_range(batch, self.config.train.nucleus_px))
+                               .float().cpu().numpy())
         if not outputs:
             width = function(torch.zeros(1, 3, CROP_SIZE, CROP_SIZE, device=self.device)).shape[1]
             return np.zeros((0, width), dtype=np.float32)
@@ -152,7 +153,7 @@ def load_trained_model(model_dir, device="cpu") -> TrainedModel:
         if saved.get("format") != MODEL_FORMAT:
             raise ValueError("unknown format")
         cfg = config.train
-        network = InfoWGAN(cfg.categories, cfg.noise_dim, cfg.width)
+        network = InfoWGAN(cfg.categories, cfg.noise_dim, cfg.width, cfg.continuous_codes)
         network.load_state_dict(saved["state_dict"])
     except WsicellError:
         raise

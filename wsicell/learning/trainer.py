@@ -10,7 +10,9 @@ and one Q step, each from freshly drawn noise z and categorical code c:
 * generator: ``L_G = -E[D(G(z,c))]`` (steps G);
 * Q: ``L_Q = lambda2 * cross_entropy(Q(G(z,c)), c)`` (steps G and Q = the shared trunk
   with the Q head, as the research code does); beyond the paper, optional terms on Q's
-  categories of real crops (``lambda_cluster``, ``lambda_marginal``, ``lambda_confidence``).
+  categories of real crops (``lambda_cluster``, ``lambda_marginal``, ``lambda_confidence``)
+  and ``lambda_info * 0.5 * mean squared error`` of Q's estimates of G's continuous codes
+  (``continuous_codes``; InfoGAN's Gaussian term with unit variance).
 
 Under ``torchrun`` gradients are averaged across ranks with ``all_reduce`` (NCCL on GPUs,
 gloo on CPUs).  The training run itself (store, checkpoints, pictures) is
@@ -119,7 +121,7 @@ class Trainer:
         wrap = torch.compile if compile else (lambda f: f)
         self.fast_generator = wrap(model.generator)
         self.fast_critic = wrap(model.critic)
-        self.fast_q = wrap(model.q_logits)
+        self.fast_q = wrap(model.q_outputs)
 
     def _step(self, name: str, loss: torch.Tensor) -> None:
         optimizer = self.optimizers[name]
@@ -134,17 +136,18 @@ class Trainer:
                 g.copy_(mean.view_as(g))
         optimizer.step()
 
-    def _fake(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        z, code, onehot = self.model.sample_inputs(batch, self.generator, self.device)
+    def _fake(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """G's samples, their categories (B,) and G's whole code input (B, k + m)."""
+        z, category, code = self.model.sample_inputs(batch, self.generator, self.device)
         with self.amp:
-            return self.fast_generator(z, onehot), code
+            return self.fast_generator(z, code), category, code
 
     def critic_step(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One critic step on a prepared real batch; returns (V(D,G), L_D), detached."""
         batch = real.shape[0]
         real = real.contiguous(memory_format=self.memory_format)
         with torch.no_grad():
-            fake, _ = self._fake(batch)
+            fake = self._fake(batch)[0]
         with self.amp:
             scores = self.fast_critic(torch.cat([real, fake.to(real.dtype)])).float()
         value = scores[:batch].mean() - scores[batch:].mean()
@@ -156,30 +159,35 @@ class Trainer:
     def generator_step(self) -> torch.Tensor:
         """One generator step, ``L_G = -E[D(G(z, c))]``; returns L_G, detached."""
         with frozen(self.groups["critic"]):
-            fake, _ = self._fake(self.cfg.batch_size)
+            fake = self._fake(self.cfg.batch_size)[0]
             with self.amp:
                 loss = -self.fast_critic(fake).float().mean()
             self._step("generator", loss)
         return loss.detach()
 
     def info_step(self, real: torch.Tensor) -> torch.Tensor:
-        """One Q step, ``L_Q = lambda2 * CE(Q(G(z, c)), c)`` on G, the trunk and the Q head,
-        minus ``lambda_cluster`` times the :func:`invariant_information` of Q on two random
+        """One Q step, ``L_Q = lambda2 * CE(Q(G(z, c)), c)`` (plus ``lambda2 * 0.5 * MSE``
+        of Q's estimates of the continuous codes, when there are any) on G, the trunk and
+        the Q head, minus ``lambda_cluster`` times the :func:`invariant_information` of Q on two random
         symmetries of the real batch, minus ``lambda_marginal`` times the
         :func:`marginal_entropy` of Q on them and plus ``lambda_confidence`` times their
         :func:`mean_entropy`, when those weights are set; returns L_Q, detached."""
         cfg = self.cfg
         with frozen(self.model.critic_head.parameters()):
-            fake, code = self._fake(cfg.batch_size)
+            fake, category, code = self._fake(cfg.batch_size)
             with self.amp:
-                logits = self.fast_q(fake).float()
-            info = cfg.lambda_info * F.cross_entropy(logits, code)
+                outputs = self.fast_q(fake).float()
+            k = self.model.categories
+            info = F.cross_entropy(outputs[:, :k], category)
+            if self.model.continuous:
+                info = info + 0.5 * F.mse_loss(outputs[:, k:], code[:, k:].float())
+            info = cfg.lambda_info * info
             loss = info
             if cfg.lambda_cluster > 0 or cfg.lambda_marginal > 0 or cfg.lambda_confidence > 0:
                 views = torch.cat([random_dihedral(real, self.generator) for _ in range(2)]
                                   ).contiguous(memory_format=self.memory_format)
                 with self.amp:
-                    view_logits = self.fast_q(views).float()
+                    view_logits = self.fast_q(views).float()[:, :k]
                 loss = (loss - cfg.lambda_cluster * invariant_information(*view_logits.chunk(2))
                         - cfg.lambda_marginal * marginal_entropy(view_logits)
                         + cfg.lambda_confidence * mean_entropy(view_logits))
@@ -264,7 +272,8 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=1).mean()
 
 
-def cluster_occupancy(model: InfoWGAN, crops: np.ndarray, batch_size: int = 512) -> list[int]:
+def cluster_occupancy(model: InfoWGAN, crops: np.ndarray, nucleus_px: float = 0.0,
+                      batch_size: int = 512) -> list[int]:
     """How many of ``crops`` Q puts in each category (its argmax), the collapse watch.
 
     Parameters
@@ -272,6 +281,8 @@ def cluster_occupancy(model: InfoWGAN, crops: np.ndarray, batch_size: int = 512)
     model : InfoWGAN
     crops : ndarray, shape (N, 32, 32, 3), uint8
         A fixed sample of real crops.
+    nucleus_px : float
+        The training's ``nucleus_px`` (see :func:`wsicell.learning.augment.fit_nuclei`).
 
     Returns
     -------
@@ -282,7 +293,7 @@ def cluster_occupancy(model: InfoWGAN, crops: np.ndarray, batch_size: int = 512)
     with torch.no_grad():
         for start in range(0, len(crops), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size]))
-            logits = model.q_logits(to_unit_range(batch.to(device)))
+            logits = model.q_logits(to_unit_range(batch.to(device), nucleus_px))
             counts += torch.bincount(logits.argmax(dim=1), minlength=model.categories)
     return counts.cpu().tolist()
 
@@ -293,5 +304,6 @@ def new_trainer(config: WsicellConfig, device: torch.device, world_size: int = 1
     :class:`Trainer`."""
     cfg = config.train
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.categories, cfg.noise_dim, cfg.width, cfg.seed).to(device)
+    model = build_model(cfg.categories, cfg.noise_dim, cfg.width, cfg.seed,
+                        cfg.continuous_codes).to(device)
     return Trainer(model, config, device, world_size, rank, compile)
