@@ -345,7 +345,7 @@ def test_command_line_trains_and_explains_the_curves(store, tmp_path):
     # what will run, before it runs; the estimate after the first timed iterations
     first, second = result.stderr.splitlines()[:2]
     assert first.startswith("train: cpu, 1 thread(s), "), first
-    assert "width 8, 558 crops, iterations 1-5 of 5 (--max-iters)" in first, first
+    assert "width 8, 557 crops, iterations 1-5 of 5 (--max-iters)" in first, first
     assert re.fullmatch(r"estimate: \S+ s per iteration, 1 iterations to go: about \d+ s",
                         second), second
     model = load_trained_model(tmp_path / "m")
