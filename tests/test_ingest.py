@@ -118,7 +118,7 @@ def test_tiled_ingest_equals_whole_image_segmentation(store, slide_id, path):
     stain = StainParameters.from_json(attrs["stain"])
     normalised = stain.normalise(whole)
     nuclei, _ = segment_objects(stain.hematoxylin(normalised), CONFIG, attrs["calibration"],
-                                stain.eosin(normalised))
+                                stain.eosin(normalised), attrs["mpp"])
     cells = slide_cells(root, slide_id)
     # the whole image has nuclei on glass too: keep those whose centroid is in the tissue
     # region of a processed tile (reference px, as ingest plans them)
