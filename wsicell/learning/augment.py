@@ -42,18 +42,19 @@ def fit_nuclei(x: torch.Tensor, nucleus_px: float) -> torch.Tensor:
     >>> dark.any(dim=1).sum().item(), dark.any(dim=0).sum().item()  # rows, columns
     (8, 16)
     """
-    b, _, h, w = x.shape
+    h, w = x.shape[2:]
     inside = (x < 1 - 1e-3).any(dim=1)  # (B, H, W)
     rows, cols = inside.any(dim=2), inside.any(dim=1)
+    found = rows.any(dim=1)
     r0, r1 = _extent(rows)
     c0, c1 = _extent(cols)
     extent = torch.maximum(r1 - r0, c1 - c0).clamp_min(1).float()
-    shrink = torch.where(rows.any(dim=1), extent / nucleus_px, torch.ones_like(extent))
+    zero = torch.zeros_like(extent)
+    shrink = torch.where(found, extent / nucleus_px, torch.ones_like(extent))
     # output pixel-edge coordinate u in [-1, 1] samples input coordinate centre + u * shrink
     # (align_corners=False: edge coordinates e in pixels are 2 e / size - 1)
-    centre_x = torch.where(rows.any(dim=1), (c0 + c1).float() / w - 1, torch.zeros_like(extent))
-    centre_y = torch.where(rows.any(dim=1), (r0 + r1).float() / h - 1, torch.zeros_like(extent))
-    zero = torch.zeros_like(extent)
+    centre_x = torch.where(found, (c0 + c1).float() / w - 1, zero)
+    centre_y = torch.where(found, (r0 + r1).float() / h - 1, zero)
     theta = torch.stack([torch.stack([shrink, zero, centre_x], dim=1),
                          torch.stack([zero, shrink, centre_y], dim=1)], dim=1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)

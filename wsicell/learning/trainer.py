@@ -168,8 +168,8 @@ class Trainer:
     def info_step(self, real: torch.Tensor) -> torch.Tensor:
         """One Q step, ``L_Q = lambda2 * CE(Q(G(z, c)), c)`` (plus ``lambda2 * 0.5 * MSE``
         of Q's estimates of the continuous codes, when there are any) on G, the trunk and
-        the Q head, minus ``lambda_cluster`` times the :func:`invariant_information` of Q on two random
-        symmetries of the real batch, minus ``lambda_marginal`` times the
+        the Q head, minus ``lambda_cluster`` times the :func:`invariant_information` of Q
+        on two random symmetries of the real batch, minus ``lambda_marginal`` times the
         :func:`marginal_entropy` of Q on them and plus ``lambda_confidence`` times their
         :func:`mean_entropy`, when those weights are set; returns L_Q, detached."""
         cfg = self.cfg
