@@ -240,6 +240,16 @@ def test_a_model_trained_on_fitted_nuclei_classifies_fitted_nuclei(store, crops,
                        atol=1e-5)
 
 
+def test_a_model_saved_before_nucleus_px_classifies_its_crops_as_stored(trained, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(trained, old)
+    meta = json.loads((old / "config.json").read_text())
+    meta["config"]["train"].pop("nucleus_px")
+    (old / "config.json").write_text(json.dumps(meta))
+    assert load_trained_model(old).config.train.nucleus_px == 0.0
+    assert load_trained_model(trained).config.train.nucleus_px == TINY.train.nucleus_px
+
+
 def test_training_writes_a_complete_model_dir(trained, crops):
     names = {p.name for p in trained.iterdir()}
     assert {"model.pt", "config.json", "checkpoint.pt", "log.jsonl", "losses.png",

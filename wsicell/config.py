@@ -260,6 +260,11 @@ class IngestConfig(_Section):
     )
 
 
+#: Per section, fields added after outputs began to record their configuration, with the
+#: behaviour in force before them where their default is another one.
+VALUES_BEFORE_FIELDS = {"train": {"nucleus_px": 0.0}}
+
+
 class TrainConfig(_Section):
     """GAN training (method section 2); defaults are the paper's, except ``lr_info``,
     ``lambda_marginal`` and ``nucleus_px``."""
@@ -382,6 +387,18 @@ class WsicellConfig(_Section):
             where = ".".join(str(p) for p in first["loc"])
             where = f" at {where}" if where else ""
             raise WsicellError(f"{path}: invalid configuration{where}: {first['msg']}") from None
+
+    @classmethod
+    def from_record(cls, data: dict) -> "WsicellConfig":
+        """The configuration an output recorded (a trained model, a checkpoint).
+
+        A field the record lacks because it was added later takes the value that was in
+        force before it (:data:`VALUES_BEFORE_FIELDS`), not today's default: a model saved
+        before ``train.nucleus_px`` existed saw its crops as stored.
+        """
+        data = {section: {**VALUES_BEFORE_FIELDS.get(section, {}), **values}
+                if isinstance(values, dict) else values for section, values in data.items()}
+        return cls.model_validate(data)
 
     def with_options(self, preset: str | None = None, **sections: dict) -> "WsicellConfig":
         """This configuration with options given over it (a command line's, a notebook's).

@@ -18,7 +18,7 @@ Reading the curves (MODEL_DIR/losses.png, MODEL_DIR/log.jsonl, one line per iter
   L_G     -E[D(G(z,c))]; drifts with the critic's offset, only its trend matters.
   L_Q     cross-entropy of Q on G's categories; should fall towards 0 (the categories are
           distinguishable). Stuck near ln(k) means the categories carry no information
-          (G ignores c): a larger --lr-info (1e-3) gets it going.
+          (G ignores c): train longer, or raise --lr-info (1e-3 by default; the paper used 1e-4).
 MODEL_DIR/samples.png shows G(z, c): rows = fixed noise, columns = categories; the columns
 should look like different kinds of cells.
 

@@ -103,7 +103,7 @@ def restore(trainer: Trainer, checkpoint: dict, path: Path, config: WsicellConfi
     """Load a checkpoint's state into ``trainer`` after checking it belongs to this run;
     returns the iteration to continue from."""
     try:
-        saved = WsicellConfig.model_validate(json.loads(checkpoint["config"]))
+        saved = WsicellConfig.from_record(json.loads(checkpoint["config"]))
     except ValueError as err:
         raise WsicellError(f"{path}: corrupt checkpoint (config: {type(err).__name__})") from None
     if saved.train != config.train:

@@ -148,7 +148,7 @@ def load_trained_model(model_dir, device="cpu") -> TrainedModel:
                            f"and {MODEL_FILE}; did training finish?)")
     try:
         meta = json.loads(meta_path.read_text())
-        config = WsicellConfig.model_validate(meta["config"])
+        config = WsicellConfig.from_record(meta["config"])
         saved = _load_weights(weights_path)
         if saved.get("format") != MODEL_FORMAT:
             raise ValueError("unknown format")
