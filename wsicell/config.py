@@ -150,6 +150,14 @@ class AdaptiveConfig(_Section):
                                    "exceeds this are dropped: red cells and eosinophilic "
                                    "debris, not nuclei (median 0.43 on red cells, 0.16-0.26 "
                                    "on nuclei; 0 disables; skipped on grayscale images).")
+    rejoin_threshold_rel: float = Field(0.0, ge=0, le=1, description="Second pass for "
+                                        "nuclei the tests dropped in pieces: the components of "
+                                        "the foreground at this x the threshold, outside the "
+                                        "kept objects, that hold a pixel over the threshold, "
+                                        "split and tested like the first pass's (0 disables). "
+                                        "At 0.5: CoNSeP test detection F1 0.613 -> 0.650, "
+                                        "MoNuSeg AJI 0.451 -> 0.457, but bm_graz precision "
+                                        "0.853 -> 0.746 (marrow cytoplasm), BRCA dev 0.772 -> 0.762.")
     max_area_um2: PositiveFloat = Field(250.0, description="Objects larger than this (um2) "
                                         "after splitting are refused (removed and counted).")
 
