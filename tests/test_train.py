@@ -240,6 +240,42 @@ def test_a_model_trained_on_fitted_nuclei_classifies_fitted_nuclei(store, crops,
                        atol=1e-5)
 
 
+def test_the_size_channel_holds_each_real_nucleus_s_size_as_stored(crops, masks):
+    """The fourth channel is a constant plane per crop that grows with the nucleus's area
+    in the stored crop, even when nucleus_px has scaled every nucleus to one size."""
+    x = prepare_batch(torch.from_numpy(crops[:64]), nucleus_px=24, size_channel=0.5)
+    assert x.shape == (64, 4, 32, 32)
+    assert torch.equal(x[:, :3], prepare_batch(torch.from_numpy(crops[:64]), nucleus_px=24))
+    plane = x[:, 3]
+    assert torch.equal(plane, plane[:, :1, :1].expand_as(plane))  # constant per crop
+    area = masks[:64].sum(axis=(1, 2))
+    assert area.min() < 100 and area.max() > 300  # real nuclei of many sizes
+    expected = 0.5 * (np.sqrt(area) / 16 - 1)
+    assert np.corrcoef(plane[:, 0, 0].numpy(), expected)[0, 1] > 0.99
+    assert plane.min() >= -0.5 and plane.max() <= 0.5
+
+
+def test_a_model_with_the_size_channel_generates_and_classifies_it(store, crops, tmp_path):
+    """G's samples have a constant fourth plane, the saved model sees the crops' sizes
+    (classify differs between two crops that differ only in the size plane) and the
+    generator grid stays RGB."""
+    config = TINY.model_copy(update={"train": TINY.train.model_copy(
+        update={"nucleus_px": 24.0, "size_channel": 1.0})})
+    model = load_trained_model(train(store, tmp_path / "m", config, max_iters=2, **RUN))
+    network = model.network
+    assert network.channels == 4 and model.config.train.size_channel == 1.0
+    with torch.no_grad():
+        fake = network.generator(*network.sample_inputs(8, torch.Generator(), "cpu")[::2])
+        x = prepare_batch(torch.from_numpy(crops[:16]), nucleus_px=24, size_channel=1.0)
+        logits = network.q_logits(x)
+        other = network.q_logits(torch.cat([x[:, :3], -x[:, 3:]], dim=1))
+    assert fake.shape == (8, 4, 32, 32)
+    assert torch.equal(fake[:, 3], fake[:, 3, :1, :1].expand_as(fake[:, 3]))
+    assert np.allclose(model.classify(crops[:16]), torch.softmax(logits, 1).numpy(), atol=1e-5)
+    assert not torch.allclose(logits, other)
+    assert model.generate_grid(2).shape == (2, 5, 32, 32, 3)
+
+
 def test_a_model_saved_before_nucleus_px_classifies_its_crops_as_stored(trained, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(trained, old)

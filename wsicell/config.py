@@ -328,6 +328,13 @@ class TrainConfig(_Section):
         "crops as stored (the paper). On CoNSeP (3 seeds) it raised Q's test purity from "
         "0.445 to 0.50 and its NMI from 0.04 to 0.10 (docs/cell-types.md)."
     )
+    size_channel: float = Field(
+        0.0, ge=0, le=1, description="Beyond the paper: weight of a fourth input channel, a "
+        "constant plane holding each nucleus's size measured on its crop as stored "
+        "(sqrt(area in pixels) / 16 - 1, times this weight), which G generates beside its "
+        "image; the critic and Q see it, so that with nucleus_px the categories can still "
+        "use size beside shape and stain (0 = off, the paper's three channels)."
+    )
     epochs: PositiveFloat = Field(10, description="Passes over the training crops.")
     width: PositiveInt = Field(128, description="Channels of the residual networks.")
     rotate: bool = Field(True, description="Augment by rotations of 90/180/270 degrees.")

@@ -1,5 +1,6 @@
 """Crops on the training device: uint8 to ``[-1, 1]`` floats, each nucleus optionally
-scaled to a fixed size, and the augmentations (random rotations and mirror images, stain
+scaled to a fixed size and its measured size optionally given as a fourth channel, and the
+augmentations (random rotations and mirror images, stain
 perturbation in optical-density space).
 """
 
@@ -9,11 +10,47 @@ import torch
 import torch.nn.functional as F
 
 
-def to_unit_range(batch: torch.Tensor, nucleus_px: float = 0.0) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1] (on the batch's device), each
-    nucleus scaled by :func:`fit_nuclei` when ``nucleus_px > 0``."""
+def to_unit_range(batch: torch.Tensor, nucleus_px: float = 0.0,
+                  size_channel: float = 0.0) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, C, H, W) in [-1, 1] (on the batch's device).
+
+    Each nucleus is scaled by :func:`fit_nuclei` when ``nucleus_px > 0``; when
+    ``size_channel > 0`` a fourth channel (C = 4) holds, as a constant plane, the nucleus's
+    :func:`size_plane` measured on the crop as stored (before scaling), times
+    ``size_channel``.  Otherwise C = 3.
+    """
     x = batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    return fit_nuclei(x, nucleus_px) if nucleus_px > 0 else x
+    size = size_plane(x) if size_channel > 0 else None
+    if nucleus_px > 0:
+        x = fit_nuclei(x, nucleus_px)
+    if size is None:
+        return x
+    plane = (size_channel * size).view(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:])
+    return torch.cat([x, plane], dim=1)
+
+
+def size_plane(x: torch.Tensor) -> torch.Tensor:
+    """Each crop's nucleus size on a [-1, 1] scale: ``sqrt(area) / (H / 2) - 1``, the area
+    being the number of nucleus (not white) pixels; -1 for no nucleus, 1 for a full crop.
+
+    Parameters
+    ----------
+    x : Tensor, shape (B, C, H, W), float in [-1, 1]
+        Crops whose background is exactly 1 in every channel (H == W).
+
+    Returns
+    -------
+    Tensor, shape (B,), float32
+
+    Examples
+    --------
+    >>> x = torch.ones(2, 3, 32, 32)
+    >>> x[0, :, 8:24, 8:24] = -1  # a 16 x 16 px nucleus
+    >>> size_plane(x).tolist()
+    [0.0, -1.0]
+    """
+    area = (x < 1 - 1e-3).any(dim=1).sum(dim=(1, 2)).float()
+    return area.sqrt() / (x.shape[2] / 2) - 1
 
 
 def fit_nuclei(x: torch.Tensor, nucleus_px: float) -> torch.Tensor:
@@ -125,14 +162,16 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 def prepare_batch(batch: torch.Tensor, generator: torch.Generator | None = None,
                   rotate: bool = False, stain_sigma: float = 0.0,
-                  nucleus_px: float = 0.0) -> torch.Tensor:
-    """uint8 crops (B, 32, 32, 3) on the device -> augmented float (B, 3, 32, 32) in [-1, 1].
+                  nucleus_px: float = 0.0, size_channel: float = 0.0) -> torch.Tensor:
+    """uint8 crops (B, 32, 32, 3) on the device -> augmented float (B, C, 32, 32) in [-1, 1].
 
-    Each nucleus is scaled by :func:`fit_nuclei` when ``nucleus_px > 0``.  Augmentations
-    (they need ``generator``): the stain perturbation of :func:`stain_jitter` when
-    ``stain_sigma > 0``, then a random rotation by 0/90/180/270 degrees when ``rotate``.
+    The crops as :func:`to_unit_range` gives them (``nucleus_px``, ``size_channel``).
+    Augmentations (they need ``generator``): the stain perturbation of
+    :func:`stain_jitter` (of the RGB channels) when ``stain_sigma > 0``, then a random
+    rotation by 0/90/180/270 degrees when ``rotate``.
     """
-    x = to_unit_range(batch, nucleus_px)
+    x = to_unit_range(batch, nucleus_px, size_channel)
     if stain_sigma > 0:
-        x = stain_jitter(x.add_(1.0).mul_(127.5), stain_sigma, generator).div_(127.5).sub_(1.0)
+        rgb = stain_jitter(x[:, :3].add(1.0).mul_(127.5), stain_sigma, generator)
+        x = torch.cat([rgb.div_(127.5).sub_(1.0), x[:, 3:]], dim=1)
     return random_rotation(x, generator) if rotate else x

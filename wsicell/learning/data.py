@@ -296,13 +296,13 @@ def crop_loader(stream: CropStream, num_workers: int, pin_memory: bool) -> DataL
 
 def device_batches(stream: CropStream, num_workers: int, device: torch.device,
                    generator: torch.Generator, rotate: bool, stain_sigma: float,
-                   nucleus_px: float = 0.0):
+                   nucleus_px: float = 0.0, size_channel: float = 0.0):
     """The stream's batches on ``device``, prepared and augmented there
-    (:func:`wsicell.learning.augment.prepare_batch`): float (B, 3, 32, 32) in [-1, 1]."""
+    (:func:`wsicell.learning.augment.prepare_batch`): float (B, C, 32, 32) in [-1, 1]."""
     pin = device.type == "cuda"
     for batch in crop_loader(stream, num_workers, pin):
         yield prepare_batch(batch.to(device, non_blocking=pin), generator, rotate, stain_sigma,
-                            nucleus_px)
+                            nucleus_px, size_channel)
 
 
 def check_crops(crops: np.ndarray, source: str = "crops") -> np.ndarray:

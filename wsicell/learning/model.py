@@ -80,20 +80,25 @@ class GeneratorBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """G(z, c): noise (B, noise_dim) and one-hot code (B, k) -> images (B, 3, 32, 32) in [-1, 1]."""
+    """G(z, c): noise (B, noise_dim) and one-hot code (B, k) -> images (B, C, 32, 32) in
+    [-1, 1]: RGB, then (``size_channel``) a constant plane, the mean of a fourth output."""
 
-    def __init__(self, categories: int, noise_dim: int, width: int):
+    def __init__(self, categories: int, noise_dim: int, width: int, size_channel: bool = False):
         super().__init__()
         self.width = width
         self.linear = nn.Linear(categories + noise_dim, width * 4 * 4)
         self.blocks = nn.Sequential(*(GeneratorBlock(width) for _ in range(3)))
         self.bn = nn.BatchNorm2d(width)
-        self.to_rgb = nn.Conv2d(width, 3, 3, padding=1)
+        self.to_rgb = nn.Conv2d(width, 3 + int(size_channel), 3, padding=1)
 
     def forward(self, z: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         h = self.linear(torch.cat([code, z], dim=1)).view(-1, self.width, 4, 4)
         h = F.relu(self.bn(self.blocks(h)))
-        return torch.tanh(self.to_rgb(h))
+        images = torch.tanh(self.to_rgb(h))
+        if images.shape[1] == 3:
+            return images
+        size = images[:, 3:].mean(dim=(2, 3), keepdim=True).expand_as(images[:, 3:])
+        return torch.cat([images[:, :3], size], dim=1)
 
 
 class OptimizedDownBlock(nn.Module):
@@ -129,12 +134,12 @@ class CriticBlock(nn.Module):
 
 
 class CriticTrunk(nn.Module):
-    """D's shared trunk: images (B, 3, 32, 32) -> features (B, width)."""
+    """D's shared trunk: images (B, C, 32, 32) -> features (B, width)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, in_channels: int = 3):
         super().__init__()
         self.blocks = nn.ModuleList([
-            OptimizedDownBlock(3, width),
+            OptimizedDownBlock(in_channels, width),
             CriticBlock(width, down=True),
             CriticBlock(width, down=False),
             CriticBlock(width, down=False),
@@ -160,30 +165,38 @@ class InfoWGAN(nn.Module):
     the Q head has ``m`` more outputs that estimate them, so that continuous variation
     (a nucleus's size, its stain) has somewhere to go other than the categories.  With
     ``continuous=0`` (the paper) the networks are exactly the paper's.
+
+    With ``size_channel``, also beyond the paper, the images have a fourth channel: a
+    constant plane holding the nucleus's measured size
+    (:func:`wsicell.learning.augment.size_plane`) for real crops, one that G generates
+    beside its RGB image for its samples; the critic and Q see both, so G's categories can
+    use a size that the crops themselves no longer show (``nucleus_px``).
     """
 
-    def __init__(self, categories: int, noise_dim: int, width: int, continuous: int = 0):
+    def __init__(self, categories: int, noise_dim: int, width: int, continuous: int = 0,
+                 size_channel: bool = False):
         super().__init__()
         self.categories = categories
         self.continuous = continuous
         self.noise_dim = noise_dim
+        self.channels = 3 + int(size_channel)
         # G's code input is the one-hot category followed by the continuous codes
-        self.generator = Generator(categories + continuous, noise_dim, width)
-        self.trunk = CriticTrunk(width)
+        self.generator = Generator(categories + continuous, noise_dim, width, size_channel)
+        self.trunk = CriticTrunk(width, self.channels)
         self.critic_head = nn.Linear(width, 1)
         self.q_head = nn.Linear(width, categories + continuous)
 
     def critic(self, x: torch.Tensor) -> torch.Tensor:
-        """D(x): images (B, 3, 32, 32) -> critic values (B,)."""
+        """D(x): images (B, C, 32, 32) -> critic values (B,)."""
         return self.critic_head(self.trunk(x)).squeeze(1)
 
     def q_outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """The Q head's outputs, (B, 3, 32, 32) -> (B, k + m): the logits over the k
+        """The Q head's outputs, (B, C, 32, 32) -> (B, k + m): the logits over the k
         categories, then the estimates of the m continuous codes."""
         return self.q_head(self.trunk(x))
 
     def q_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Q's logits over the k categories, (B, 3, 32, 32) -> (B, k)."""
+        """Q's logits over the k categories, (B, C, 32, 32) -> (B, k)."""
         return self.q_outputs(x)[:, :self.categories]
 
     def discriminator_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +204,7 @@ class InfoWGAN(nn.Module):
 
         Parameters
         ----------
-        x : Tensor, shape (B, 3, 32, 32), float in [-1, 1]
+        x : Tensor, shape (B, C, 32, 32), float in [-1, 1]
 
         Returns
         -------
@@ -257,9 +270,9 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
 
 
 def build_model(categories: int, noise_dim: int, width: int, seed: int,
-                continuous: int = 0) -> InfoWGAN:
+                continuous: int = 0, size_channel: bool = False) -> InfoWGAN:
     """A freshly initialised :class:`InfoWGAN` (deterministic for a given seed)."""
-    model = InfoWGAN(categories, noise_dim, width, continuous)
+    model = InfoWGAN(categories, noise_dim, width, continuous, size_channel)
     init_weights(model, torch.Generator().manual_seed(seed))
     return model
 
@@ -280,7 +293,7 @@ def generator_grid(model: InfoWGAN, n_rows: int, seed: int = 0) -> np.ndarray:
     was_training = model.generator.training
     model.generator.eval()
     with torch.no_grad():
-        images = model.generator(z, codes).float()
+        images = model.generator(z, codes)[:, :3].float()
     model.generator.train(was_training)
     images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return images.permute(0, 2, 3, 1).reshape(n_rows, model.categories, CROP_SIZE, CROP_SIZE,

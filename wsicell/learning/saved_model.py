@@ -92,14 +92,16 @@ class TrainedModel:
 
     def _batched(self, crops: np.ndarray, batch_size: int, function) -> np.ndarray:
         crops = check_crops(crops)
+        cfg = self.config.train
         outputs = []
         with torch.no_grad():
             for start in range(0, len(crops), batch_size):
                 batch = torch.from_numpy(crops[start:start + batch_size]).to(self.device)
-                outputs.append(function(to_unit_range(batch, self.config.train.nucleus_px))
-                               .float().cpu().numpy())
+                x = to_unit_range(batch, cfg.nucleus_px, cfg.size_channel)
+                outputs.append(function(x).float().cpu().numpy())
         if not outputs:
-            width = function(torch.zeros(1, 3, CROP_SIZE, CROP_SIZE, device=self.device)).shape[1]
+            empty = torch.zeros(1, self.network.channels, CROP_SIZE, CROP_SIZE, device=self.device)
+            width = function(empty).shape[1]
             return np.zeros((0, width), dtype=np.float32)
         return np.concatenate(outputs).astype(np.float32)
 
@@ -153,7 +155,8 @@ def load_trained_model(model_dir, device="cpu") -> TrainedModel:
         if saved.get("format") != MODEL_FORMAT:
             raise ValueError("unknown format")
         cfg = config.train
-        network = InfoWGAN(cfg.categories, cfg.noise_dim, cfg.width, cfg.continuous_codes)
+        network = InfoWGAN(cfg.categories, cfg.noise_dim, cfg.width, cfg.continuous_codes,
+                           cfg.size_channel > 0)
         network.load_state_dict(saved["state_dict"])
     except WsicellError:
         raise

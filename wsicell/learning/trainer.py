@@ -273,7 +273,7 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def cluster_occupancy(model: InfoWGAN, crops: np.ndarray, nucleus_px: float = 0.0,
-                      batch_size: int = 512) -> list[int]:
+                      size_channel: float = 0.0, batch_size: int = 512) -> list[int]:
     """How many of ``crops`` Q puts in each category (its argmax), the collapse watch.
 
     Parameters
@@ -281,8 +281,8 @@ def cluster_occupancy(model: InfoWGAN, crops: np.ndarray, nucleus_px: float = 0.
     model : InfoWGAN
     crops : ndarray, shape (N, 32, 32, 3), uint8
         A fixed sample of real crops.
-    nucleus_px : float
-        The training's ``nucleus_px`` (see :func:`wsicell.learning.augment.fit_nuclei`).
+    nucleus_px, size_channel : float
+        The training's (see :func:`wsicell.learning.augment.to_unit_range`).
 
     Returns
     -------
@@ -293,7 +293,8 @@ def cluster_occupancy(model: InfoWGAN, crops: np.ndarray, nucleus_px: float = 0.
     with torch.no_grad():
         for start in range(0, len(crops), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size]))
-            logits = model.q_logits(to_unit_range(batch.to(device), nucleus_px))
+            logits = model.q_logits(to_unit_range(batch.to(device), nucleus_px,
+                                                   size_channel))
             counts += torch.bincount(logits.argmax(dim=1), minlength=model.categories)
     return counts.cpu().tolist()
 
@@ -305,5 +306,5 @@ def new_trainer(config: WsicellConfig, device: torch.device, world_size: int = 1
     cfg = config.train
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.categories, cfg.noise_dim, cfg.width, cfg.seed,
-                        cfg.continuous_codes).to(device)
+                        cfg.continuous_codes, cfg.size_channel > 0).to(device)
     return Trainer(model, config, device, world_size, rank, compile)

@@ -306,7 +306,7 @@ def train(store, out_dir, config: WsicellConfig | None = None, *, slides: list[s
     stop_reason = "max_iters" if stop < epochs_stop else "epochs"
     budget_s = max_minutes * 60 if max_minutes is not None else None
     batches = device_batches(stream, workers, torch_device, trainer.generator, cfg.rotate,
-                             cfg.stain_augment, cfg.nucleus_px)
+                             cfg.stain_augment, cfg.nucleus_px, cfg.size_channel)
     precision = "bfloat16 autocast" if trainer.bfloat16 else "float32"
     say(f"train: {describe_device(torch_device, world_size)}, {torch.get_num_threads()} "
         f"thread(s), {precision}, width {cfg.width}, {stream.n_crops} crops, iterations "
@@ -358,7 +358,9 @@ def train(store, out_dir, config: WsicellConfig | None = None, *, slides: list[s
             if no_time and not last:  # the next iteration would end past the budget
                 last, stop_reason = True, "max_minutes"
             watch = rank == 0 and (iteration % sample_every == 0 or last)
-            log.add(losses, cluster_occupancy(model, watched, cfg.nucleus_px) if watch else None)
+            occupancy = (cluster_occupancy(model, watched, cfg.nucleus_px, cfg.size_channel)
+                         if watch else None)
+            log.add(losses, occupancy)
             if iteration % 20 == 0 or last or not estimated:
                 row = log.flush()
                 if row:
