@@ -50,14 +50,13 @@ def build_store(path: Path, n_cells: int, config) -> str:
 
 def save_model(path: Path, width: int, config):
     from wsicell.config import TrainConfig, WsicellConfig
-    from wsicell.learning.model import build_model
+    from wsicell.learning.model import model_for
     from wsicell.learning.saved_model import save_trained_model
 
     config = WsicellConfig.model_validate(
         {**config.to_json(), "train": TrainConfig(width=width).model_dump(mode="json")})
     path.mkdir()
-    save_trained_model(path, build_model(config.train.categories, config.train.noise_dim,
-                                         width, 0), config, {})
+    save_trained_model(path, model_for(config.train, seed=0), config, {})
     return path
 
 

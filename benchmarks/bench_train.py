@@ -49,7 +49,7 @@ from wsicell.io.store import complete_slides, open_store
 from wsicell.learning.augment import prepare_batch
 from wsicell.learning.data import CropStream, crop_loader
 from wsicell.learning.device import cpu_supports_bfloat16, resolve_device
-from wsicell.learning.model import build_model
+from wsicell.learning.model import model_for
 from wsicell.learning.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -152,12 +152,13 @@ def wsicell_trainer(store: Path, slides: list[str], device: torch.device, width:
     float, on the device) batches from the store's loader."""
     config = WsicellConfig(train=TrainConfig(width=width, amp=amp))
     cfg = config.train
-    model = build_model(cfg.categories, cfg.noise_dim, cfg.width, cfg.seed).to(device)
+    model = model_for(cfg).to(device)
     trainer = Trainer(model, config, device, compile=compile, channels_last=channels_last)
     stream = CropStream(store, slides, cfg.batch_size, cfg.shuffle_buffer, cfg.seed,
                         num_workers=workers)
     pin = device.type == "cuda"
-    batches = (prepare_batch(b.to(device, non_blocking=pin), trainer.generator, True)
+    batches = (prepare_batch(b.to(device, non_blocking=pin), trainer.generator, True,
+                             cfg.stain_augment, cfg.nucleus_px, cfg.size_channel)
                for b in crop_loader(stream, workers, pin))
     return trainer, batches
 

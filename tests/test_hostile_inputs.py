@@ -58,7 +58,7 @@ def _polygon(coordinates, kind="Polygon", **properties):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """An empty store, a store with one slide, a directory of one slide and a model."""
-    from wsicell.learning.model import build_model
+    from wsicell.learning.model import model_for
     from wsicell.learning.saved_model import save_trained_model
 
     base = tmp_path_factory.mktemp("hostile")
@@ -72,7 +72,7 @@ def world(tmp_path_factory):
     config = WsicellConfig(train=TrainConfig(width=8))
     model = base / "model"
     model.mkdir()
-    save_trained_model(model, build_model(5, 32, 8, 0), config, {})
+    save_trained_model(model, model_for(config.train), config, {})
     return {"base": base, "empty": empty, "full": full, "slides": slides, "model": model}
 
 

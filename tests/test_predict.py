@@ -392,11 +392,11 @@ def test_a_collapsed_model_is_reported_in_words(world, tmp_path):
     clusters) and the report's summary says so."""
     import torch
 
-    from wsicell.learning.model import build_model
+    from wsicell.learning.model import model_for
     from wsicell.learning.saved_model import save_trained_model
 
     config = WsicellConfig(train=TrainConfig(width=8))
-    network = build_model(5, 32, 8, seed=0)
+    network = model_for(config.train)
     with torch.no_grad():
         network.q_head.weight.zero_()
         network.q_head.bias.copy_(torch.tensor([50.0, 0, 0, 0, 0]))

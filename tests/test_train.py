@@ -230,7 +230,7 @@ def test_fit_nuclei_gives_small_and_large_real_nuclei_one_size(crops, masks):
 
 def test_a_model_trained_on_fitted_nuclei_classifies_fitted_nuclei(store, crops, tmp_path):
     config = TINY.model_copy(update={"train": TINY.train.model_copy(
-        update={"nucleus_px": 24.0})})
+        update={"nucleus_px": 24.0, "size_channel": 0.0})})
     model = load_trained_model(train(store, tmp_path / "m", config, max_iters=2, **RUN))
     assert model.config.train.nucleus_px == 24.0
     with torch.no_grad():
@@ -276,14 +276,21 @@ def test_a_model_with_the_size_channel_generates_and_classifies_it(store, crops,
     assert model.generate_grid(2).shape == (2, 5, 32, 32, 3)
 
 
-def test_a_model_saved_before_nucleus_px_classifies_its_crops_as_stored(trained, tmp_path):
-    old = tmp_path / "old"
-    shutil.copytree(trained, old)
+@pytest.mark.parametrize("field", ["nucleus_px", "size_channel"])
+def test_a_model_saved_before_a_field_existed_reads_with_the_behaviour_of_then(
+        store, crops, tmp_path, field):
+    """nucleus_px (0: crops as stored) and size_channel (0: three channels) were added
+    with other defaults than the behaviour before them: a model trained then (the field
+    at 0) whose record lacks the field reads and classifies as it was trained."""
+    config = TINY.model_copy(update={"train": TINY.train.model_copy(update={field: 0.0})})
+    old = train(store, tmp_path / "old", config, max_iters=1, **RUN)
     meta = json.loads((old / "config.json").read_text())
-    meta["config"]["train"].pop("nucleus_px")
+    meta["config"]["train"].pop(field)
     (old / "config.json").write_text(json.dumps(meta))
-    assert load_trained_model(old).config.train.nucleus_px == 0.0
-    assert load_trained_model(trained).config.train.nucleus_px == TINY.train.nucleus_px
+    model = load_trained_model(old)
+    assert getattr(model.config.train, field) == 0.0
+    assert model.classify(crops[:4]).shape == (4, 5)
+    assert getattr(TrainConfig(), field) > 0
 
 
 def test_training_writes_a_complete_model_dir(trained, crops):

@@ -270,12 +270,12 @@ class IngestConfig(_Section):
 
 #: Per section, fields added after outputs began to record their configuration, with the
 #: behaviour in force before them where their default is another one.
-VALUES_BEFORE_FIELDS = {"train": {"nucleus_px": 0.0}}
+VALUES_BEFORE_FIELDS = {"train": {"nucleus_px": 0.0, "size_channel": 0.0}}
 
 
 class TrainConfig(_Section):
     """GAN training (method section 2); defaults are the paper's, except ``lr_info``,
-    ``lambda_marginal`` and ``nucleus_px``."""
+    ``lambda_marginal``, ``nucleus_px`` and ``size_channel``."""
 
     categories: PositiveInt = Field(5, description="k, the number of cell clusters.")
     noise_dim: PositiveInt = Field(32, description="Dimension of the Gaussian noise z.")
@@ -329,11 +329,13 @@ class TrainConfig(_Section):
         "0.445 to 0.50 and its NMI from 0.04 to 0.10 (docs/cell-types.md)."
     )
     size_channel: float = Field(
-        0.0, ge=0, le=1, description="Beyond the paper: weight of a fourth input channel, a "
+        1.0, ge=0, le=1, description="Beyond the paper: weight of a fourth input channel, a "
         "constant plane holding each nucleus's size measured on its crop as stored "
         "(sqrt(area in pixels) / 16 - 1, times this weight), which G generates beside its "
         "image; the critic and Q see it, so that with nucleus_px the categories can still "
-        "use size beside shape and stain (0 = off, the paper's three channels)."
+        "use size beside shape and stain (0 = off, the paper's three channels). With "
+        "nucleus_px 28, 3 seeds, train cells: CoNSeP purity 0.519 -> 0.531, BRCA-M2C 0.552 "
+        "-> 0.638 (NMI 0.090 -> 0.163) (docs/cell-types.md)."
     )
     epochs: PositiveFloat = Field(10, description="Passes over the training crops.")
     width: PositiveInt = Field(128, description="Channels of the residual networks.")
@@ -409,7 +411,8 @@ class WsicellConfig(_Section):
 
         A field the record lacks because it was added later takes the value that was in
         force before it (:data:`VALUES_BEFORE_FIELDS`), not today's default: a model saved
-        before ``train.nucleus_px`` existed saw its crops as stored.
+        before ``train.nucleus_px`` existed saw its crops as stored, one saved before
+        ``train.size_channel`` existed has three input channels.
         """
         data = {section: {**VALUES_BEFORE_FIELDS.get(section, {}), **values}
                 if isinstance(values, dict) else values for section, values in data.items()}

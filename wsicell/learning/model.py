@@ -277,6 +277,28 @@ def build_model(categories: int, noise_dim: int, width: int, seed: int,
     return model
 
 
+def model_for(train, seed: int | None = None) -> InfoWGAN:
+    """A freshly initialised :class:`InfoWGAN` of a training configuration.
+
+    Parameters
+    ----------
+    train : wsicell.config.TrainConfig
+        Its ``categories``, ``noise_dim``, ``width``, ``continuous_codes`` and
+        ``size_channel`` (> 0: four input channels) give the networks.
+    seed : int, optional
+        Initialisation seed (default: ``train.seed``).
+
+    Examples
+    --------
+    >>> from wsicell.config import TrainConfig
+    >>> model_for(TrainConfig(width=8, size_channel=0.0)).channels
+    3
+    """
+    return build_model(train.categories, train.noise_dim, train.width,
+                       train.seed if seed is None else seed, train.continuous_codes,
+                       train.size_channel > 0)
+
+
 def generator_grid(model: InfoWGAN, n_rows: int, seed: int = 0) -> np.ndarray:
     """G's samples for ``n_rows`` fixed noise vectors and every category (eval mode), the
     continuous codes, if any, at 0 (their middle).

@@ -24,7 +24,7 @@ from wsicell.files import write_atomically
 from wsicell.learning.augment import to_unit_range
 from wsicell.learning.data import check_crops
 from wsicell.learning.device import resolve_device
-from wsicell.learning.model import CROP_SIZE, InfoWGAN, generator_grid
+from wsicell.learning.model import CROP_SIZE, InfoWGAN, generator_grid, model_for
 
 MODEL_FILE, CONFIG_FILE, MODEL_FORMAT = "model.pt", "config.json", "wsicell-model-v1"
 # what config.json says about the training run (models of older versions lack some)
@@ -154,9 +154,7 @@ def load_trained_model(model_dir, device="cpu") -> TrainedModel:
         saved = _load_weights(weights_path)
         if saved.get("format") != MODEL_FORMAT:
             raise ValueError("unknown format")
-        cfg = config.train
-        network = InfoWGAN(cfg.categories, cfg.noise_dim, cfg.width, cfg.continuous_codes,
-                           cfg.size_channel > 0)
+        network = model_for(config.train)
         network.load_state_dict(saved["state_dict"])
     except WsicellError:
         raise

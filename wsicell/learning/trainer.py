@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from wsicell.config import WsicellConfig
 from wsicell.learning.augment import random_dihedral, to_unit_range
 from wsicell.learning.device import uses_bfloat16
-from wsicell.learning.model import InfoWGAN, build_model
+from wsicell.learning.model import InfoWGAN, model_for
 
 LOSS_NAMES = ("V", "L_D", "L_G", "L_Q")
 
@@ -305,6 +305,5 @@ def new_trainer(config: WsicellConfig, device: torch.device, world_size: int = 1
     :class:`Trainer`."""
     cfg = config.train
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.categories, cfg.noise_dim, cfg.width, cfg.seed,
-                        cfg.continuous_codes, cfg.size_channel > 0).to(device)
+    model = model_for(cfg).to(device)
     return Trainer(model, config, device, world_size, rank, compile)
