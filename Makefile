@@ -34,21 +34,22 @@ $(VENV)/.reference: $(VENV)/.installed
 	touch $@
 
 # The bundled sample: two bone-marrow fields at the reference 0.4 um/px. The GAN is
-# CPU-sized (width 16, 150 iterations, the Q step at lr 1e-3 so that G uses its code within
-# such a short run, and lambda_confidence 1 so that Q spreads the sample's cells over its
-# categories) so the demo takes minutes; one torch thread, so that every 2-core machine
-# trains the same model (bf16 autocast where the CPU has it). Measured on the sample
-# (docs/training.md): 4 of the 5 clusters hold cells after 150 iterations, in float32 or
-# bf16, 1 or 2 threads; the report says so in words. On a loaded machine --max-minutes 3
-# ends training earlier (the report then says the model is partly trained). The model is
-# kept and reused by later runs (delete demo-output/ to start again).
+# CPU-sized (width 16, 250 iterations, the critic and G at lr 5e-4 so that G draws
+# nucleus-like blobs within such a short run (at the default 1e-4 its grid is still
+# coloured noise at 150-400 iterations), and lambda_confidence 1 so that Q spreads the
+# sample's cells over its categories) so the demo takes minutes; one torch thread, so that
+# every 2-core machine trains the same model (bf16 autocast where the CPU has it). Measured
+# on the sample (docs/training.md): 4 of the 5 clusters hold cells after 250 iterations;
+# the report says so in words. On a loaded machine --max-minutes 3 ends training earlier
+# (the report then says the model is partly trained). The model is kept and reused by
+# later runs (delete demo-output/ to start again).
 SAMPLE := tests/data/bm_graz/images
 demo: $(VENV)/.installed
 	mkdir -p $(DEMO)
 	$(WSICELL) segment $(SAMPLE) --out $(DEMO)/segment --mpp 0.4 --no-progress
 	$(WSICELL) ingest $(SAMPLE) --store $(DEMO)/cells.zarr --mpp 0.4
 	test -f $(DEMO)/model/model.pt || $(WSICELL) train --store $(DEMO)/cells.zarr \
-	    --out $(DEMO)/model --width 16 --lr-info 1e-3 --lambda-confidence 1 --epochs 100 --max-iters 150 --sample-every 50 \
+	    --out $(DEMO)/model --width 16 --lr 5e-4 --lr-info 1e-3 --lambda-confidence 1 --epochs 100 --max-iters 250 --sample-every 50 \
 	    --checkpoint-every 50 --workers 0 --threads 1 --max-minutes 3
 	$(WSICELL) predict --slides $(SAMPLE) --model $(DEMO)/model --store $(DEMO)/cells.zarr \
 	    --out $(DEMO)/results --mpp 0.4 --region-size 100

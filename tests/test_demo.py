@@ -25,10 +25,10 @@ def test_make_demo_sorts_the_sample_into_at_least_four_cell_types(tmp_path):
     assert counts.max() <= 0.8 * counts.sum(), counts.to_dict()
     report = (demo / "results" / "report.html").read_text()
     # no cluster holding most cells (wsicell.analysis.proportions.cluster_warnings); one
-    # empty cluster of five is allowed on two images and 150 iterations, and said in words
+    # empty cluster of five is allowed on two images and 250 iterations, and said in words
     assert "of all cells: the model" not in report
     assert (demo / "model" / "occupancy.png").stat().st_size > 0
-    # the report says how long the model trained and why it stopped (--max-iters 150, or
+    # the report says how long the model trained and why it stopped (--max-iters 250, or
     # --max-minutes on a slow machine), and that such a short run is a partly trained model
     meta = json.loads((demo / "model" / "config.json").read_text())
     assert meta["stop_reason"] in ("max_iters", "max_minutes"), meta

@@ -158,6 +158,10 @@ def test_report_shows_the_configuration_the_model_was_trained_with(world):
     for setting, value in [("width", "16"), ("batch_size", "32"), ("critic_steps", "1"),
                            ("categories", "5")]:
         assert f"<td>{setting}</td>\n      <td>{value}</td>" in model_section, setting
+    # the default nucleus_px and size_channel: the generator section says what G shows of size
+    drawn = page[page.index("What the model draws"):page.index("Slides in detail")]
+    assert trained.nucleus_px > 0 and trained.size_channel > 0
+    assert "scaled to one size" in drawn and "measured size is a separate input" in drawn
     summary = json.loads((world["out"] / "prediction.json").read_text())
     assert summary["model_config"]["train"] == trained.model_dump(mode="json")
 

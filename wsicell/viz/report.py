@@ -215,6 +215,29 @@ def value_trend(values, min_rows: int = 20, tolerance: float = 0.1) -> str:
     return "rising" if change > 0 else "falling"
 
 
+def generator_size_note(train: dict) -> str | None:
+    """What the generator's cells show of the nuclei's sizes, for a model's training
+    configuration (its ``train`` section as JSON); None for a model that saw its crops as
+    stored (``nucleus_px`` 0).
+
+    Examples
+    --------
+    >>> generator_size_note({"nucleus_px": 0}) is None
+    True
+    >>> "one size" in generator_size_note({"nucleus_px": 28, "size_channel": 1})
+    True
+    """
+    if not train.get("nucleus_px"):
+        return None
+    note = (f"The model sees every nucleus scaled to one size (the longer side of its box "
+            f"{train['nucleus_px']:g} of 32 px), so the generator draws them at that size: "
+            "compare shape, texture and stain here, and the sizes in the table of cell types")
+    if train.get("size_channel"):
+        note += ("; each nucleus's measured size is a separate input of the model, which the "
+                 "generator gives as a number beside each picture, not in it")
+    return note + "."
+
+
 def training_caveat(training: dict, loss_rows: list[dict]) -> str | None:
     """A plain warning when the model is partly trained: stopped before its configured
     epochs (``--max-iters``, ``--max-minutes``) or V(D,G) still rising at the end (the
@@ -615,6 +638,7 @@ def write_prediction_report(out_dir: Path, root, model, results, predictions: pd
     extra = [f"Picture(s) {', '.join(blank)} came out blank."] if blank else []
     training = getattr(model, "training", {})
     caveat = training_caveat(training, loss_rows)
+    size_note = generator_size_note(model.config.train.model_dump(mode="json"))
     extra += [caveat] if caveat else []
 
     cv = summary.get("cross_validation")
@@ -640,7 +664,8 @@ def write_prediction_report(out_dir: Path, root, model, results, predictions: pd
                 html=nuclei_table, images=[area_picture]),
         Section("What the model draws for each cell type", "The generator's cells for each "
                 "category (rows = random noise z, columns = category): a column should look "
-                "like one kind of cell." + (f" {caveat}" if caveat else ""),
+                "like one kind of cell." + "".join(
+                    f" {n}" for n in (size_note, caveat) if n),
                 images=[generator], html=_generator_columns_html(descriptions, k)),
         Section("Slides in detail", "Each slide with its tissue outline (green), then the "
                 "density of each cell type: cells per mm\u00b2 in each "
