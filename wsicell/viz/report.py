@@ -233,8 +233,9 @@ def generator_size_note(train: dict) -> str | None:
             f"{train['nucleus_px']:g} of 32 px), so the generator draws them at that size: "
             "compare shape, texture and stain here, and the sizes in the table of cell types")
     if train.get("size_channel"):
-        note += ("; each nucleus's measured size is a separate input of the model, which the "
-                 "generator gives as a number beside each picture, not in it")
+        note += ("; each nucleus's measured size is a separate input of the model, and the "
+                 "generator makes one for each of its cells too, which these pictures do "
+                 "not show")
     return note + "."
 
 
