@@ -196,7 +196,9 @@ def paired_rates(store: Path, slides: list[str], device: torch.device, width: in
                                dis_category=trainer.cfg.categories,
                                batch_size=trainer.cfg.batch_size, device=device,
                                seed=trainer.cfg.seed)
-    sides = {"wsicell": trainer.iteration, "nu_gan": reference.iteration}
+    # nu_gan's networks take the RGB channels (the paper's); wsicell's default adds the size
+    sides = {"wsicell": trainer.iteration,
+             "nu_gan": lambda stream: reference.iteration(b[:, :3] for b in stream)}
     if device.type == "cpu":
         float32, _ = wsicell_trainer(store, slides, device, width, workers, False, False,
                                      channels_last=False)
