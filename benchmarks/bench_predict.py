@@ -36,15 +36,22 @@ def build_store(path: Path, n_cells: int, config) -> str:
     root = st.open_store(path, mode="a")
     tiles = {"tile_id": [0], "x0": [0], "y0": [0], "x1": [1200], "y1": [1200],
              "tissue_fraction": [1.0], "n_cells": [n_cells], "cell_offset": [0]}
-    group = st.begin_slide(root, "bench", {"fingerprint": "bench", "width": 1200, "height": 1200,
-                                           "mpp": 0.4, "config": config.to_json()},
-                           np.full((75, 75, 3), 200, np.uint8), np.ones((75, 75), bool), tiles)
+    # the slide attributes (stain fit and calibration included) of a real ingest of the first
+    # image, so that the store passes its schema
+    from wsicell.pipeline.ingest import ingest
+
+    ingested = path.with_name("ingested.zarr")
+    ingest(ingested, images[:1], config, mpp=0.4, workers=1, progress=False)
+    attrs = {key: value for key, value in st.slide_attrs(st.open_store(ingested), images[0].stem)
+             .items() if key not in ("status", "n_cells")}
+    group = st.begin_slide(root, "bench", attrs, np.full((75, 75, 3), 200, np.uint8),
+                           np.ones((75, 75), bool), tiles)
     st.create_cell_arrays(group, n_cells, 32, config.ingest.crops_per_chunk,
                           config.ingest.crops_per_chunk)
     st.write_crop_rows(path, "bench", 0, nuclei.crops[repeat], nuclei.masks[repeat])
     st.write_cell_rows(path, "bench", 0, {"cell_id": np.arange(n_cells),
                                           "x": nuclei.x[repeat], "y": nuclei.y[repeat]})
-    st.finish_slide(group, np.array([n_cells]), {})
+    st.finish_slide(group, np.array([n_cells]), {"n_tiles": 1})
     return "bench"
 
 
