@@ -29,6 +29,12 @@ def to_unit_range(batch: torch.Tensor, nucleus_px: float = 0.0,
     return torch.cat([x, plane], dim=1)
 
 
+def nucleus_pixels(x: torch.Tensor) -> torch.Tensor:
+    """The nucleus of each crop, (B, C, H, W) float in [-1, 1] -> (B, H, W) bool: the pixels
+    not white in some RGB channel (crops are exactly 1 outside their nucleus)."""
+    return (x[:, :3] < 1 - 1e-3).any(dim=1)
+
+
 def size_plane(x: torch.Tensor) -> torch.Tensor:
     """Each crop's nucleus size on a [-1, 1] scale: ``sqrt(area) / (H / 2) - 1``, the area
     being the number of nucleus (not white) pixels; -1 for no nucleus, 1 for a full crop.
@@ -49,7 +55,7 @@ def size_plane(x: torch.Tensor) -> torch.Tensor:
     >>> size_plane(x).tolist()
     [0.0, -1.0]
     """
-    area = (x < 1 - 1e-3).any(dim=1).sum(dim=(1, 2)).float()
+    area = nucleus_pixels(x).sum(dim=(1, 2)).float()
     return area.sqrt() / (x.shape[2] / 2) - 1
 
 
@@ -80,7 +86,7 @@ def fit_nuclei(x: torch.Tensor, nucleus_px: float) -> torch.Tensor:
     (8, 16)
     """
     h, w = x.shape[2:]
-    inside = (x < 1 - 1e-3).any(dim=1)  # (B, H, W)
+    inside = nucleus_pixels(x)
     rows, cols = inside.any(dim=2), inside.any(dim=1)
     found = rows.any(dim=1)
     r0, r1 = _extent(rows)
