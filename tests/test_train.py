@@ -334,6 +334,30 @@ def test_resumed_run_equals_the_uninterrupted_run(store, trained, tmp_path):
     assert losses(out) == losses(trained)
 
 
+def test_averaged_run_keeps_the_moving_average_and_resumes_it(store, trained, tmp_path):
+    """With ``average_decay`` the saved model is the exponential moving average of the
+    trained networks (not the last iteration's, which the checkpoint keeps), and a run
+    resumed from a checkpoint ends with the same average as an uninterrupted one."""
+    config = TINY.model_copy(update={"train": TINY.train.model_copy(
+        update={"average_decay": 0.5})})
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(store, whole, config, max_iters=4, **RUN)
+    train(store, parts, config, max_iters=2, **RUN)
+    train(store, parts, config, max_iters=4, resume=True, **RUN)
+    kept = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
+    resumed = torch.load(parts / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(kept[k], resumed[k]) for k in kept)
+    # the same training as TINY's run: its last networks are the checkpoint's, not the kept
+    last = torch.load(trained / "model.pt", weights_only=True)["state_dict"]
+    checkpoint = torch.load(whole / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(last[k], checkpoint["model"][k]) for k in last)
+    assert not all(torch.equal(last[k], kept[k]) for k in last)
+    average = {k.removeprefix("module."): v for k, v in checkpoint["average"].items()}
+    assert all(torch.equal(average[k], kept[k]) for k in kept)
+    assert checkpoint["average"]["n_averaged"].item() == 4
+    assert load_trained_model(whole).config.train.average_decay == 0.5
+
+
 def test_resume_rejects_corrupt_foreign_and_mismatched_checkpoints(store, trained, tmp_path):
     out = tmp_path / "model"
     shutil.copytree(trained, out)

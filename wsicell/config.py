@@ -337,6 +337,13 @@ class TrainConfig(_Section):
         "nucleus_px 28, 3 seeds, train cells: CoNSeP purity 0.519 -> 0.531, BRCA-M2C 0.552 "
         "-> 0.638 (NMI 0.090 -> 0.163) (docs/cell-types.md)."
     )
+    average_decay: float = Field(
+        0.0, ge=0, lt=1, description="Beyond the paper: the networks kept after training (the "
+        "saved model that classifies, its D features and pictures, and the occupancy watch) "
+        "are an exponential moving average of the trained ones, this decay per iteration "
+        "(0.995: about the last 200 iterations), instead of the last iteration's; 0 = the "
+        "last iteration's (the paper)."
+    )
     epochs: PositiveFloat = Field(10, description="Passes over the training crops.")
     width: PositiveInt = Field(128, description="Channels of the residual networks.")
     rotate: bool = Field(True, description="Augment by rotations of 90/180/270 degrees.")

@@ -1,6 +1,7 @@
 """The state of a training run on disk: the checkpoint it resumes from and its loss log.
 
-``checkpoint.pt`` (written atomically) holds the model, the optimisers, every RNG state, the
+``checkpoint.pt`` (written atomically) holds the model (and its moving average, when the
+run keeps one), the optimisers, every RNG state, the
 iteration, the configuration and the store fingerprint, so that a resumed run continues
 bit for bit; ``log.jsonl`` holds one line of losses per iteration.
 """
@@ -79,6 +80,8 @@ def save_checkpoint(path: Path, trainer: Trainer, iteration: int, config: Wsicel
         "world_size": trainer.world_size,
         "wall_s": wall_s,
     }
+    if trainer.average is not None:
+        checkpoint["average"] = trainer.average.state_dict()
     write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
@@ -117,6 +120,8 @@ def restore(trainer: Trainer, checkpoint: dict, path: Path, config: WsicellConfi
                            f"processes, resume with the same number")
     try:
         trainer.model.load_state_dict(checkpoint["model"])
+        if trainer.average is not None:
+            trainer.average.load_state_dict(checkpoint["average"])
         for name, optimizer in trainer.optimizers.items():
             optimizer.load_state_dict(checkpoint["optimizers"][name])
         _set_rng_state(trainer, checkpoint["rng"], rank)

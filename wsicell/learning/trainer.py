@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from wsicell.config import WsicellConfig
 from wsicell.learning.augment import random_dihedral, to_unit_range
@@ -95,7 +96,10 @@ class Trainer:
     The forward passes, the gradient penalty's included, run under bf16 autocast when
     :func:`uses_bfloat16` says so (by default on a CPU with native bfloat16;
     ``self.bfloat16``), the penalty's norm and every loss in float32; on a CPU the networks and batches use the channels-last memory layout
-    (``channels_last`` None = on a CPU).
+    (``channels_last`` None = on a CPU).  With ``train.average_decay`` it also keeps
+    ``self.average``, an exponential moving average of the networks (parameters and
+    batch-norm statistics) updated after every iteration; :attr:`final_model` is the
+    networks a run keeps.
     """
 
     def __init__(self, model: InfoWGAN, config: WsicellConfig, device: torch.device,
@@ -122,6 +126,14 @@ class Trainer:
         self.fast_generator = wrap(model.generator)
         self.fast_critic = wrap(model.critic)
         self.fast_q = wrap(model.q_outputs)
+        self.average = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.average_decay),
+                                      use_buffers=True) if cfg.average_decay > 0 else None)
+
+    @property
+    def final_model(self) -> InfoWGAN:
+        """The networks a run keeps: the moving average when there is one, else the trained
+        networks themselves."""
+        return self.average.module if self.average is not None else self.model
 
     def _step(self, name: str, loss: torch.Tensor) -> None:
         optimizer = self.optimizers[name]
@@ -202,7 +214,10 @@ class Trainer:
             real = next(batches)
             steps.append(torch.stack(self.critic_step(real)))
         critic = torch.stack(steps).mean(dim=0)
-        return torch.cat([critic, torch.stack([self.generator_step(), self.info_step(real)])])
+        losses = torch.cat([critic, torch.stack([self.generator_step(), self.info_step(real)])])
+        if self.average is not None:
+            self.average.update_parameters(self.model)
+        return losses
 
 
 def invariant_information(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:

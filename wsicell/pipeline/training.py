@@ -293,7 +293,7 @@ def train(store, out_dir, config: WsicellConfig | None = None, *, slides: list[s
 
     cfg = config.train
     trainer = new_trainer(config, torch_device, world_size, rank, compile)
-    model = trainer.model
+    model = trainer.final_model  # what the pictures, the watch and the saved model show
     start, wall_before = 0, 0.0
     if checkpoint is not None:
         start = restore(trainer, checkpoint, checkpoint_path, config, fingerprint, slide_ids, rank)
