@@ -22,7 +22,11 @@ Per set:
 
 1. Ingest the patches (one slide each) into ``WORK/<set>-<preset>.zarr`` with the default
    segmentation of ``WsicellConfig()`` unless ``--preset`` names another; ingest skips slides
-   already complete, so re-runs reuse the store.
+   already complete, so re-runs reuse the store.  With ``--stain source`` the patches cut
+   from one source image share one stain fit (``ingest.shared_stain``, one ingest run per
+   source: CoNSeP's original 1000 px tile, the name before the last ``_``; BRCA-M2C's
+   slide, the name before the first ``_``), so that a patch's colours do not depend on
+   which cells it holds (store ``WORK/<set>-<preset>-source-stain.zarr``).
 2. Per seed, train k=5 on the **train** patches' cells only, unsupervised, with the defaults
    of ``wsicell train`` except the CPU sizing (``--width``) and any ``--set`` field of the
    ``train`` configuration (``WORK/model-<hash>-seed<N>``; a finished model with the same
@@ -145,6 +149,10 @@ class CellSet:
             parts = [p[:: max(1, len(p) // limit)][:limit] for p in parts]
         return parts[0] + parts[1]
 
+    def source(self, image: Path) -> str:
+        """The image a patch was cut from: CoNSeP's original tile, BRCA-M2C's slide."""
+        return image.stem.rsplit("_", 1)[0] if self.name == "consep" else image.stem.split("_")[0]
+
     def splits(self, images: list[Path]) -> dict[str, str]:
         """Split (``train`` / ``test``) of each image's slide id."""
         from wsicell.pipeline.tiles import slide_id_for
@@ -181,22 +189,38 @@ def cell_sets(data: Path) -> dict[str, CellSet]:
 
 
 def ingest_patches(images: list[Path], store: Path, mpp: float, workers: int,
-                   preset: str | None) -> tuple[list[str], int]:
+                   preset: str | None, sources: list[str] | None = None
+                   ) -> tuple[list[str], int]:
     """Ingest the patches (one slide each); returns the ids of the ingested slides and the
     number of patches ingest refused (no tissue, too few stained pixels), each reported.
-    The thumbnail for tissue detection is made fine enough for 64 um patches."""
+    The thumbnail for tissue detection is made fine enough for 64 um patches.  With
+    ``sources`` (one name per image), the images of one source are ingested together with
+    one shared stain fit, on one LocalCluster for all."""
     from wsicell.errors import WsicellError
+    from wsicell.pipeline.cluster import local_cluster
     from wsicell.pipeline.ingest import ingest
     from wsicell.pipeline.tiles import slide_id_for
 
-    config = WsicellConfig(ingest=IngestConfig(tissue_mpp=1.0, min_tissue_fraction=0.0)
-                           ).with_options(preset)
-    try:
-        with warnings.catch_warnings():  # one warning per refused patch; the error counts them
-            warnings.simplefilter("ignore")
-            ingest(store, images, config, mpp=mpp, workers=workers, progress=False)
-    except WsicellError as err:
-        print(err)
+    shared = sources is not None
+    config = WsicellConfig(ingest=IngestConfig(tissue_mpp=1.0, min_tissue_fraction=0.0,
+                                               shared_stain=shared)).with_options(preset)
+    groups = ({s: [i for i, src in zip(images, sources) if src == s] for s in sources}
+              if shared else {"": images})
+
+    def run(group: list[Path], **cluster) -> None:
+        try:
+            with warnings.catch_warnings():  # one warning per refused patch; the error counts
+                warnings.simplefilter("ignore")
+                ingest(store, group, config, mpp=mpp, progress=False, **cluster)
+        except WsicellError as err:
+            print(err)
+
+    if shared:
+        with local_cluster(workers, 1, "4GB", None) as cluster:
+            for group in groups.values():
+                run(group, scheduler=cluster.scheduler_address)
+    else:
+        run(images, workers=workers)
     complete = set(complete_slides(open_store(store)))
     slides = [slide_id_for(image) for image in images if slide_id_for(image) in complete]
     return slides, len(images) - len(slides)
@@ -401,6 +425,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest distance of a cell to its annotated point")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=1, help="ingest processes")
+    parser.add_argument("--stain", choices=["image", "source"], default="image",
+                        help="one stain fit per patch (image) or per source image the "
+                        "patches were cut from (source: ingest.shared_stain)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -419,8 +446,11 @@ def run_set(cell_set: CellSet, args: argparse.Namespace) -> dict[str, float]:
     split = cell_set.splits(images)
     preset = args.preset or WsicellConfig().segmentation.preset
     suffix = f"-limit{args.limit}" if args.limit else ""
-    store = args.work / f"{cell_set.name}-{preset}{suffix}.zarr"
-    slides, skipped = ingest_patches(images, store, cell_set.mpp, args.workers, args.preset)
+    stain = "-source-stain" if args.stain == "source" else ""
+    store = args.work / f"{cell_set.name}-{preset}{stain}{suffix}.zarr"
+    sources = [cell_set.source(i) for i in images] if args.stain == "source" else None
+    slides, skipped = ingest_patches(images, store, cell_set.mpp, args.workers, args.preset,
+                                     sources)
     print(f"\n== {cell_set.name}: {len(slides)} patches ingested ({skipped} refused) in "
           f"{time.perf_counter() - started:.0f} s")
     points = args.work / f"{cell_set.name}-points{suffix}"

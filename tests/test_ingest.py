@@ -202,3 +202,41 @@ def test_embedded_cluster_workers_poll_less():
     with local_cluster(1, 1, "1GB") as cluster, Client(cluster) as client:
         seen = client.run(lambda: {key: dask.config.get(key) for key in LOCAL_CLUSTER_POLLING})
     assert list(seen.values()) == [LOCAL_CLUSTER_POLLING]
+
+
+def test_shared_stain_fits_one_stain_for_all_the_images_of_a_run(tmp_path):
+    """Two patches of different colour: ingested apart each gets its own stain fit; with
+    ``ingest.shared_stain`` both get the same one, fitted on both, recorded with the
+    configuration; a file that cannot be read is reported and the others still ingest."""
+    from wsicell.io.store import slide_attrs
+
+    rgb = read_rgb_image(PLAIN)
+    bluish = rgb[:384, :384]
+    reddish = (rgb[-384:, -384:] * np.array([1.0, 0.85, 0.9])).astype(np.uint8)
+    paths = [tmp_path / "bluish.png", tmp_path / "reddish.png"]
+    for path, image in zip(paths, (bluish, reddish)):
+        Image.fromarray(image).save(path)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+
+    def stains(store, config, files):
+        try:
+            ingest(store, files, config, mpp=0.4, workers=1, progress=False)
+        except Exception as err:  # the broken file: the run reports it at the end
+            assert "1 of 3 slides failed" in str(err)
+        root = open_store(store)
+        return [slide_attrs(root, p.stem)["stain"] for p in paths], root
+
+    own, _ = stains(tmp_path / "own.zarr", CONFIG, paths)
+    shared_config = CONFIG.with_options(ingest={"shared_stain": True})
+    with pytest.warns(UserWarning, match="broken.png"):
+        shared, root = stains(tmp_path / "shared.zarr", shared_config,
+                              [*paths, tmp_path / "broken.png"])
+    assert own[0] != own[1]
+    assert shared[0] == shared[1]
+    assert shared[0] not in own
+    # the shared fit lies between the two images' own: its source colour statistics
+    means = [np.array(s["source_lab_mean"]) for s in (*own, shared[0])]
+    assert np.all(np.minimum(means[0], means[1]) - 1e-6 <= means[2])
+    assert np.all(means[2] <= np.maximum(means[0], means[1]) + 1e-6)
+    assert complete_slides(root) == ["bluish", "reddish"]
+    assert slide_attrs(root, "bluish")["config"]["ingest"]["shared_stain"] is True

@@ -255,6 +255,13 @@ class IngestConfig(_Section):
         16, description="Number of tissue tiles sampled in pass 1 to estimate the slide's "
         "stain parameters."
     )
+    shared_stain: bool = Field(
+        False, description="Fit one colour standardisation (stain parameters) on the "
+        "sampled tissue of all the images of one ingest run together, instead of one per "
+        "slide: for patches cut from one slide or staining batch, so that a patch's colours "
+        "do not depend on which cells it happens to hold. The adaptive recipe's calibration "
+        "stays per image."
+    )
     crops_per_chunk: PositiveInt = Field(
         4096, description="Crops per Zarr chunk of the cell store."
     )

@@ -65,20 +65,24 @@ def dashboard_address(value: str) -> str | None:
               help="Segmentation preset [default: the configuration's, adaptive].")
 @click.option("--tile-size", type=count(256, 16384), default=None,
               help="Tile side in pixels at the reference resolution [default: config].")
+@click.option("--shared-stain", is_flag=True, default=None,
+              help="Fit one stain on all the images of this run together (patches of one "
+              "slide or staining batch) instead of one per slide [default: config].")
 @click.option("--overwrite", is_flag=True, help="Redo slides the store already holds complete.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Dashboard link and progress bars on stderr.")
-def ingest(paths, store, mpp, config_file, preset, tile_size, workers, threads_per_worker,
-           memory_limit, scheduler, dashboard, overwrite, progress):
+def ingest(paths, store, mpp, config_file, preset, tile_size, shared_stain, workers,
+           threads_per_worker, memory_limit, scheduler, dashboard, overwrite, progress):
     """Ingest slides (files or directories of them, PATHS) into the cell store --store.
 
-    Tissue is detected on a thumbnail, stain parameters are fitted per slide on a sample
-    of tissue tiles, and every tissue tile is segmented at the reference resolution on a
+    Tissue is detected on a thumbnail, stain parameters are fitted per slide (or, with
+    --shared-stain, once for all the images) on a sample of tissue tiles, and every tissue tile is segmented at the reference resolution on a
     Dask cluster; each nucleus becomes a crop plus a row of the cell table.
     """
     from wsicell.pipeline.ingest import ingest as run_ingest
 
-    config = load_config(config_file, preset, ingest={"tile_size": tile_size})
+    config = load_config(config_file, preset, ingest={"tile_size": tile_size,
+                                                           "shared_stain": shared_stain})
     slide_ids = run_ingest(
         store, paths, config, mpp=mpp, workers=workers, threads_per_worker=threads_per_worker,
         memory_limit=memory_limit, scheduler=scheduler, dashboard=dashboard_address(dashboard),

@@ -19,8 +19,10 @@ touches tile pixels runs inside Dask workers:
    whole chunks of the cell columns or of the crops (no two tasks write the same chunk).
    ``status`` is set to ``"complete"`` last, then the staging files are removed.
 
-The result depends only on the slide and the configuration, so a run that was killed and
-restarted produces the same store as an uninterrupted one.
+The result depends only on the slide and the configuration (with ``ingest.shared_stain``,
+on the run's images and the configuration: pass 1 then fits one stain on the sampled tiles
+of all of them), so a run that was killed and restarted produces the same store as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -108,22 +110,43 @@ def _sampled_regions(tiles: dict, config: WsicellConfig) -> list[tuple[int, tupl
             for r in sample]
 
 
-def _stain_parameters(client, plan: SlidePlan, tiles: dict, config: WsicellConfig,
-                      bars: bool) -> dict:
-    """Pass 1: fit the slide's stain parameters on a seeded sample of tissue tiles."""
+def _stain_parameters(client, planned: list[tuple[SlidePlan, dict]], where: str,
+                      config: WsicellConfig, bars: bool) -> dict:
+    """Pass 1: fit stain parameters on a seeded sample of tissue tiles of each planned
+    slide, ``(plan, tiles)`` pairs, pooled (one slide's, or the run's with
+    ``ingest.shared_stain``); ``where`` names them in errors."""
     submissions = [(f"stain-{plan.slide_id}-{tile_id}", 1, sample_stain_pixels, (plan, region))
+                   for plan, tiles in planned
                    for tile_id, region in _sampled_regions(tiles, config)]
-    with phase_bar(len(submissions), f"{plan.slide_id} stain", bars) as bar:
+    label = planned[0][0].slide_id if len(planned) == 1 else "shared"
+    with phase_bar(len(submissions), f"{label} stain", bars) as bar:
         pixels = np.concatenate(run_tasks(client, submissions, bar))
     if len(pixels) < 1000:
-        raise WsicellError(f"{plan.path}: too few stained pixels ({len(pixels)}) in the "
+        raise WsicellError(f"{where}: too few stained pixels ({len(pixels)}) in the "
                            "sampled tissue tiles to estimate the stain")
     try:
         seg = config.segmentation
         return fit_stain_parameters(pixels, config.stain, **(seg.adaptive.stain_fit
                                     if seg.method == "adaptive" else {})).to_json()
     except ValueError as err:  # degenerate colours, e.g. a blank or single-colour slide
-        raise WsicellError(f"{plan.path}: cannot estimate the stain ({err})") from None
+        raise WsicellError(f"{where}: cannot estimate the stain ({err})") from None
+
+
+def _shared_stain(client, files: list[Path], store, config: WsicellConfig,
+                  mpp: float | None, bars: bool) -> dict:
+    """``ingest.shared_stain``: one stain fit for all ``files`` (those that cannot be
+    planned are left out here; their own ingest reports them)."""
+    planned = []
+    for path in files:
+        try:
+            plan, _, _, _, tiles = plan_slide(path, store, config, mpp)
+        except WsicellError:
+            continue
+        planned.append((plan, tiles))
+    if not planned:
+        raise WsicellError(f"{files[0]}: no image of this run can be read for a shared stain")
+    return _stain_parameters(client, planned, f"{files[0].parent} (the shared stain of "
+                             f"{len(planned)} images)", config, bars)
 
 
 def _calibration(client, plan: SlidePlan, tiles: dict, stain: dict, config: WsicellConfig,
@@ -174,11 +197,12 @@ def _consolidate(client, plan: SlidePlan, tile_ids: np.ndarray, config: WsicellC
 
 def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *,
                  mpp: float | None, overwrite: bool, tiles_bar: TileProgress,
-                 phase_bars: bool) -> str:
+                 phase_bars: bool, stain: dict | None = None) -> str:
     """Ingest one slide into an open store (the caller holds the store lock).
 
     ``client`` returns the Dask client; the segmented tiles count on ``tiles_bar``, and
-    ``phase_bars`` adds bars of the stain and write phases.
+    ``phase_bars`` adds bars of the stain and write phases.  ``stain``: stain parameters
+    to use (a shared fit) instead of fitting the slide's own.
     """
     plan, attrs, thumb, tissue, tiles = plan_slide(path, store, config, mpp)
     if slide_status(root, plan.slide_id) == STATUS_COMPLETE and not overwrite:
@@ -199,9 +223,10 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
             begun = (pool.submit(begin_slide, root, plan.slide_id, attrs, thumb, tissue, tiles)
                      if fresh else None)
             earlier = {} if fresh else slide_attrs(root, plan.slide_id)
-            stain = earlier.get("stain")
+            stain = earlier.get("stain", stain)
             if stain is None:
-                stain = _stain_parameters(client(), plan, tiles, config, phase_bars)
+                stain = _stain_parameters(client(), [(plan, tiles)], str(plan.path), config,
+                                          phase_bars)
             calibration = earlier.get("calibration")
             if calibration is None:
                 calibration = _calibration(client(), plan, tiles, stain, config, phase_bars)
@@ -328,13 +353,16 @@ def ingest(store, paths, config: WsicellConfig | None = None, *, mpp=None, worke
                                          scheduler, progress, dashboard) as client, \
             closing(TileProgress(files[0].stem if one else "tiles", progress)) as tiles_bar:
         root = open_store(store, mode="r+")
+        bars = progress and one and sys.stderr.isatty()
 
         def run(path: Path) -> str:
             return ingest_slide(client, root, path, store, config, mpp=mpp,
-                                overwrite=overwrite, tiles_bar=tiles_bar,
-                                phase_bars=progress and one and sys.stderr.isatty())
+                                overwrite=overwrite, tiles_bar=tiles_bar, phase_bars=bars,
+                                stain=shared)
 
         try:
+            shared = (_shared_stain(client(), files, store, config, mpp, bars)
+                      if config.ingest.shared_stain and not one else None)
             if one:
                 return [run(files[0])]
             done, failed = _ingest_concurrently(run, files)
