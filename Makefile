@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WSICELL := $(VENV)/bin/wsicell
 DEMO := demo-output
+DEMO_MINUTES ?= 3
 
 .PHONY: demo test test-all bench clean
 
@@ -40,8 +41,8 @@ $(VENV)/.reference: $(VENV)/.installed
 # sample's cells over its categories) so the demo takes minutes; one torch thread, so that
 # every 2-core machine trains the same model (bf16 autocast where the CPU has it). Measured
 # on the sample (docs/training.md): 4 of the 5 clusters hold cells after 250 iterations;
-# the report says so in words. On a loaded machine --max-minutes 3 ends training earlier
-# (the report then says the model is partly trained). The model is kept and reused by
+# the report says so in words. On a loaded machine --max-minutes 3 (DEMO_MINUTES) ends
+# training earlier (the report then says the model is partly trained). The model is kept and reused by
 # later runs (delete demo-output/ to start again).
 SAMPLE := tests/data/bm_graz/images
 demo: $(VENV)/.installed
@@ -50,7 +51,7 @@ demo: $(VENV)/.installed
 	$(WSICELL) ingest $(SAMPLE) --store $(DEMO)/cells.zarr --mpp 0.4
 	test -f $(DEMO)/model/model.pt || $(WSICELL) train --store $(DEMO)/cells.zarr \
 	    --out $(DEMO)/model --width 16 --lr 5e-4 --lr-info 1e-3 --lambda-confidence 1 --epochs 100 --max-iters 250 --sample-every 50 \
-	    --checkpoint-every 50 --workers 0 --threads 1 --max-minutes 3
+	    --checkpoint-every 50 --workers 0 --threads 1 --max-minutes $(DEMO_MINUTES)
 	$(WSICELL) predict --slides $(SAMPLE) --model $(DEMO)/model --store $(DEMO)/cells.zarr \
 	    --out $(DEMO)/results --mpp 0.4 --region-size 100
 

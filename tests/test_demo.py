@@ -17,8 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_demo_sorts_the_sample_into_at_least_four_cell_types(tmp_path):
     demo = tmp_path / "demo"
-    subprocess.run(["make", "-C", str(ROOT), "demo", f"DEMO={demo}"], check=True,
-                   capture_output=True, timeout=1800)
+    # the demo's 3-minute training budget, on a busy machine, can stop it a few iterations
+    # short of 250 and so give another model (once: 247 iterations, 3 clusters in use):
+    # the test lets it train its 250 iterations and checks that model
+    subprocess.run(["make", "-C", str(ROOT), "demo", f"DEMO={demo}", "DEMO_MINUTES=20"],
+                   check=True, capture_output=True, timeout=1800)
     proportions = pd.read_csv(demo / "results" / "slide_proportions.csv")
     counts = proportions.filter(like="count_").sum()
     assert (counts > 0).sum() >= 4, counts.to_dict()
