@@ -45,7 +45,10 @@ SCRIPT = textwrap.dedent('''
         ids, sums = zip(*gathered)
         assert len(set(ids)) == 1, ids
         assert len(set(sums)) == world, sums
-        print("DDP-OK", ids[0])
+        print("DDP-OK", ids[0], flush=True)
+    # both ranks leave together: a rank that tore gloo down while its peer was still
+    # finishing the gather sometimes aborted ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 ''')
 
