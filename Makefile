@@ -42,8 +42,8 @@ $(VENV)/.reference: $(VENV)/.installed
 # every 2-core machine trains the same model (bf16 autocast where the CPU has it). Measured
 # on the sample (docs/training.md): 4 of the 5 clusters hold cells after 250 iterations;
 # the report says so in words. On a loaded machine --max-minutes 3 (DEMO_MINUTES) ends
-# training earlier (the report then says the model is partly trained). The model is kept and reused by
-# later runs (delete demo-output/ to start again).
+# training earlier (the report then says the model is partly trained). The model is kept
+# and reused by later runs (delete demo-output/ to start again).
 SAMPLE := tests/data/bm_graz/images
 demo: $(VENV)/.installed
 	mkdir -p $(DEMO)

@@ -351,8 +351,8 @@ class TrainConfig(_Section):
         "iteration (0.995: about the last 200 iterations), instead of the last iteration's "
         "(0, the paper). 3 seeds, 1,000 iterations, train cells: CoNSeP purity 0.531 -> "
         "0.541 (worst seed 0.513 -> 0.535), BRCA-M2C 0.638 -> 0.626 with its largest "
-        "cluster 0.67 -> 0.26; in the demo's 250 iterations the average reaches back into the first "
-        "ones (2 of 5 clusters used, G drew noise), so it is not the default "
+        "cluster 0.67 -> 0.26; in the demo's 250 iterations the average reaches back into "
+        "the first ones (2 of 5 clusters used, G drew noise), so it is not the default "
         "(docs/cell-types.md)."
     )
     epochs: PositiveFloat = Field(10, description="Passes over the training crops.")

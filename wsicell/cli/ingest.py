@@ -76,8 +76,9 @@ def ingest(paths, store, mpp, config_file, preset, tile_size, shared_stain, work
     """Ingest slides (files or directories of them, PATHS) into the cell store --store.
 
     Tissue is detected on a thumbnail, stain parameters are fitted per slide (or, with
-    --shared-stain, once for all the images) on a sample of tissue tiles, and every tissue tile is segmented at the reference resolution on a
-    Dask cluster; each nucleus becomes a crop plus a row of the cell table.
+    --shared-stain, once for all the images) on a sample of tissue tiles, and every
+    tissue tile is segmented at the reference resolution on a Dask cluster; each nucleus
+    becomes a crop plus a row of the cell table.
     """
     from wsicell.pipeline.ingest import ingest as run_ingest
 

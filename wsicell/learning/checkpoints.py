@@ -1,9 +1,9 @@
 """The state of a training run on disk: the checkpoint it resumes from and its loss log.
 
 ``checkpoint.pt`` (written atomically) holds the model (and its moving average, when the
-run keeps one), the optimisers, every RNG state, the
-iteration, the configuration and the store fingerprint, so that a resumed run continues
-bit for bit; ``log.jsonl`` holds one line of losses per iteration.
+run keeps one), the optimisers, every RNG state, the iteration, the configuration and the
+store fingerprint, so that a resumed run continues bit for bit; ``log.jsonl`` holds one
+line of losses per iteration.
 """
 
 from __future__ import annotations
