@@ -35,6 +35,7 @@ from wsicell.learning.trainer import (
     invariant_information,
     marginal_entropy,
     mean_entropy,
+    warmed_up_average,
 )
 from wsicell.pipeline.training import estimate_line, train
 from wsicell.viz.figures import image_is_blank
@@ -334,6 +335,24 @@ def test_resumed_run_equals_the_uninterrupted_run(store, trained, tmp_path):
     assert losses(out) == losses(trained)
 
 
+def test_warmed_up_average_spans_the_end_of_a_short_run():
+    """The average's decay after n updates is min(decay, (1 + n) / (10 + n)): after 49
+    updates with the values 1..49 it is near the last ones (a plain 0.995 average from
+    the first value would still be near 6)."""
+    update = warmed_up_average(0.995)
+    averaged, expected = [torch.zeros(3, dtype=torch.float64)], 0.0
+    for n in range(1, 50):
+        update(averaged, [torch.full((3,), float(n), dtype=torch.float64)], torch.tensor(n))
+        decay = min(0.995, (1 + n) / (10 + n))
+        expected = decay * expected + (1 - decay) * n
+    assert torch.allclose(averaged[0], torch.full((3,), expected, dtype=torch.float64))
+    assert 40 < expected < 49
+    # warmed up, the decay is the one asked for
+    averaged = [torch.zeros(1, dtype=torch.float64)]
+    update(averaged, [torch.ones(1, dtype=torch.float64)], torch.tensor(10_000))
+    assert averaged[0].item() == pytest.approx(0.005)
+
+
 def test_averaged_run_keeps_the_moving_average_and_resumes_it(store, trained, tmp_path):
     """With ``average_decay`` the saved model is the exponential moving average of the
     trained networks (not the last iteration's, which the checkpoint keeps), and a run
@@ -347,8 +366,9 @@ def test_averaged_run_keeps_the_moving_average_and_resumes_it(store, trained, tm
     kept = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
     resumed = torch.load(parts / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(kept[k], resumed[k]) for k in kept)
-    # the same training as TINY's run: its last networks are the checkpoint's, not the kept
-    last = torch.load(trained / "model.pt", weights_only=True)["state_dict"]
+    # the same training as TINY's run (whose average decays otherwise: the average does not
+    # touch the training): its last networks are the checkpoint's, not the kept ones
+    last = torch.load(trained / "checkpoint.pt", weights_only=True)["model"]
     checkpoint = torch.load(whole / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(last[k], checkpoint["model"][k]) for k in last)
     assert not all(torch.equal(last[k], kept[k]) for k in last)

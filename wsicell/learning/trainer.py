@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from wsicell.config import WsicellConfig
 from wsicell.learning.augment import random_dihedral, to_unit_range
@@ -126,7 +126,7 @@ class Trainer:
         self.fast_generator = wrap(model.generator)
         self.fast_critic = wrap(model.critic)
         self.fast_q = wrap(model.q_outputs)
-        self.average = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.average_decay),
+        self.average = (AveragedModel(model, multi_avg_fn=warmed_up_average(cfg.average_decay),
                                       use_buffers=True) if cfg.average_decay > 0 else None)
 
     @property
@@ -218,6 +218,48 @@ class Trainer:
         if self.average is not None:
             self.average.update_parameters(self.model)
         return losses
+
+
+def warmed_up_average(decay: float):
+    """The update of an exponential moving average whose decay warms up with its count.
+
+    After ``n`` updates the average moves towards the current values by ``1 - d`` with
+    ``d = min(decay, (1 + n) / (10 + n))`` (the ``num_updates`` rule of TensorFlow's
+    ``ExponentialMovingAverage``): early on it follows the networks closely, so a short run's
+    average spans about its last tenth instead of reaching back into its first iterations.
+
+    Parameters
+    ----------
+    decay : float
+        The decay once warmed up, in (0, 1); 0.995 spans about the last 200 updates.
+
+    Returns
+    -------
+    callable
+        ``update(averaged, current, n)`` for :class:`torch.optim.swa_utils.AveragedModel`'s
+        ``multi_avg_fn``: lists of tensors, ``averaged`` updated in place (integer ones
+        rounded towards zero, as torch's own average does); ``n`` the number of updates so
+        far (a 0-d tensor).
+
+    Examples
+    --------
+    >>> update = warmed_up_average(0.995)
+    >>> averaged, current = [torch.zeros(2)], [torch.ones(2)]
+    >>> update(averaged, current, torch.tensor(1))   # d = 2 / 11
+    >>> averaged[0]
+    tensor([0.8182, 0.8182])
+    """
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor],
+               n: torch.Tensor) -> None:
+        count = int(n)
+        weight = 1.0 - min(decay, (1 + count) / (10 + count))
+        for mean, value in zip(averaged, current):
+            if mean.is_floating_point():
+                mean.lerp_(value, weight)
+            else:   # counters, e.g. batch norm's num_batches_tracked
+                mean.copy_(mean * (1 - weight) + value * weight)
+    return update
 
 
 def invariant_information(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
