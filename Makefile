@@ -40,11 +40,10 @@ $(VENV)/.reference: $(VENV)/.installed
 # coloured noise at 150-400 iterations), and lambda_confidence 1 so that Q spreads the
 # sample's cells over its categories) so the demo takes minutes; one torch thread, so that
 # every 2-core machine trains the same model (bf16 autocast where the CPU has it). Measured
-# on the sample (docs/training.md): all 5 clusters hold cells after 250 iterations (the
-# default moving average; 4 of 5 with the last iteration's networks). On a loaded machine
-# --max-minutes 3 (DEMO_MINUTES) ends training earlier (the report then says the model is
-# partly trained). The model is kept and reused by later runs (delete demo-output/ to
-# start again).
+# on the sample (docs/training.md): 4 of the 5 clusters hold cells after 250 iterations;
+# the report says so in words. On a loaded machine --max-minutes 3 (DEMO_MINUTES) ends
+# training earlier (the report then says the model is partly trained). The model is kept
+# and reused by later runs (delete demo-output/ to start again).
 SAMPLE := tests/data/bm_graz/images
 demo: $(VENV)/.installed
 	mkdir -p $(DEMO)

@@ -366,8 +366,8 @@ def test_averaged_run_keeps_the_moving_average_and_resumes_it(store, trained, tm
     kept = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
     resumed = torch.load(parts / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(kept[k], resumed[k]) for k in kept)
-    # the same training as TINY's run (whose average decays otherwise: the average does not
-    # touch the training): its last networks are the checkpoint's, not the kept ones
+    # the same training as TINY's run (no average: the average does not touch the
+    # training): its last networks are the checkpoint's, not the kept ones
     last = torch.load(trained / "checkpoint.pt", weights_only=True)["model"]
     checkpoint = torch.load(whole / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(last[k], checkpoint["model"][k]) for k in last)
