@@ -95,7 +95,7 @@ def test_calipers_of_hulls_equal_brute_force():
         corners = np.concatenate([np.column_stack([cols + dx, rows + dy])
                                   for dx in (0, 1) for dy in (0, 1)]).astype(float)
         brute = shapely.MultiPoint(corners).convex_hull
-        assert hull.equals(brute)
+        assert shapely.Polygon(hull).equals(brute)
         vertices = shapely.get_coordinates(brute)  # the farthest corners are hull vertices
         pairwise = np.linalg.norm(vertices[:, None] - vertices[None], axis=-1)
         assert big == pytest.approx(pairwise.max())

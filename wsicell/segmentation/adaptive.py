@@ -171,6 +171,7 @@ class _Components:
     statistics pass over the whole image cost as much as the labelling)."""
 
     n: int
+    mask: np.ndarray       #: (H, W) uint8 0/1, the mask labelled
     labels: np.ndarray     #: (H, W) int32, 0 = background
     pixels: np.ndarray     #: (P,) int64, flat indices of the foreground
     label: np.ndarray      #: (P,) int32, their component
@@ -182,7 +183,7 @@ class _Components:
         n, labels = cv2.connectedComponentsWithAlgorithm(mask, 4, cv2.CV_32S, cv2.CCL_GRANA)
         pixels = np.flatnonzero(mask.view(bool))  # numpy's fast path: bool, not uint8
         label = labels.ravel()[pixels]
-        return cls(n, labels, pixels, label, np.bincount(label, minlength=n),
+        return cls(n, mask, labels, pixels, label, np.bincount(label, minlength=n),
                    cv2.distanceTransform(mask, cv2.DIST_L2, 5))
 
     def boxes(self, ids: np.ndarray) -> np.ndarray:
@@ -292,7 +293,8 @@ def _calibrated(cons: list, mpp: float, p: AdaptiveConfig
 
 
 def split(mask: np.ndarray, mpp: float, radius_um: float, p: AdaptiveConfig,
-          components: _Components | None = None) -> np.ndarray:
+          components: _Components | None = None, out: np.ndarray | None = None
+          ) -> np.ndarray:
     """Marker-controlled split of a foreground mask.
 
     Markers: regional maxima of the smoothed distance transform.  Components with two or
@@ -308,26 +310,32 @@ def split(mask: np.ndarray, mpp: float, radius_um: float, p: AdaptiveConfig,
     p : AdaptiveConfig
     components : _Components, optional
         Of ``mask``, if already computed.
+    out : ndarray, shape (H, W), int32, optional
+        Where to write the labels; may be ``components.labels`` itself (relabelled in
+        place, saving a copy of the image).
 
     Returns
     -------
     ndarray, shape (H, W), int32
-        Labels (not contiguous), 0 = background.
+        Labels (not contiguous), 0 = background: ``out`` where given.
     """
     c = components or _Components.of(mask)
     dist, nc, comp = c.dist, c.n, c.labels
     s = p.marker_sigma_rel * radius_um / mpp
     ds = cv2.GaussianBlur(dist, (0, 0), s) if s > 0.3 else dist
     peaks = (ds >= cv2.dilate(ds, _disk(p.marker_radius_rel * radius_um / mpp))) & \
-        (dist >= p.min_marker_rel * radius_um / mpp) & (mask > 0)
-    nm, markers = cv2.connectedComponents(peaks.astype(np.uint8), connectivity=8,
+        (dist >= p.min_marker_rel * radius_um / mpp) & mask.view(bool)
+    nm, markers = cv2.connectedComponents(peaks.view(np.uint8), connectivity=8,
                                           ltype=cv2.CV_32S)
     # number of markers in each component
     marker_comp = np.zeros(nm, dtype=np.int64)
     sel = c.pixels[markers.ravel()[c.pixels] > 0]  # the markers lie in the foreground
     marker_comp[markers.ravel()[sel]] = comp.ravel()[sel]
     multi = np.flatnonzero(np.bincount(marker_comp[1:], minlength=nc)[1:] >= 2) + 1
-    labels = comp.copy()
+    if out is None:
+        out = comp.copy()
+    elif out is not comp:
+        out[...] = comp
     # each pixel of a component to split goes to its nearest marker of that component
     # (Euclidean), one OpenCV distance transform per component box (~20x cheaper than one
     # over the whole image); new ids lie above the component ids
@@ -340,9 +348,9 @@ def split(mask: np.ndarray, mpp: float, radius_um: float, p: AdaptiveConfig,
         at = mk > 0
         to_marker = np.zeros(int(nearest.max()) + 1, dtype=np.int32)
         to_marker[nearest[at]] = mk[at]
-        labels[box][inside] = one_piece_each(np.where(inside, to_marker[nearest] + nc, 0),
-                                             at)[inside]
-    return labels
+        out[box][inside] = one_piece_each(np.where(inside, to_marker[nearest] + nc, 0),
+                                          at)[inside]
+    return out
 
 
 def one_piece_each(labels: np.ndarray, seeds: np.ndarray) -> np.ndarray:
@@ -469,8 +477,8 @@ def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None 
         calibration, (components,) = _calibrated([con], mpp, p)
     else:
         components = _Components.of(foreground(con, mpp, calibration.threshold, p))
-    mask = (components.labels > 0).view(np.uint8)
-    labels = split(mask, mpp, calibration.radius_um, p, components)
+    labels = split(components.mask, mpp, calibration.radius_um, p, components,
+                   out=components.labels)
     tests = dict(con=con, od=od, eosin_od=eosin_od, calibration=calibration, mpp=mpp, p=p,
                  source_mpp=source_mpp)
     # the tests and the relabelling work on the foreground pixels only (5-10% of a tile):
@@ -481,7 +489,7 @@ def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None 
     if p.rejoin_threshold_rel > 0:
         free = rejoin_mask(con, out, mpp, calibration, p)
         rejoin = _Components.of(free)
-        more = split(free, mpp, calibration.radius_um, p, rejoin)
+        more = split(free, mpp, calibration.radius_um, p, rejoin, out=rejoin.labels)
         ids, refused_more = _tested(more, rejoin, first=int(ids.max(initial=0)) + 1, **tests)
         out.ravel()[rejoin.pixels] = ids
         refused = np.concatenate([refused, refused_more])

@@ -1,12 +1,13 @@
 """Nucleus measurements as QuPath's cell detection reports them, on a stack of crop masks.
 
 Every function takes all nuclei at once: a stack of ``(N, S, S)`` bool masks (one nucleus
-per crop, as the store keeps them) and, for intensities, the crops' optical densities; no
-Python loop runs per nucleus.  Shapes follow scikit-image's ``regionprops`` definitions
-(perimeter with 4-connectivity weights, axes and eccentricity of the inertia ellipse), so
-that the tests can compare them one to one; the convex hull and the calipers are those of
-the pixel squares (as QuPath measures its polygon outlines).  Lengths and areas are in the
-units of ``pixel_size`` (microns per crop pixel at ingest).
+per crop, as the store keeps them) and, for intensities, the crops' optical densities; the
+only Python loop per nucleus is the call of OpenCV's convex hull.  Shapes follow
+scikit-image's ``regionprops`` definitions (perimeter with 4-connectivity weights, axes and
+eccentricity of the inertia ellipse), so that the tests can compare them one to one; the
+convex hull and the calipers are those of the pixel squares (as QuPath measures its polygon
+outlines).  Lengths and areas are in the units of ``pixel_size`` (microns per crop pixel at
+ingest).
 
 A crop holds its nucleus at the segmentation's resolution unless the nucleus was longer than
 the crop (it is then shrunk to fit, see :func:`wsicell.segmentation.nuclei.cell_crop`); such
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-import shapely
 
 #: The columns :func:`nucleus_measurements` returns, in order (the store's cell table keeps
 #: them; :data:`wsicell.io.export.MEASUREMENTS` gives their QuPath names and units).
@@ -108,14 +108,13 @@ def inertia_axes(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return 4 * np.sqrt(l1), 4 * np.sqrt(l2), np.where(count > 0, eccentricity, np.nan)
 
 
-def convex_hulls(masks: np.ndarray) -> np.ndarray:
+def convex_hulls(masks: np.ndarray) -> list:
     """Convex hull of the pixel squares of each mask (pixel ``(r, c)`` covers
     ``[c, c + 1) x [r, r + 1)``).
 
     The hull of a mask's pixel squares is that of the outer corners of each row's first
-    and last pixel: at most 4 S points per mask, as one ring, hulled by GEOS for all masks
-    at once.  A corner that an adjacent row's pixels overhang lies inside the hull (on a
-    horizontal line between two of its points) and is left out: about half the points.
+    and last pixel: 4 points per row, hulled by OpenCV's ``convexHull`` mask by mask
+    (~5x faster than GEOS on the same points for all masks at once, loop included).
 
     Parameters
     ----------
@@ -123,52 +122,74 @@ def convex_hulls(masks: np.ndarray) -> np.ndarray:
 
     Returns
     -------
-    ndarray, shape (N,), object
-        shapely Polygons in pixel-edge ``(x, y)`` coordinates; None for an empty mask.
+    list of ndarray
+        N entries: the hull's vertices in order, shape (K, 2) int32 pixel-edge ``(x, y)``
+        coordinates; None for an empty mask.
 
     Examples
     --------
     >>> masks = np.zeros((1, 8, 8), bool); masks[0, 2:5, 3:7] = True
-    >>> float(convex_hulls(masks)[0].area)
-    12.0
+    >>> convex_hulls(masks)[0].tolist()
+    [[7, 5], [3, 5], [3, 2], [7, 2]]
     """
     masks = np.asarray(masks, dtype=bool)
     n, s = masks.shape[:2]
-    filled = masks.any(axis=2)  # (N, S) rows holding pixels
     first = masks.argmax(axis=2)
     last = s - 1 - masks[:, :, ::-1].argmax(axis=2)
-    cell, row = np.nonzero(filled)
+    cell, row = np.nonzero(masks.any(axis=2))  # rows holding pixels, mask by mask
     left, right = first[cell, row], last[cell, row] + 1
-    # one ring per mask (GEOS builds it from the coordinates, with no point objects): down
-    # its rows' left edges, up their right edges; its hull is that of the pixel squares
-    x = np.concatenate([np.repeat(left, 2), np.repeat(right, 2)])
-    y = np.concatenate([np.stack([row, row + 1], axis=1).ravel(),
-                        np.stack([row + 1, row], axis=1).ravel()])
-    step = 2 * np.repeat(row, 2) + np.tile([0, 1], len(row))
-    order = np.concatenate([step, -1 - step])  # left side downwards, right side upwards
-    owner = np.tile(np.repeat(cell, 2), 2)
-    # the corners overhung by the row above (top corners) or below (bottom corners)
-    above = np.zeros((len(row), 2), dtype=bool)  # [left, right] overhung from above
-    below = np.zeros((len(row), 2), dtype=bool)
-    adjacent = (cell[1:] == cell[:-1]) & (row[1:] == row[:-1] + 1)
-    above[1:] = adjacent[:, None] & np.column_stack([left[:-1] < left[1:],
-                                                     right[:-1] > right[1:]])
-    below[:-1] = adjacent[:, None] & np.column_stack([left[1:] < left[:-1],
-                                                      right[1:] > right[:-1]])
-    inside = np.concatenate([np.column_stack([above[:, 0], below[:, 0]]).ravel(),
-                             np.column_stack([below[:, 1], above[:, 1]]).ravel()])
-    x, y, order, owner = x[~inside], y[~inside], order[~inside], owner[~inside]
-    ranked = np.lexsort((order, owner))
-    hulls = np.full(n, None, dtype=object)
-    present = np.unique(cell)
-    if len(present):
-        rings = shapely.linearrings(np.column_stack([x, y])[ranked].astype(np.float64),
-                                    indices=np.searchsorted(present, owner[ranked]))
-        hulls[present] = shapely.convex_hull(rings)
-    return hulls
+    corners = np.stack([np.column_stack([left, row]), np.column_stack([left, row + 1]),
+                        np.column_stack([right, row]), np.column_stack([right, row + 1])],
+                       axis=1).astype(np.int32).reshape(-1, 2)
+    bounds = 4 * np.searchsorted(cell, np.arange(n + 1))
+    return [cv2.convexHull(corners[a:b]).reshape(-1, 2) if b > a else None
+            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
 
 
-def calipers(hulls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _closed_rings(hulls: list) -> tuple[np.ndarray, np.ndarray]:
+    """The non-empty ``hulls`` as closed rings padded to one length by repeating their
+    closing vertex (no new points, zero-length edges): indices (P,) and vertices
+    (P, V, 2) float64."""
+    present = np.array([i for i, h in enumerate(hulls) if h is not None], dtype=np.int64)
+    if not len(present):
+        return present, np.zeros((0, 1, 2))
+    rings = [hulls[i] for i in present]
+    counts = np.array([len(r) for r in rings])
+    # every slot holds the first vertex, then each ring's own vertices overwrite theirs
+    first = np.array([r[0] for r in rings], dtype=np.float64)
+    vertices = np.repeat(first[:, None, :], counts.max() + 1, axis=1)
+    owner = np.repeat(np.arange(len(rings)), counts)
+    slot = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+    vertices[owner, slot] = np.concatenate(rings)
+    return present, vertices
+
+
+def polygon_areas(hulls: list) -> np.ndarray:
+    """Area of each polygon (shoelace formula).
+
+    Parameters
+    ----------
+    hulls : list of ndarray
+        Vertices (K, 2) of N polygons in order (:func:`convex_hulls`), or None.
+
+    Returns
+    -------
+    ndarray, shape (N,), float64
+        In the polygons' units squared; NaN for None.
+
+    Examples
+    --------
+    >>> polygon_areas([np.array([[0, 0], [4, 0], [4, 3]]), None]).tolist()
+    [6.0, nan]
+    """
+    area = np.full(len(hulls), np.nan)
+    present, v = _closed_rings(hulls)
+    x, y = v[..., 0], v[..., 1]
+    area[present] = np.abs((x[:, :-1] * y[:, 1:] - x[:, 1:] * y[:, :-1]).sum(axis=1)) / 2
+    return area
+
+
+def calipers(hulls: list) -> tuple[np.ndarray, np.ndarray]:
     """Largest and smallest caliper (Feret) diameter of convex polygons.
 
     The largest is the longest distance between two vertices; the smallest is the least
@@ -176,8 +197,8 @@ def calipers(hulls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Parameters
     ----------
-    hulls : ndarray, shape (N,), object
-        Convex shapely Polygons (:func:`convex_hulls`); None gives NaN.
+    hulls : list of ndarray
+        Vertices (K, 2) of convex polygons in order (:func:`convex_hulls`); None gives NaN.
 
     Returns
     -------
@@ -186,22 +207,15 @@ def calipers(hulls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Examples
     --------
-    >>> box = shapely.box(0, 0, 4, 3)
-    >>> [float(v[0]) for v in calipers(np.array([box], dtype=object))]
+    >>> box = np.array([[0, 0], [4, 0], [4, 3], [0, 3]])
+    >>> [float(v[0]) for v in calipers([box])]
     [5.0, 3.0]
     """
     n = len(hulls)
     longest, narrowest = np.full(n, np.nan), np.full(n, np.nan)
-    present = np.flatnonzero(shapely.is_geometry(hulls))
+    present, vertices = _closed_rings(hulls)
     if not len(present):
         return longest, narrowest
-    coords, owner = shapely.get_coordinates(hulls[present], return_index=True)
-    counts = np.bincount(owner, minlength=len(present))
-    width = counts.max()
-    slot = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
-    # vertices padded by repeating each ring's closing vertex (its first): no new points
-    vertices = np.repeat(coords[np.cumsum(counts) - 1][:, None, :], width, axis=1)
-    vertices[owner, slot] = coords  # (P, V, 2)
     vx, vy = vertices[..., 0], vertices[..., 1]  # (P, V) each
     squared = (vx[:, :, None] - vx[:, None, :]) ** 2 + (vy[:, :, None] - vy[:, None, :]) ** 2
     longest[present] = np.sqrt(squared.max(axis=(1, 2)))
@@ -332,9 +346,8 @@ def nucleus_measurements(masks: np.ndarray, crops: np.ndarray, stain_matrix,
     hulls = convex_hulls(masks)
     longest, narrowest = calipers(hulls)
     with np.errstate(invalid="ignore", divide="ignore"):
-        hull_area = np.where(shapely.is_geometry(hulls), shapely.area(hulls), np.nan)
         circularity = np.minimum(4 * np.pi * area / edge ** 2, 1.0)
-        solidity = area / hull_area
+        solidity = area / polygon_areas(hulls)
     # the nucleus pixels only, mask by mask (a third of the crops' pixels; np.compress is
     # ~7x faster than indexing by the boolean masks)
     pixels = np.compress(masks.ravel(), np.asarray(crops).reshape(-1, 3), axis=0)
