@@ -114,6 +114,23 @@ def test_staged_tiles_are_written_whole(tmp_path):
     np.testing.assert_array_equal(read_staged_tile(directory, 12)["x"], [0, 1, 2])
 
 
+def test_staged_tiles_give_back_every_array_with_its_dtype(tmp_path):
+    """The columns travel packed in one table; the crops and the one-value count apart."""
+    tile = {"x": np.arange(3.0), "area": np.arange(3, dtype=np.float32),
+            "bbox_x0": np.arange(3, dtype=np.int32), "crops": np.ones((3, 4, 4, 3), np.uint8),
+            "masks": np.ones((3, 4, 4), bool), "refused": np.array([7])}
+    write_staged_tile(tmp_path, 1, tile)
+    staged = read_staged_tile(tmp_path, 1)
+    assert list(staged) == list(tile)
+    for name, values in tile.items():
+        assert staged[name].dtype == values.dtype
+        np.testing.assert_array_equal(staged[name], values)
+    assert list(read_staged_tile(tmp_path, 1, ["refused", "x"])) == ["refused", "x"]
+    # a tile staged by an earlier version, every array a member of the .npz
+    np.savez(tmp_path / "tile_000000002.npz", x=np.arange(2.0), refused=np.array([1]))
+    np.testing.assert_array_equal(read_staged_tile(tmp_path, 2, ["x"])["x"], [0, 1])
+
+
 def test_arrays_are_plain_zarr_readable_by_dask(tmp_path):
     import dask.array as da
 
