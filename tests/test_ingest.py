@@ -165,6 +165,25 @@ def _shared_lookup(directory, stain_json, wait_s=10.0):
     return lookup.colour_table, lookup.stain_table
 
 
+def test_a_slide_through_the_lookup_gives_the_cells_computed_directly(tmp_path, monkeypatch):
+    """Slides with much tissue go through a StainLookup that every worker builds while the
+    client calibrates; the cells and crops are those of the colours computed directly."""
+    from wsicell.pipeline import tiles
+
+    stores = {}
+    for lookup in (True, False):
+        monkeypatch.setattr(tiles, "LOOKUP_MIN_PIXELS", 0 if lookup else 1 << 62)
+        stores[lookup] = tmp_path / f"lookup_{lookup}.zarr"
+        with pytest.warns(UserWarning, match="no microns-per-pixel metadata"):
+            ingest(stores[lookup], [PLAIN], CONFIG, workers=2, progress=False)
+    with_lookup, direct = (open_store(stores[k]) for k in (True, False))
+    cells = slide_cells(with_lookup, PLAIN.stem)
+    assert len(cells) > 100
+    assert cells.equals(slide_cells(direct, PLAIN.stem))
+    crops = (np.asarray(root[f"slides/{PLAIN.stem}/crops"][:]) for root in (with_lookup, direct))
+    np.testing.assert_array_equal(*crops)
+
+
 def test_workers_share_the_lookup_build(tmp_path, stain_json):
     expected = StainLookup.build(StainParameters.from_json(json.loads(stain_json)))
     with multiprocessing.get_context("spawn").Pool(2) as pool:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import sys
+import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -71,6 +72,7 @@ from wsicell.pipeline.tiles import (
     SlidePlan,
     cell_blocks,
     plan_slide,
+    prepare_colours,
     sample_hematoxylin,
     sample_stain_pixels,
     segment_tiles,
@@ -149,20 +151,38 @@ def _shared_stain(client, files: list[Path], store, config: WsicellConfig,
                              f"{len(planned)} images)", config, bars)
 
 
-def _calibration(client, plan: SlidePlan, tiles: dict, stain: dict, config: WsicellConfig,
-                 bars: bool) -> dict | None:
-    """Pass 1, ``adaptive`` recipe: its threshold and nucleus radius, calibrated once for
-    the slide on the hematoxylin of the tiles sampled for the stain (None for the
+def _calibration_windows(client, plan: SlidePlan, tiles: dict, stain: dict,
+                         config: WsicellConfig, bars: bool) -> list[np.ndarray] | None:
+    """Pass 1, ``adaptive`` recipe: the hematoxylin of the tiles sampled for the stain, on
+    which the slide's threshold and nucleus radius are calibrated (None for the
     fixed-threshold recipes)."""
-    seg = config.segmentation
-    if seg.method != "adaptive":
+    if config.segmentation.method != "adaptive":
         return None
     submissions = [(f"calibrate-{plan.slide_id}-{tile_id}", 1, sample_hematoxylin,
                     (plan, stain, region)) for tile_id, region in _sampled_regions(tiles, config)]
     with phase_bar(len(submissions), f"{plan.slide_id} calibration", bars) as bar:
-        windows = run_tasks(client, submissions, bar)
+        return run_tasks(client, submissions, bar)
+
+
+def _calibration(windows: list[np.ndarray] | None, config: WsicellConfig) -> dict | None:
+    """The ``adaptive`` recipe's threshold and nucleus radius, calibrated once for the
+    slide on :func:`_calibration_windows` (computed here, in the client)."""
+    if windows is None:
+        return None
+    seg = config.segmentation
     found = calibrate([hematoxylin_od(h) for h in windows], seg.reference_mpp, seg.adaptive)
     return dataclasses.asdict(found)
+
+
+def _prepare_colours(client, plan: SlidePlan, stain: dict) -> list:
+    """Start building the slide's StainLookup on every worker (:func:`prepare_colours`),
+    so that it is ready when the tiles come; returns the futures, to be held until then
+    (a released future is cancelled).  Tiles build it themselves on workers that join
+    later or where a future failed."""
+    return [client.submit(prepare_colours, plan, stain, workers=[address],
+                          allow_other_workers=False, pure=False,
+                          key=f"wsicell-colours-{plan.slide_id}-{uuid.uuid4().hex[:8]}")
+            for address in client.scheduler_info()["workers"]]
 
 
 def _consolidate(client, plan: SlidePlan, tile_ids: np.ndarray, config: WsicellConfig,
@@ -227,9 +247,15 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
             if stain is None:
                 stain = _stain_parameters(client(), [(plan, tiles)], str(plan.path), config,
                                           phase_bars)
+            # look-up blocks an interrupted run claimed (a slide's stain never changes in
+            # its staging)
+            shutil.rmtree(local_dir(plan.staging) / LOOKUP_DIR, ignore_errors=True)
             calibration = earlier.get("calibration")
-            if calibration is None:
-                calibration = _calibration(client(), plan, tiles, stain, config, phase_bars)
+            windows = None if calibration else _calibration_windows(
+                client(), plan, tiles, stain, config, phase_bars)
+            # the workers build their colour look-up while the client calibrates
+            colours = _prepare_colours(client(), plan, stain) if plan.stain_lookup else []
+            calibration = calibration or _calibration(windows, config)
             if begun is not None:
                 begun.result()
     except WsicellError:  # a slide refused before any cell: take its new group away
@@ -246,8 +272,6 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
     # Largest regions first (Dask runs tasks in submission order): the last tasks, which
     # decide how long workers wait for each other at the end, are the smallest.
     todo.sort(key=lambda tile: -_area(tile[1]))
-    # look-up blocks an interrupted run claimed (a slide's stain never changes in its staging)
-    shutil.rmtree(local_dir(plan.staging) / LOOKUP_DIR, ignore_errors=True)
     per_task = config.ingest.tiles_per_task
     submissions = [(f"segment-{plan.slide_id}-{todo[i][0]}", len(todo[i:i + per_task]),
                     segment_tiles, (plan, stain, calibration, config, todo[i:i + per_task]))
@@ -257,6 +281,7 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
     if submissions:
         for task_counts in run_tasks(client(), submissions, tiles_bar):
             known.update(task_counts)
+    del colours  # the futures of _prepare_colours, held until the tiles are done
     counts = _consolidate(client(), plan, tile_ids, config, phase_bars, known)
     n_refused = int(counts[:, 1].sum())
     finish_slide(group, counts[:, 0], {"n_tiles": int(len(tile_ids)), "n_refused": n_refused})

@@ -280,15 +280,29 @@ def segment_tile(plan: SlidePlan, colours: StainLookup | StainParameters, config
     }
 
 
+def _slide_colours(plan: SlidePlan, stain: dict) -> StainLookup | StainParameters:
+    """The colour standardisation of a slide's tiles in a worker: its StainLookup, built
+    once per worker process (its blocks shared with the host's other workers), where
+    ``plan.stain_lookup``; else its parameters."""
+    prepare_worker()
+    make_staging(plan.staging)
+    if plan.stain_lookup:
+        return _worker_lookup(local_dir(plan.staging), json.dumps(stain, sort_keys=True))
+    return StainParameters.from_json(stain)
+
+
+def prepare_colours(plan: SlidePlan, stain: dict) -> None:
+    """Dask task: build the worker's StainLookup of a slide ahead of its first tile (ingest
+    runs it on every worker while the client calibrates the segmentation)."""
+    _slide_colours(plan, stain)
+
+
 def segment_tiles(plan: SlidePlan, stain: dict, calibration: dict | None,
                   config: WsicellConfig, tiles: list[tuple[int, tuple[int, int, int, int]]]
                   ) -> dict[int, tuple[int, int]]:
     """Dask task: segment ``(tile_id, region)`` tiles and stage each one atomically; returns
     the numbers of cells and of refused objects of each tile."""
-    prepare_worker()
-    make_staging(plan.staging)
-    colours = (_worker_lookup(local_dir(plan.staging), json.dumps(stain, sort_keys=True))
-               if plan.stain_lookup else StainParameters.from_json(stain))
+    colours = _slide_colours(plan, stain)
     counts = {}
     for tile_id, region in tiles:
         cells = segment_tile(plan, colours, config, calibration, region)
