@@ -15,6 +15,8 @@ pixels at 0.4 um/px, and measures:
   ``--repeats`` pairs of runs made one after the other (``--speedup``);
 - ``peak_rss_growth_4x``: peak RSS of the largest worker on a slide 4x larger
   (``--scale-4x``), divided by that on the base slide, minus 1;
+- ``phase_<name>_s``: where the median run's wall time went, by the phases ingest logs
+  (plan, stain sample and fit, calibration, segmentation of the tiles, writing the store);
 - ``checksum_cost_ratio`` (``--checksum-ratio``): wall time of an ingest into a store whose
   arrays carry CRC-32C checksums (the default) over one without them, the median over
   ``--repeats`` pairs run one after the other.
@@ -33,10 +35,12 @@ wall-clock figures too.
 from __future__ import annotations
 
 import argparse
+import logging
 import resource
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from _common import headline, single_threaded
@@ -108,7 +112,8 @@ def timed_ingest(slide: Path, store: Path, config: WsicellConfig, workers: int) 
     from distributed import Client
 
     remove_store(store)
-    with local_cluster(workers, 1, "6GB") as cluster, Client(cluster) as client:
+    with local_cluster(workers, 1, "6GB") as cluster, Client(cluster) as client, \
+            logged_phases() as phases:
         client.run(lambda: __import__("wsicell.pipeline.ingest"))  # imports are not ingest time
         cpu_before = sum(client.run(_worker_cpu_s).values())
         start = time.perf_counter()
@@ -126,8 +131,29 @@ def timed_ingest(slide: Path, store: Path, config: WsicellConfig, workers: int) 
         "tissue_mp": float((ref_px * tiles["tissue_fraction"][:]).sum() / 1e6),
         "tile_mp": float(ref_px.sum() / 1e6), "n_cells": int(group.attrs["n_cells"]),
         "n_tiles": int(tiles["tile_id"].shape[0]), "stain": group.attrs["stain"],
-        "calibration": group.attrs["calibration"],
+        "calibration": group.attrs["calibration"], "phases": phases,
     }
+
+
+@contextmanager
+def logged_phases():
+    """The wall seconds of each phase that ingest logs for a slide (a dict, filled when the
+    slide is done)."""
+    phases = {}
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            phases.update(getattr(record, "phases", {}))
+
+    logger, handler = logging.getLogger("wsicell.pipeline.ingest"), Collect(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield phases
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def timed_ingest_without_checksums(slide: Path, store: Path, config: WsicellConfig,
@@ -232,6 +258,10 @@ def main(argv=None):
     print(f"ingest_{args.workers}_workers_wall_s: {base['wall_s']:.1f}  (runs {base['wall_runs']})")
     print(f"worker_cpu_s_per_tissue_mp: {base['worker_cpu_s'] / base['tissue_mp']:.4f}")
     print(f"peak_rss_mb_per_worker: {base['peak_rss_mb']:.0f}")
+    # where the wall time went (ingest's own phase clock; the client's time outside the
+    # phases: opening the store, the summary)
+    for phase, seconds in base["phases"].items():
+        print(f"phase_{phase}_s: {seconds:.2f}  ({seconds / base['wall_s']:.0%} of the wall time)")
 
     if args.htk_tiles:
         ratios = [run["recipes"][0] / _core_s_per_processed_mp(run, args.workers)

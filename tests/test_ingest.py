@@ -165,17 +165,25 @@ def _shared_lookup(directory, stain_json, wait_s=10.0):
     return lookup.colour_table, lookup.stain_table
 
 
-def test_a_slide_through_the_lookup_gives_the_cells_computed_directly(tmp_path, monkeypatch):
+def test_a_slide_through_the_lookup_gives_the_cells_computed_directly(tmp_path, monkeypatch,
+                                                                      caplog):
     """Slides with much tissue go through a StainLookup that every worker builds while the
-    client calibrates; the cells and crops are those of the colours computed directly."""
+    client calibrates; the cells and crops are those of the colours computed directly.
+    Each slide's ingest logs the wall time of its phases."""
     from wsicell.pipeline import tiles
 
     stores = {}
     for lookup in (True, False):
         monkeypatch.setattr(tiles, "LOOKUP_MIN_PIXELS", 0 if lookup else 1 << 62)
         stores[lookup] = tmp_path / f"lookup_{lookup}.zarr"
-        with pytest.warns(UserWarning, match="no microns-per-pixel metadata"):
+        with pytest.warns(UserWarning, match="no microns-per-pixel metadata"), \
+                caplog.at_level("INFO", logger="wsicell.pipeline.ingest"):
             ingest(stores[lookup], [PLAIN], CONFIG, workers=2, progress=False)
+    logged = [r.phases for r in caplog.records if hasattr(r, "phases")]
+    assert len(logged) == 2
+    for phases in logged:
+        assert list(phases) == ["plan", "stain", "calibration", "segmentation", "writing"]
+        assert all(seconds >= 0 for seconds in phases.values())
     with_lookup, direct = (open_store(stores[k]) for k in (True, False))
     cells = slide_cells(with_lookup, PLAIN.stem)
     assert len(cells) > 100

@@ -22,18 +22,21 @@ touches tile pixels runs inside Dask workers:
 The result depends only on the slide and the configuration (with ``ingest.shared_stain``,
 on the run's images and the configuration: pass 1 then fits one stain on the sampled tiles
 of all of them), so a run that was killed and restarted produces the same store as an
-uninterrupted one.
+uninterrupted one.  The wall time of each phase of a slide is logged when it is done
+(:data:`log`, INFO).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import sys
+import time
 import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +87,33 @@ from wsicell.segmentation.adaptive import calibrate, hematoxylin_od
 from wsicell.segmentation.stain import fit_stain_parameters
 
 SLIDES_IN_FLIGHT = 4  # slides ingested at the same time by a multi-slide run
+#: Logs, per finished slide, the wall seconds of each phase of its ingest (INFO; the record
+#: carries them as ``phases``, a dict).
+log = logging.getLogger(__name__)
+
+
+class PhaseClock(dict):
+    """Wall seconds spent in each named phase, in the order first entered.
+
+    Examples
+    --------
+    >>> clock = PhaseClock()
+    >>> with clock("plan"):
+    ...     pass
+    >>> list(clock), clock["plan"] >= 0
+    (['plan'], True)
+    """
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[phase] = self.get(phase, 0.0) + time.perf_counter() - start
+
+    def __str__(self) -> str:
+        return ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in self.items())
 
 
 def _area(box) -> int:
@@ -224,7 +254,9 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
     ``phase_bars`` adds bars of the stain and write phases.  ``stain``: stain parameters
     to use (a shared fit) instead of fitting the slide's own.
     """
-    plan, attrs, thumb, tissue, tiles = plan_slide(path, store, config, mpp)
+    clock = PhaseClock()
+    with clock("plan"):
+        plan, attrs, thumb, tissue, tiles = plan_slide(path, store, config, mpp)
     if slide_status(root, plan.slide_id) == STATUS_COMPLETE and not overwrite:
         existing = slide_attrs(root, plan.slide_id)
         if existing.get("fingerprint") != attrs["fingerprint"]:
@@ -244,20 +276,22 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
                      if fresh else None)
             earlier = {} if fresh else slide_attrs(root, plan.slide_id)
             stain = earlier.get("stain", stain)
-            if stain is None:
-                stain = _stain_parameters(client(), [(plan, tiles)], str(plan.path), config,
-                                          phase_bars)
+            with clock("stain"):
+                if stain is None:
+                    stain = _stain_parameters(client(), [(plan, tiles)], str(plan.path),
+                                              config, phase_bars)
             # look-up blocks an interrupted run claimed (a slide's stain never changes in
             # its staging)
             shutil.rmtree(local_dir(plan.staging) / LOOKUP_DIR, ignore_errors=True)
             calibration = earlier.get("calibration")
-            windows = None if calibration else _calibration_windows(
-                client(), plan, tiles, stain, config, phase_bars)
-            # the workers build their colour look-up while the client calibrates
-            colours = _prepare_colours(client(), plan, stain) if plan.stain_lookup else []
-            calibration = calibration or _calibration(windows, config)
-            if begun is not None:
-                begun.result()
+            with clock("calibration"):
+                windows = None if calibration else _calibration_windows(
+                    client(), plan, tiles, stain, config, phase_bars)
+                # the workers build their colour look-up while the client calibrates
+                colours = _prepare_colours(client(), plan, stain) if plan.stain_lookup else []
+                calibration = calibration or _calibration(windows, config)
+                if begun is not None:
+                    begun.result()
     except WsicellError:  # a slide refused before any cell: take its new group away
         if fresh:
             discard_slide(root, plan.slide_id)
@@ -278,16 +312,20 @@ def ingest_slide(client, root, path: Path, store: Path, config: WsicellConfig, *
                    for i in range(0, len(todo), per_task)]
     tiles_bar.add(len(tile_ids), done=len(tile_ids) - len(todo))
     known = {}
-    if submissions:
-        for task_counts in run_tasks(client(), submissions, tiles_bar):
-            known.update(task_counts)
+    with clock("segmentation"):
+        if submissions:
+            for task_counts in run_tasks(client(), submissions, tiles_bar):
+                known.update(task_counts)
     del colours  # the futures of _prepare_colours, held until the tiles are done
-    counts = _consolidate(client(), plan, tile_ids, config, phase_bars, known)
-    n_refused = int(counts[:, 1].sum())
-    finish_slide(group, counts[:, 0], {"n_tiles": int(len(tile_ids)), "n_refused": n_refused})
-    remove_staging(store, plan.slide_id)
+    with clock("writing"):
+        counts = _consolidate(client(), plan, tile_ids, config, phase_bars, known)
+        n_refused = int(counts[:, 1].sum())
+        finish_slide(group, counts[:, 0], {"n_tiles": int(len(tile_ids)),
+                                           "n_refused": n_refused})
+        remove_staging(store, plan.slide_id)
     areas = slide_cells(root, plan.slide_id, ["area"])["area"].to_numpy()
     tiles_bar.message(ingest_summary(plan.slide_id, len(tile_ids), n_refused, areas))
+    log.info("%s: %s", plan.slide_id, clock, extra={"phases": dict(clock)})
     return plan.slide_id
 
 
