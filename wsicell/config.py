@@ -150,6 +150,17 @@ class AdaptiveConfig(_Section):
                                    "exceeds this are dropped: red cells and eosinophilic "
                                    "debris, not nuclei (median 0.43 on red cells, 0.16-0.26 "
                                    "on nuclei; 0 disables; skipped on grayscale images).")
+    mesh_area_rel: float = Field(30.0, ge=0, description="Foreground components at least "
+                                 "this x radius^2 whose solidity is under "
+                                 "``mesh_max_solidity`` are meshes, not clumps of nuclei "
+                                 "(keratin lamellae, collagen): their pieces are dropped "
+                                 "(0 disables). CMU-1's keratin: 503 -> 245 objects, the dev "
+                                 "sets within 0.001.")
+    mesh_max_solidity: float = Field(0.35, ge=0, le=1, description="Solidity (pixels over "
+                                     "the area of the convex hull) under which a component "
+                                     "of at least ``mesh_area_rel`` x radius^2 is a mesh "
+                                     "(0.40-0.45 removed more keratin but cost MoNuSeg AJI "
+                                     "0.003-0.005).")
     rejoin_threshold_rel: float = Field(0.0, ge=0, le=1, description="Second pass for "
                                         "nuclei the tests dropped in pieces: the components of "
                                         "the foreground at this x the threshold, outside the "

@@ -583,10 +583,45 @@ def _tested(labels: np.ndarray, components: _Components, con: np.ndarray, od: np
     if p.max_eosin_ratio > 0 and eosin_od is not None:  # red cells, eosinophilic debris
         keep &= eosin_ratio(od.ravel()[pixels], eosin_od.ravel()[pixels], label,
                             len(area)) <= p.max_eosin_ratio
+    if p.mesh_area_rel > 0:  # keratin lamellae, collagen: sprawling, not a clump
+        mesh = meshes(components, p.mesh_area_rel * (calibration.radius_um / mpp) ** 2,
+                      p.mesh_max_solidity)
+        component = np.zeros(len(area), dtype=np.int64)
+        component[label] = components.label
+        keep &= ~mesh[component]
     keep[0] = big[0] = False
     new = np.zeros(len(area), dtype=np.int32)
     new[keep] = np.arange(first, first + int(keep.sum()), dtype=np.int32)
     return new[label], _centroids(pixels, label, labels.shape[1], big)
+
+
+def meshes(components: _Components, min_area_px: float, max_solidity: float) -> np.ndarray:
+    """Which components are meshes: at least ``min_area_px`` pixels and a solidity (pixels
+    over the area of the convex hull of their pixel squares) under ``max_solidity``.
+
+    Returns
+    -------
+    ndarray, shape (components.n,), bool
+        False for the background and for every smaller component.
+    """
+    mesh = np.zeros(components.n, dtype=bool)
+    big = np.flatnonzero(components.area >= min_area_px)
+    big = big[big > 0]
+    if not len(big):
+        return mesh
+    width = components.labels.shape[1]
+    chosen = np.isin(components.label, big)
+    rows, cols = np.divmod(components.pixels[chosen], width)
+    order = np.argsort(components.label[chosen], kind="stable")
+    points = np.column_stack([cols, rows])[order].astype(np.int32)
+    ends = np.cumsum(components.area[big])
+    for comp, start, end in zip(big, ends - components.area[big], ends):
+        hull = cv2.convexHull(points[start:end])
+        # the hull of the pixel centres grown to that of the pixel squares: + half its
+        # perimeter + one pixel (exact for a rectangle)
+        hull_area = cv2.contourArea(hull) + cv2.arcLength(hull, True) / 2 + 1
+        mesh[comp] = components.area[comp] / hull_area < max_solidity
+    return mesh
 
 
 def _centroids(pixels: np.ndarray, label: np.ndarray, width: int,
