@@ -477,6 +477,8 @@ def segment_hematoxylin_od(od: np.ndarray, mpp: float, p: AdaptiveConfig | None 
         calibration, (components,) = _calibrated([con], mpp, p)
     else:
         components = _Components.of(foreground(con, mpp, calibration.threshold, p))
+    # split in place: from here ``components.labels`` holds the split labels (its per-pixel
+    # ``label`` keeps the components)
     labels = split(components.mask, mpp, calibration.radius_um, p, components,
                    out=components.labels)
     tests = dict(con=con, od=od, eosin_od=eosin_od, calibration=calibration, mpp=mpp, p=p,
@@ -598,6 +600,13 @@ def _tested(labels: np.ndarray, components: _Components, con: np.ndarray, od: np
 def meshes(components: _Components, min_area_px: float, max_solidity: float) -> np.ndarray:
     """Which components are meshes: at least ``min_area_px`` pixels and a solidity (pixels
     over the area of the convex hull of their pixel squares) under ``max_solidity``.
+
+    Parameters
+    ----------
+    components : _Components
+        Of a foreground mask.
+    min_area_px, max_solidity : float
+        Pixels; solidity 0..1.
 
     Returns
     -------
