@@ -11,7 +11,7 @@ from conftest import TEST_DATA, shared_data_path
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from wsicell.config import IngestConfig, WsicellConfig
+from wsicell.config import AdaptiveConfig, IngestConfig, WsicellConfig
 from wsicell.io.slide import (
     ReferenceGrid,
     open_slide,
@@ -39,8 +39,13 @@ from wsicell.segmentation.stain import (
     fit_stain_parameters,
 )
 
-CONFIG = WsicellConfig(ingest=IngestConfig(tile_size=512, crops_per_chunk=128,
-                                           cells_per_chunk=512, stain_sample_tiles=6))
+TILED = WsicellConfig(ingest=IngestConfig(tile_size=512, crops_per_chunk=128,
+                                          cells_per_chunk=512, stain_sample_tiles=6))
+# The mesh test judges a component longer than the halo on the part a tile's window holds,
+# the one exception to "tiles give the whole image's cells": off here, where that is tested
+# exactly, and bounded with it on (test_meshes_cut_by_tiles_change_few_cells).
+CONFIG = TILED.with_options(segmentation={"adaptive": AdaptiveConfig(
+    mesh_area_rel=0).model_dump()})
 PYRAMID = TEST_DATA / "bm_graz_pyramid.tif"
 PLAIN = TEST_DATA / "BM_GRAZ_HE_0001_01.png"  # the pyramid's level 0, before JPEG
 
@@ -135,6 +140,32 @@ def test_tiled_ingest_equals_whole_image_segmentation(store, slide_id, path):
     assert distance.max() <= 1.0
     np.testing.assert_allclose(np.sort(cells.area), np.sort(
         nuclei.area[inside] * CONFIG.segmentation.reference_mpp ** 2), rtol=1e-5)
+
+
+def test_meshes_cut_by_tiles_change_few_cells(tmp_path):
+    """With the default mesh test, small tiles (512 px) keep the whole image's cells but
+    for pieces of keratin meshes longer than the halo, judged on what each window holds."""
+    path = shared_data_path("slides", "CMU-1-Small-Region.svs")
+    store = tmp_path / "mesh.zarr"
+    (slide_id,) = ingest(store, [path], TILED, workers=2, progress=False)
+    root = open_store(store)
+    attrs = root[f"slides/{slide_id}"].attrs
+    slide = open_slide(path)
+    grid = ReferenceGrid.of(slide, attrs["mpp"], TILED.segmentation.reference_mpp)
+    stain = StainParameters.from_json(attrs["stain"])
+    normalised = stain.normalise(read_reference_region(slide, grid, 0, 0, grid.width,
+                                                       grid.height))
+    nuclei, _ = segment_objects(stain.hematoxylin(normalised), TILED, attrs["calibration"],
+                                stain.eosin(normalised), attrs["mpp"])
+    regions = plan_slide(path, store, TILED, None)[4]["region"]
+    x, y = nuclei.x[:, None], nuclei.y[:, None]
+    inside = ((x >= regions[:, 0]) & (x < regions[:, 2])
+              & (y >= regions[:, 1]) & (y < regions[:, 3])).any(axis=1)
+    expected = np.stack([grid.to_level0(nuclei.x), grid.to_level0(nuclei.y)], axis=1)[inside]
+    found = slide_cells(root, slide_id)[["x", "y"]].to_numpy()
+    assert abs(len(found) - len(expected)) <= 0.02 * len(expected)
+    distance, _ = cKDTree(expected).query(found)
+    assert (distance <= 1.0).mean() >= 0.98
 
 
 def test_rerun_skips_complete_slides(store):
