@@ -109,6 +109,30 @@ def test_cells_lie_on_the_slide_and_in_their_tiles(store):
     assert root["slides/CMU-1-Small-Region/tissue_mask"][:].any()
 
 
+def _whole_image_nuclei(root, store, slide_id: str, path, config: WsicellConfig):
+    """The nuclei of the whole image under a slide's recorded stain and calibration, those
+    whose centroid lies in a processed tile's tissue region: level-0 centroids (M, 2) and
+    areas (M,) in reference px."""
+    attrs = root[f"slides/{slide_id}"].attrs
+    slide = open_slide(path)
+    grid = ReferenceGrid.of(slide, attrs["mpp"], config.segmentation.reference_mpp)
+    whole = read_reference_region(slide, grid, 0, 0, grid.width, grid.height)
+    stain = StainParameters.from_json(attrs["stain"])
+    normalised = stain.normalise(whole)
+    nuclei, _ = segment_objects(stain.hematoxylin(normalised), config, attrs["calibration"],
+                                stain.eosin(normalised), attrs["mpp"])
+    # the whole image has nuclei on glass too: keep those whose centroid is in the tissue
+    # region of a processed tile (reference px, as ingest plans them)
+    _, _, _, _, tiles = plan_slide(path, store, config, None)
+    regions = tiles["region"]
+    assert len(regions) == root[f"slides/{slide_id}/tiles/tile_id"].shape[0]
+    x, y = nuclei.x[:, None], nuclei.y[:, None]
+    inside = ((x >= regions[:, 0]) & (x < regions[:, 2])
+              & (y >= regions[:, 1]) & (y < regions[:, 3])).any(axis=1)
+    centroids = np.stack([grid.to_level0(nuclei.x), grid.to_level0(nuclei.y)], axis=1)
+    return centroids[inside], nuclei.area[inside]
+
+
 @pytest.mark.parametrize("slide_id, path", [
     ("bm_graz_pyramid", PYRAMID),
     ("CMU-1-Small-Region", None),
@@ -116,30 +140,14 @@ def test_cells_lie_on_the_slide_and_in_their_tiles(store):
 def test_tiled_ingest_equals_whole_image_segmentation(store, slide_id, path):
     path = path or shared_data_path("slides", "CMU-1-Small-Region.svs")
     root = open_store(store)
-    attrs = root[f"slides/{slide_id}"].attrs
-    slide = open_slide(path)
-    grid = ReferenceGrid.of(slide, attrs["mpp"], CONFIG.segmentation.reference_mpp)
-    whole = read_reference_region(slide, grid, 0, 0, grid.width, grid.height)
-    stain = StainParameters.from_json(attrs["stain"])
-    normalised = stain.normalise(whole)
-    nuclei, _ = segment_objects(stain.hematoxylin(normalised), CONFIG, attrs["calibration"],
-                                stain.eosin(normalised), attrs["mpp"])
+    expected, area = _whole_image_nuclei(root, store, slide_id, path, CONFIG)
     cells = slide_cells(root, slide_id)
-    # the whole image has nuclei on glass too: keep those whose centroid is in the tissue
-    # region of a processed tile (reference px, as ingest plans them)
-    _, _, _, _, tiles = plan_slide(path, store, CONFIG, None)
-    regions = tiles["region"]
-    assert len(regions) == root[f"slides/{slide_id}/tiles/tile_id"].shape[0]
-    x, y = nuclei.x[:, None], nuclei.y[:, None]
-    inside = ((x >= regions[:, 0]) & (x < regions[:, 2])
-              & (y >= regions[:, 1]) & (y < regions[:, 3])).any(axis=1)
-    expected = np.stack([grid.to_level0(nuclei.x), grid.to_level0(nuclei.y)], axis=1)[inside]
     found = cells[["x", "y"]].to_numpy()
     assert len(found) == len(expected) > 100
     distance, _ = cKDTree(expected).query(found)
     assert distance.max() <= 1.0
     np.testing.assert_allclose(np.sort(cells.area), np.sort(
-        nuclei.area[inside] * CONFIG.segmentation.reference_mpp ** 2), rtol=1e-5)
+        area * CONFIG.segmentation.reference_mpp ** 2), rtol=1e-5)
 
 
 def test_meshes_cut_by_tiles_change_few_cells(tmp_path):
@@ -149,19 +157,7 @@ def test_meshes_cut_by_tiles_change_few_cells(tmp_path):
     store = tmp_path / "mesh.zarr"
     (slide_id,) = ingest(store, [path], TILED, workers=2, progress=False)
     root = open_store(store)
-    attrs = root[f"slides/{slide_id}"].attrs
-    slide = open_slide(path)
-    grid = ReferenceGrid.of(slide, attrs["mpp"], TILED.segmentation.reference_mpp)
-    stain = StainParameters.from_json(attrs["stain"])
-    normalised = stain.normalise(read_reference_region(slide, grid, 0, 0, grid.width,
-                                                       grid.height))
-    nuclei, _ = segment_objects(stain.hematoxylin(normalised), TILED, attrs["calibration"],
-                                stain.eosin(normalised), attrs["mpp"])
-    regions = plan_slide(path, store, TILED, None)[4]["region"]
-    x, y = nuclei.x[:, None], nuclei.y[:, None]
-    inside = ((x >= regions[:, 0]) & (x < regions[:, 2])
-              & (y >= regions[:, 1]) & (y < regions[:, 3])).any(axis=1)
-    expected = np.stack([grid.to_level0(nuclei.x), grid.to_level0(nuclei.y)], axis=1)[inside]
+    expected, _ = _whole_image_nuclei(root, store, slide_id, path, TILED)
     found = slide_cells(root, slide_id)[["x", "y"]].to_numpy()
     assert abs(len(found) - len(expected)) <= 0.02 * len(expected)
     distance, _ = cKDTree(expected).query(found)

@@ -598,8 +598,10 @@ def _tested(labels: np.ndarray, components: _Components, con: np.ndarray, od: np
 
 
 def meshes(components: _Components, min_area_px: float, max_solidity: float) -> np.ndarray:
-    """Which components are meshes: at least ``min_area_px`` pixels and a solidity (pixels
-    over the area of the convex hull of their pixel squares) under ``max_solidity``.
+    """Which components are meshes: at least ``min_area_px`` pixels and a solidity under
+    ``max_solidity`` (pixels over the area of the convex hull of their pixel centres grown
+    by half its perimeter and one pixel: that of the pixel squares for an upright
+    rectangle, a close estimate otherwise).
 
     Parameters
     ----------
@@ -619,15 +621,16 @@ def meshes(components: _Components, min_area_px: float, max_solidity: float) -> 
     if not len(big):
         return mesh
     width = components.labels.shape[1]
-    chosen = np.isin(components.label, big)
+    is_big = np.zeros(components.n, dtype=bool)
+    is_big[big] = True
+    chosen = is_big[components.label]
     rows, cols = np.divmod(components.pixels[chosen], width)
     order = np.argsort(components.label[chosen], kind="stable")
     points = np.column_stack([cols, rows])[order].astype(np.int32)
     ends = np.cumsum(components.area[big])
     for comp, start, end in zip(big, ends - components.area[big], ends):
         hull = cv2.convexHull(points[start:end])
-        # the hull of the pixel centres grown to that of the pixel squares: + half its
-        # perimeter + one pixel (exact for a rectangle)
+        # the hull of the pixel centres grown toward that of the pixel squares
         hull_area = cv2.contourArea(hull) + cv2.arcLength(hull, True) / 2 + 1
         mesh[comp] = components.area[comp] / hull_area < max_solidity
     return mesh

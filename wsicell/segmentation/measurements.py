@@ -182,9 +182,13 @@ def polygon_areas(hulls: list) -> np.ndarray:
     >>> polygon_areas([np.array([[0, 0], [4, 0], [4, 3]]), None]).tolist()
     [6.0, nan]
     """
-    area = np.full(len(hulls), np.nan)
-    present, v = _closed_rings(hulls)
-    x, y = v[..., 0], v[..., 1]
+    return _ring_areas(len(hulls), *_closed_rings(hulls))
+
+
+def _ring_areas(n: int, present: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+    """:func:`polygon_areas` of :func:`_closed_rings`' rings, (n,) float64."""
+    area = np.full(n, np.nan)
+    x, y = vertices[..., 0], vertices[..., 1]
     area[present] = np.abs((x[:, :-1] * y[:, 1:] - x[:, 1:] * y[:, :-1]).sum(axis=1)) / 2
     return area
 
@@ -211,9 +215,13 @@ def calipers(hulls: list) -> tuple[np.ndarray, np.ndarray]:
     >>> [float(v[0]) for v in calipers([box])]
     [5.0, 3.0]
     """
-    n = len(hulls)
+    return _ring_calipers(len(hulls), *_closed_rings(hulls))
+
+
+def _ring_calipers(n: int, present: np.ndarray, vertices: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`calipers` of :func:`_closed_rings`' rings, two (n,) float64."""
     longest, narrowest = np.full(n, np.nan), np.full(n, np.nan)
-    present, vertices = _closed_rings(hulls)
     if not len(present):
         return longest, narrowest
     vx, vy = vertices[..., 0], vertices[..., 1]  # (P, V) each
@@ -343,11 +351,11 @@ def nucleus_measurements(masks: np.ndarray, crops: np.ndarray, stain_matrix,
     edge = perimeter(masks)
     area = masks.sum(axis=(1, 2)).astype(np.float64)
     major, minor, eccentricity = inertia_axes(masks)
-    hulls = convex_hulls(masks)
-    longest, narrowest = calipers(hulls)
+    rings = _closed_rings(convex_hulls(masks))  # padded once for calipers and areas
+    longest, narrowest = _ring_calipers(len(masks), *rings)
     with np.errstate(invalid="ignore", divide="ignore"):
         circularity = np.minimum(4 * np.pi * area / edge ** 2, 1.0)
-        solidity = area / polygon_areas(hulls)
+        solidity = area / _ring_areas(len(masks), *rings)
     # the nucleus pixels only, mask by mask (a third of the crops' pixels; np.compress is
     # ~7x faster than indexing by the boolean masks)
     pixels = np.compress(masks.ravel(), np.asarray(crops).reshape(-1, 3), axis=0)
