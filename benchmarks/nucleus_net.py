@@ -208,6 +208,7 @@ def training_images(config) -> tuple[list, list]:
 
 
 def monuseg_images() -> list[Path]:
+    """The MoNuSeg train images, sorted (the held-out ones are every third, the first 4)."""
     return sorted((SHARED_DATA / "monuseg_train" / "images").glob("*.png"))
 
 
