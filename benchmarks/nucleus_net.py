@@ -14,7 +14,8 @@ set functions beside the default: the held-out MoNuSeg images and CoNSeP tiles, 
 Needs ../shared/data. The network and its training live here, not in the package: it is a
 measured experiment (docs/segmentation.md, ninth round), not a preset.
 
-    python benchmarks/nucleus_net.py --minutes 50                 # 2-core CPU
+    python benchmarks/nucleus_net.py --minutes 45 --save net.pt   # 2-core CPU, then scores
+    python benchmarks/nucleus_net.py --weights net.pt             # scores saved weights
     python benchmarks/nucleus_net.py --minutes 10 --width 32 --device cuda
 
 ``net_tested`` is the network's nuclei put through the default's own area floor (2.5 x the
@@ -22,10 +23,10 @@ calibrated radius^2) and peak test (top-hat hematoxylin OD 0.2), the calibration
 file's resolution.
 
 Closing ``name: value`` lines: ``net_<figure>``, ``net_tested_<figure>`` and
-``default_<figure>`` for the held-out
-MoNuSeg AJI, CoNSeP test AJI / detection F1, bm_graz F1 / precision, BRCA dev F1 /
-precision / recall, negative-control objects per mm2; ``net_s_per_mp`` (stain fit,
-resampling, network and upsampling per file megapixel, on the device trained on).
+``default_<figure>`` for the held-out MoNuSeg AJI, CoNSeP test AJI / detection F1, bm_graz
+F1 / precision, BRCA dev F1 / precision / recall, negative-control objects per mm2;
+``training_steps`` (0 with ``--weights``); ``net_s_per_mp`` (stain fit, resampling, network
+and upsampling per file megapixel, on ``--device``).
 """
 
 import argparse
@@ -345,7 +346,7 @@ def network_method(network: NetworkPass, area_rel: float = 0.0, min_peak: float 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=50.0, help="training time budget")
+    parser.add_argument("--minutes", type=float, default=45.0, help="training time budget")
     parser.add_argument("--width", type=int, default=16, help="channels of the first level")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
