@@ -66,14 +66,11 @@ def boundary_classes(instances: np.ndarray) -> np.ndarray:
            [0, 2, 1, 2],
            [0, 2, 2, 2]], dtype=uint8)
     """
+    from skimage.segmentation import find_boundaries
+
     instances = np.asarray(instances)
-    padded = np.pad(instances, 1, mode="edge")
-    h, w = instances.shape
-    edge = np.zeros((h, w), dtype=bool)
-    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        edge |= padded[dy:dy + h, dx:dx + w] != instances
     out = (instances > 0).astype(np.uint8)
-    out[(instances > 0) & edge] = 2
+    out[find_boundaries(instances, connectivity=1, mode="inner")] = 2
     return out
 
 
@@ -186,21 +183,21 @@ def unet(width: int):
 
 def training_images(config) -> tuple[list, list]:
     """(train, validation) lists of (od at 0.5 um/px x OD_SCALE, classes, name)."""
-    from segmentation_accuracy import read_labels
+    from segmentation_accuracy import CONSEP_MPP, MONUSEG_MPP, read_labels
 
     from wsicell.io.slide import read_rgb_image
 
     monuseg = SHARED_DATA / "monuseg_train"
     consep = SHARED_DATA / "consep_patches"
     held_monuseg = monuseg_images()[::3][:4]
-    images = [(path, monuseg / "instances" / f"{path.stem}.png", path in held_monuseg)
-              for path in monuseg_images()]
-    images += [(path, consep / "instances" / "train" / f"{path.stem}.png",
+    images = [(path, monuseg / "instances" / f"{path.stem}.png", MONUSEG_MPP,
+               path in held_monuseg) for path in monuseg_images()]
+    images += [(path, consep / "instances" / "train" / f"{path.stem}.png", CONSEP_MPP,
                 path.stem.rsplit("_", 1)[0] in HELD_OUT_CONSEP_TILES)
                for path in sorted((consep / "images" / "train").glob("*.jpg"))]
     train, validation = [], []
-    for path, masks, held in images:
-        od = to_net_grid(stain_od(read_rgb_image(path), config), 0.25) * OD_SCALE
+    for path, masks, mpp, held in images:
+        od = to_net_grid(stain_od(read_rgb_image(path), config), mpp) * OD_SCALE
         instances = cv2.resize(read_labels(masks).astype(np.float32), od.shape[:0:-1],
                                interpolation=cv2.INTER_NEAREST).astype(np.int32)
         (validation if held else train).append(
@@ -332,13 +329,12 @@ def network_method(network: NetworkPass, area_rel: float = 0.0, min_peak: float 
         floor = max(settings.get("min_area_um2", 4.0), area_rel * calibration.radius_um ** 2)
         labels = instances_from_probabilities(p, mpp, **{**settings, "min_area_um2": floor})
         if min_peak > 0 and labels.max():
-            peak = np.zeros(int(labels.max()) + 1)
-            np.maximum.at(peak, labels.ravel(), con.ravel())
-            keep = peak >= min_peak
-            keep[0] = False
-            new = np.zeros(len(keep), dtype=np.int32)
-            new[keep] = np.arange(1, int(keep.sum()) + 1)
-            labels = new[labels]
+            from scipy import ndimage
+            from skimage.segmentation import relabel_sequential
+
+            ids = np.arange(1, int(labels.max()) + 1)
+            faint = ids[ndimage.maximum(con, labels, ids) < min_peak]
+            labels = relabel_sequential(np.where(np.isin(labels, faint), 0, labels))[0]
         return labels, label_centroids(labels)
 
     return run
